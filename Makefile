@@ -1,0 +1,51 @@
+# make demo   install, build the synthetic demo set, run a real search with torchrun, evaluate, plot
+# make test   install if needed, lint, run the suite (interpreter-run Triton tests in their own pass)
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.stamp-install
+# Tests see two cores on CI; keep torch from oversubscribing them.
+export OMP_NUM_THREADS ?= 2
+export PYTHONHASHSEED := 0
+
+.PHONY: install test test-fast test-interpret test-slow lint format demo bench clean
+
+install: $(STAMP)
+
+$(STAMP): requirements.txt requirements-extra.txt setup.py
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q --no-build-isolation -r requirements-extra.txt
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: install
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+# pytest exits 5 when a selection holds no test; that is not a failure of the suite.
+test-fast: install
+	$(PY) -m pytest -m "not interpret and not slow" $(PYTEST_ARGS) || [ $$? -eq 5 ]
+
+# TRITON_INTERPRET must be set before triton is first imported, hence its own process.
+test-interpret: install
+	TRITON_INTERPRET=1 $(PY) -m pytest -m "interpret and not slow" $(PYTEST_ARGS) || [ $$? -eq 5 ]
+
+test: lint test-fast test-interpret
+
+test-slow: install
+	$(PY) -m pytest -m slow $(PYTEST_ARGS)
+
+demo: install
+	$(PY) launch/demo.py
+
+bench: install
+	$(PY) bench/kernels.py --json runs/bench/kernels.json
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .ruff_cache *.egg-info

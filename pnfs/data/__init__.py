@@ -1,0 +1,1 @@
+"""Data: readers, geometry, sharding, loaders and on-device targets."""

@@ -1,0 +1,52 @@
+"""Shared fixtures and the marker rules of the suite.
+
+* ``interpret`` tests run only with ``TRITON_INTERPRET=1`` set before triton was imported
+  (``make test-interpret`` does that in its own pytest process).
+* ``gpu`` tests are skipped without CUDA.
+* Tests that read real samples take ``shared_data`` and skip when ``../shared/data`` is absent.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("PNFS_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+
+def pytest_collection_modifyitems(config, items):
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+    skip_interpret = pytest.mark.skip(
+        reason="needs TRITON_INTERPRET=1 before triton is imported (make test-interpret)"
+    )
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "interpret" in item.keywords and not interpreted:
+            item.add_marker(skip_interpret)
+        if "gpu" in item.keywords and not torch.cuda.is_available():
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    return REPO
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """``../shared/data`` beside the checkout (or $PNFS_SHARED_DATA); skips when absent."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(
+            f"real samples not found at {SHARED_DATA} (the ../shared/data folder beside the checkout)"
+        )
+    return SHARED_DATA
+
+
+@pytest.fixture(autouse=True)
+def _seed_everything():
+    torch.manual_seed(0)
+    yield
