@@ -11,6 +11,7 @@ field needs no parser code; cross-field rules live in :func:`validate`.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -30,6 +31,9 @@ SUBNETWORK_OPS: list[str] = ["zero", "skip_connect", "sep_conv_3x3", "dil_conv_3
 ALL_OPS: list[str] = list(get_args(OpName))
 
 
+_SCIENTIFIC = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")
+
+
 class ConfigError(ValueError):
     """A configuration key has a value we cannot use; the message names both."""
 
@@ -39,7 +43,7 @@ class BackboneConfig:
     name: BackboneName = "mobilenetv2"
     weights: str | None = None  # local .pth with the backbone's state dict; never downloaded
     fabric_channels: int = 10  # Fabric backbone: channel factor F (a node at 1/s has F*s ch)
-    fabric_layers: int = 4  # Fabric backbone: m, the layers kept from the fabric
+    fabric_layers: int = 4  # Fabric backbone: m >= 3, the layers kept from the fabric
     fabric_hidden_nodes: int = 1  # Fabric backbone: H of its cells
 
 
@@ -91,6 +95,9 @@ class TrainConfig:
     log_every: int = 20
     eval_every: int = 1  # epochs
     max_steps_per_epoch: int = 0  # 0: the whole epoch
+    checkpoint_every: int = 0  # also write a checkpoint every N optimizer steps; 0: at epoch ends only
+    stop_at_step: int = 0  # write a checkpoint and stop after this global step (split a run); 0: off
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: this rank's GPU when CUDA is available
 
 
 @dataclass
@@ -114,6 +121,8 @@ class EvalConfig:
     sigmas: list[float] | None = None  # OKS sigmas for custom joint sets
     pckh_threshold: float = 0.5
     hrnet_compat: bool = False  # report MPII "@0.1" at 0.11 like HRNet/SimpleBaseline code
+    refine: Literal["quarter", "gaussian"] = "quarter"  # paper's quarter offset, or a log-Gaussian fit
+    overlays: int = 8  # pose overlay PNGs written by an evaluation with an output folder
 
 
 @dataclass
@@ -180,6 +189,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected a mapping of {tp.__name__} fields, got {value!r}")
         return _from_dict(tp, value, key)
     if tp is float:
+        if isinstance(value, str) and _SCIENTIFIC.match(value.strip()):
+            return float(value)  # YAML 1.1 reads 5e-4 (no dot) as a string
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
         return float(value)
@@ -316,7 +327,12 @@ def validate(cfg: Config) -> None:
     _require(any(op != "zero" for op in m.ops), "model.ops", m.ops, "needs at least one op other than zero")
     b = m.backbone
     _require(b.fabric_channels >= 1, "model.backbone.fabric_channels", b.fabric_channels, "must be >= 1")
-    _require(b.fabric_layers >= 1, "model.backbone.fabric_layers", b.fabric_layers, "must be >= 1")
+    _require(
+        b.fabric_layers >= 3,
+        "model.backbone.fabric_layers",
+        b.fabric_layers,
+        "must be >= 3 (the Fabric backbone's layer 3 is the first to reach 1/32)",
+    )
     _require(
         b.fabric_hidden_nodes >= 1,
         "model.backbone.fabric_hidden_nodes",
@@ -350,6 +366,12 @@ def validate(cfg: Config) -> None:
     _require(t.grad_clip >= 0, "train.grad_clip", t.grad_clip, "must be >= 0")
     _require(t.keep_last >= 1, "train.keep_last", t.keep_last, "must be >= 1")
     _require(t.max_bad_steps >= 1, "train.max_bad_steps", t.max_bad_steps, "must be >= 1")
+    _require(t.log_every >= 1, "train.log_every", t.log_every, "must be >= 1")
+    _require(t.eval_every >= 0, "train.eval_every", t.eval_every, "must be >= 0 (0: never)")
+    _require(t.max_steps_per_epoch >= 0, "train.max_steps_per_epoch", t.max_steps_per_epoch, "must be >= 0")
+    _require(t.checkpoint_every >= 0, "train.checkpoint_every", t.checkpoint_every, "must be >= 0")
+    _require(t.stop_at_step >= 0, "train.stop_at_step", t.stop_at_step, "must be >= 0")
+    _require(s.arch_weight_decay >= 0, "search.arch_weight_decay", s.arch_weight_decay, "must be >= 0")
 
     _require(s.arch_lr > 0, "search.arch_lr", s.arch_lr, "must be > 0")
     _require(
@@ -361,6 +383,11 @@ def validate(cfg: Config) -> None:
 
     _require(e.batch_size >= 1, "eval.batch_size", e.batch_size, "must be >= 1")
     _require(0 < e.oks_nms_threshold <= 1, "eval.oks_nms_threshold", e.oks_nms_threshold, "must be in (0, 1]")
+    _require(0 <= e.rescore_threshold < 1, "eval.rescore_threshold", e.rescore_threshold, "must be in [0, 1)")
+    _require(e.pckh_threshold > 0, "eval.pckh_threshold", e.pckh_threshold, "must be > 0")
+    _require(e.overlays >= 0, "eval.overlays", e.overlays, "must be >= 0")
+    if e.sigmas is not None:
+        _require(all(v > 0 for v in e.sigmas), "eval.sigmas", e.sigmas, "must all be > 0")
     if e.sigmas is not None:
         _require(
             len(e.sigmas) == num_joints,

@@ -1,0 +1,202 @@
+"""COCO keypoint evaluation: results from predictions, rescoring, OKS-NMS, pycocotools.
+
+Pipeline for top-down predictions (one per person box, GT or a detector's):
+
+1. instance score = box score × mean of the joint scores above ``rescore_threshold`` (0.2);
+   0 when no joint passes;
+2. OKS-NMS per image at 0.9 (:func:`pnfs.evaluate.oks.oks_nms`, greedy, every remaining
+   candidate compared), areas = the person crop's area in image pixels;
+3. ``COCOeval(gt, results, "keypoints")``; the standard ten numbers (AP, AP50, AP75, APm, APl,
+   AR, AR50, AR75, ARm, ARl) are printed and returned.
+
+Command line, for a results file written by anyone::
+
+    python -m pnfs.evaluate.coco --annotations person_keypoints_val2017.json --results res.json [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from pnfs.evaluate.oks import oks_nms
+
+STAT_KEYS: tuple[str, ...] = ("AP", "AP50", "AP75", "APm", "APl", "AR", "AR50", "AR75", "ARm", "ARl")
+PERSON_CATEGORY = 1
+
+
+def instance_scores(box_scores: np.ndarray, joint_scores: np.ndarray, threshold: float = 0.2) -> np.ndarray:
+    """box score [N] × mean of joint scores [N, K] above ``threshold`` (0 when none is) -> [N]."""
+    joint_scores = np.asarray(joint_scores, dtype=np.float64)
+    above = joint_scores > threshold
+    count = above.sum(-1)
+    mean = np.where(count > 0, (joint_scores * above).sum(-1) / np.maximum(count, 1), 0.0)
+    return np.asarray(box_scores, dtype=np.float64) * mean
+
+
+def coco_results(
+    keypoints: np.ndarray,
+    joint_scores: np.ndarray,
+    image_ids: np.ndarray,
+    box_scores: np.ndarray,
+    areas: np.ndarray,
+    sigmas: np.ndarray,
+    *,
+    rescore_threshold: float = 0.2,
+    nms_threshold: float | None = 0.9,
+) -> list[dict]:
+    """COCO keypoint results after rescoring and per-image OKS-NMS.
+
+    keypoints [N, K, 2] in original image pixels, joint_scores [N, K], image_ids [N],
+    box_scores [N], areas [N] (person crop area in image pixels, for OKS-NMS).
+    ``nms_threshold=None`` skips the NMS (ground-truth boxes need none, but it is harmless).
+    Returns dicts ``{image_id, category_id, keypoints: [x, y, s]*K, score}`` grouped by image.
+    """
+    keypoints = np.asarray(keypoints, dtype=np.float64)
+    joint_scores = np.asarray(joint_scores, dtype=np.float64)
+    image_ids = np.asarray(image_ids, dtype=np.int64)
+    areas = np.asarray(areas, dtype=np.float64)
+    scores = instance_scores(box_scores, joint_scores, rescore_threshold)
+    results = []
+    for image_id in np.unique(image_ids):
+        members = np.flatnonzero(image_ids == image_id)
+        if nms_threshold is not None:
+            members = members[
+                oks_nms(keypoints[members], scores[members], areas[members], sigmas, nms_threshold)
+            ]
+        for i in members:
+            triples = np.concatenate([keypoints[i], joint_scores[i][:, None]], axis=1)
+            results.append(
+                {
+                    "image_id": int(image_id),
+                    "category_id": PERSON_CATEGORY,
+                    "keypoints": [round(float(v), 4) for v in triples.reshape(-1)],
+                    "score": float(scores[i]),
+                }
+            )
+    return results
+
+
+def load_detections(path: str | Path, score_threshold: float = 0.0) -> list[dict]:
+    """Person boxes from a COCO detection-result json (list of image_id/category_id/bbox/score).
+
+    Keeps category 1 with score >= ``score_threshold``; a malformed entry raises naming the
+    file and the entry's index.
+    """
+    path = Path(path)
+    try:
+        entries = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path}: cannot read detections: {err}") from None
+    if not isinstance(entries, list):
+        raise ValueError(f"{path}: expected a list of detections, got {type(entries).__name__}")
+    kept = []
+    for i, det in enumerate(entries):
+        try:
+            category, score, bbox = (
+                int(det["category_id"]),
+                float(det["score"]),
+                [float(v) for v in det["bbox"]],
+            )
+            image_id = int(det["image_id"])
+        except (KeyError, TypeError, ValueError) as err:
+            raise ValueError(f"{path}: detection {i} is malformed ({err!r}): {det!r}") from None
+        if len(bbox) != 4:
+            raise ValueError(f"{path}: detection {i}: bbox must be [x, y, w, h], got {bbox}")
+        if category == PERSON_CATEGORY and score >= score_threshold:
+            kept.append({"image_id": image_id, "bbox": bbox, "score": score})
+    return kept
+
+
+def load_ground_truth(annotations):
+    """A pycocotools ``COCO`` from a path (or an already-loaded one); loading chatter to stderr."""
+    from pycocotools.coco import COCO
+
+    if isinstance(annotations, COCO):
+        return annotations
+    path = Path(annotations)
+    if not path.is_file():
+        raise FileNotFoundError(f"COCO annotations {str(path)!r} not found")
+    with contextlib.redirect_stdout(sys.stderr):
+        return COCO(str(path))
+
+
+def format_table(stats: dict[str, float]) -> str:
+    """The ten numbers as one header line and one value line."""
+    head = " ".join(f"{k:>6}" for k in STAT_KEYS)
+    values = " ".join(f"{stats[k]:6.4f}" for k in STAT_KEYS)
+    return f"{head}\n{values}"
+
+
+def evaluate_keypoints(
+    annotations,
+    results: Sequence[dict] | str | Path,
+    *,
+    sigmas: np.ndarray | None = None,
+    image_ids: Sequence[int] | None = None,
+    verbose: bool = True,
+) -> dict[str, float]:
+    """pycocotools ``COCOeval(gt, dt, "keypoints")``: the ten stats under :data:`STAT_KEYS`.
+
+    annotations: GT json path or a ``COCO``; results: a list of result dicts or a json path;
+    sigmas: per-joint OKS sigmas for a non-COCO joint set (default: COCO's 17);
+    image_ids: restrict the evaluation to these images (default: every GT image).
+    pycocotools' own table is printed (to stdout when ``verbose``, else to stderr).
+    """
+    from pycocotools.cocoeval import COCOeval
+
+    gt = load_ground_truth(annotations)
+    if not isinstance(results, (list, tuple)):
+        path = Path(results)
+        try:
+            results = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            raise ValueError(f"{path}: cannot read results: {err}") from None
+        if not isinstance(results, list):
+            raise ValueError(f"{path}: expected a list of results, got {type(results).__name__}")
+    if len(results) == 0:
+        raise ValueError("no keypoint results to evaluate (the list is empty)")
+    known = set(gt.getImgIds())
+    unknown = sorted({r.get("image_id") for r in results} - known, key=str)
+    if unknown:
+        raise ValueError(f"results name image ids not in the annotations: {unknown[:10]}")
+    stream = sys.stdout if verbose else sys.stderr
+    with contextlib.redirect_stdout(stream):
+        dt = gt.loadRes(list(results))
+        evaluator = COCOeval(gt, dt, "keypoints")
+        if sigmas is not None:
+            evaluator.params.kpt_oks_sigmas = np.asarray(sigmas, dtype=np.float64)
+        if image_ids is not None:
+            evaluator.params.imgIds = sorted(int(i) for i in image_ids)
+        evaluator.evaluate()
+        evaluator.accumulate()
+        evaluator.summarize()
+    return {k: float(v) for k, v in zip(STAT_KEYS, evaluator.stats)}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pnfs.evaluate.coco", description=__doc__.split("\n")[0])
+    parser.add_argument("--annotations", required=True, help="COCO ground-truth json")
+    parser.add_argument("--results", required=True, help="COCO keypoint results json")
+    parser.add_argument("--json", action="store_true", help="print only the ten stats as one JSON object")
+    args = parser.parse_args(argv)
+    try:
+        stats = evaluate_keypoints(args.annotations, args.results, verbose=not args.json)
+    except (OSError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(stats))
+    else:
+        print(format_table(stats))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,270 @@
+"""COCO keypoint evaluation: AP on the real sample, rescoring, OKS, OKS-NMS, detections, CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from pnfs.evaluate.coco import (
+    STAT_KEYS,
+    coco_results,
+    evaluate_keypoints,
+    instance_scores,
+    load_detections,
+    main,
+)
+from pnfs.evaluate.oks import joint_sigmas, oks, oks_nms, pairwise_oks
+from pnfs.keypoints import COCO, MPII
+
+SIGMAS = np.asarray(COCO.sigmas)
+
+
+def _gt_people(path):
+    """The README's persons: iscrowd 0, num_keypoints > 0, ascending annotation id."""
+    data = json.loads(path.read_text())
+    anns = sorted(
+        (a for a in data["annotations"] if a["iscrowd"] == 0 and a["num_keypoints"] > 0),
+        key=lambda a: a["id"],
+    )
+    return data, anns
+
+
+def _results(anns, std, seed=0):
+    rng = np.random.default_rng(seed)
+    out = []
+    for a in anns:
+        k = np.asarray(a["keypoints"], dtype=np.float64).reshape(-1, 3)
+        if std:
+            k[:, :2] += rng.normal(0.0, std, size=(k.shape[0], 2))
+        k[:, 2] = 1.0
+        out.append(
+            {
+                "image_id": a["image_id"],
+                "category_id": a["category_id"],
+                "keypoints": np.round(k, 4).reshape(-1).tolist(),
+                "score": 1.0,
+            }
+        )
+    return out
+
+
+def _pycocotools_ap(gt_path, results):
+    """The README's procedure with nothing of ours in between."""
+    from pycocotools.coco import COCO as Coco
+    from pycocotools.cocoeval import COCOeval
+
+    gt = Coco(str(gt_path))
+    ev = COCOeval(gt, gt.loadRes(results), "keypoints")
+    ev.evaluate()
+    ev.accumulate()
+    ev.summarize()
+    return ev.stats
+
+
+def test_ground_truth_as_results_gives_ap_1(shared_data):
+    gt_path = shared_data / "coco_sample" / "test_coco.json"
+    _, anns = _gt_people(gt_path)
+    stats = evaluate_keypoints(gt_path, _results(anns, 0.0), verbose=False)
+    assert list(stats) == list(STAT_KEYS)
+    assert stats["AP"] == 1.0 and stats["AP50"] == 1.0 and stats["AP75"] == 1.0
+
+
+def test_ground_truth_through_rescoring_and_nms_gives_ap_1(shared_data):
+    gt_path = shared_data / "coco_sample" / "test_coco.json"
+    _, anns = _gt_people(gt_path)
+    kp = np.stack([np.asarray(a["keypoints"], dtype=np.float64).reshape(-1, 3) for a in anns])
+    results = coco_results(
+        kp[..., :2],
+        np.ones(kp.shape[:2]),
+        np.array([a["image_id"] for a in anns]),
+        np.ones(len(anns)),
+        np.array([a["bbox"][2] * a["bbox"][3] for a in anns]),
+        SIGMAS,
+    )
+    assert len(results) == len(anns)  # distinct people survive the OKS-NMS
+    assert evaluate_keypoints(gt_path, results, verbose=False)["AP"] == 1.0
+
+
+def test_jittered_ground_truth_matches_readme_and_pycocotools(shared_data):
+    gt_path = shared_data / "coco_sample" / "test_coco.json"
+    _, anns = _gt_people(gt_path)
+    results = _results(anns, 3.0, seed=0)
+    ours = evaluate_keypoints(gt_path, results, verbose=False)
+    reference = _pycocotools_ap(gt_path, results)
+    assert round(ours["AP"], 4) == 0.8016
+    assert [round(ours[k], 4) for k in ("AP50", "AP75", "APm", "APl")] == [1.0, 0.8771, 0.6448, 0.9135]
+    np.testing.assert_allclose([ours[k] for k in STAT_KEYS], reference, rtol=0, atol=1e-12)
+
+
+def test_command_line_prints_the_ten_stats_as_json(shared_data, tmp_path):
+    gt_path = shared_data / "coco_sample" / "test_coco.json"
+    _, anns = _gt_people(gt_path)
+    res = tmp_path / "res.json"
+    res.write_text(json.dumps(_results(anns, 3.0)))
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pnfs.evaluate.coco",
+            "--annotations",
+            str(gt_path),
+            "--results",
+            str(res),
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    stats = json.loads(out.stdout)
+    assert list(stats) == list(STAT_KEYS)
+    assert round(stats["AP"], 4) == 0.8016
+
+
+def test_command_line_table_and_bad_results_file(shared_data, tmp_path, capsys):
+    gt_path = shared_data / "coco_sample" / "test_coco.json"
+    _, anns = _gt_people(gt_path)
+    res = tmp_path / "res.json"
+    res.write_text(json.dumps(_results(anns, 0.0)))
+    assert main(["--annotations", str(gt_path), "--results", str(res)]) == 0
+    assert "AP50" in capsys.readouterr().out
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    assert main(["--annotations", str(gt_path), "--results", str(bad)]) == 2
+    assert "bad.json" in capsys.readouterr().err
+    stranger = tmp_path / "stranger.json"
+    stranger.write_text(json.dumps([{**_results(anns, 0.0)[0], "image_id": 123456789}]))
+    assert main(["--annotations", str(gt_path), "--results", str(stranger)]) == 2
+    assert "123456789" in capsys.readouterr().err
+
+
+def test_instance_score_is_box_score_times_mean_of_confident_joints():
+    joint_scores = np.array([[0.9, 0.5, 0.1, 0.2], [0.1, 0.15, 0.2, 0.0], [0.3, 0.3, 0.3, 0.3]])
+    got = instance_scores(np.array([0.8, 1.0, 0.5]), joint_scores, threshold=0.2)
+    # 0.2 itself is not above the threshold; no confident joint -> 0
+    np.testing.assert_allclose(got, [0.8 * (0.9 + 0.5) / 2, 0.0, 0.5 * 0.3])
+
+
+def test_oks_equals_pycocotools_compute_oks(shared_data):
+    from pycocotools.coco import COCO as Coco
+    from pycocotools.cocoeval import COCOeval
+
+    gt_path = shared_data / "coco_sample" / "test_coco.json"
+    data, anns = _gt_people(gt_path)
+    results = _results(anns, 5.0, seed=3)
+    gt = Coco(str(gt_path))
+    ev = COCOeval(gt, gt.loadRes(results), "keypoints")
+    ev.evaluate()
+    for image_id in gt.getImgIds():
+        gts = ev._gts[image_id, 1]
+        dts = sorted(ev._dts[image_id, 1], key=lambda d: -d["score"])
+        if not gts or not dts:
+            continue
+        want = ev.computeOks(image_id, 1)
+        got = oks(
+            np.array([d["keypoints"] for d in dts]).reshape(len(dts), -1, 3),
+            np.array([g["keypoints"] for g in gts]).reshape(len(gts), -1, 3),
+            np.array([g["area"] for g in gts]),
+            SIGMAS,
+            gt_box=np.array([g["bbox"] for g in gts]),
+        )
+        np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-15)
+    # the sample holds people without labelled joints: the box fallback was exercised
+    assert any(a["num_keypoints"] == 0 for a in data["annotations"])
+
+
+def _scalar_oks(a, b, area_a, area_b, sigmas):
+    total = 0.0
+    for j, s in enumerate(sigmas):
+        d2 = (a[j][0] - b[j][0]) ** 2 + (a[j][1] - b[j][1]) ** 2
+        total += math.exp(-d2 / (2 * s) ** 2 / ((area_a + area_b) / 2 + np.spacing(1)) / 2)
+    return total / len(sigmas)
+
+
+def _reference_nms(kp, scores, areas, sigmas, threshold):
+    """Textbook greedy NMS: pop the best, compare it with every remaining candidate."""
+    order = sorted(range(len(scores)), key=lambda i: -scores[i])
+    keep = []
+    while order:
+        best = order.pop(0)
+        keep.append(best)
+        order = [i for i in order if _scalar_oks(kp[best], kp[i], areas[best], areas[i], sigmas) <= threshold]
+    return keep
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_oks_nms_equals_brute_force_on_random_people(seed):
+    rng = np.random.default_rng(seed)
+    centres = rng.uniform(0, 200, size=(4, 1, 2))
+    base = centres + rng.normal(0, 30, size=(4, 17, 2))
+    # clusters of near-duplicates (some above, some below the 0.9 threshold) around 4 people
+    n = 40
+    kp = base[rng.integers(0, 4, n)] + rng.normal(0, 1, size=(n, 1, 1)) * rng.normal(0, 4, size=(n, 17, 2))
+    scores = rng.uniform(0, 1, n)
+    scores[:5] = scores[5]  # ties keep the input order
+    areas = rng.uniform(2000, 9000, n)
+    kept = oks_nms(kp, scores, areas, SIGMAS, 0.9)
+    assert kept.tolist() == _reference_nms(kp, scores, areas, SIGMAS, 0.9)
+    assert 1 < len(kept) < n  # the case really suppresses some and keeps several
+
+
+def test_oks_nms_equals_brute_force_on_detector_boxes(shared_data):
+    dets = load_detections(shared_data / "coco_sample" / "test_coco_det_AP_H_56.json")
+    rng = np.random.default_rng(0)
+    # one pose per box: a fixed template stretched into the box, plus a little noise
+    template = rng.uniform(0.1, 0.9, size=(17, 2))
+    for image_id in sorted({d["image_id"] for d in dets}):
+        boxes = [d for d in dets if d["image_id"] == image_id]
+        bb = np.array([d["bbox"] for d in boxes])
+        kp = bb[:, None, :2] + template[None] * bb[:, None, 2:] + rng.normal(0, 1, size=(len(boxes), 17, 2))
+        scores = np.array([d["score"] for d in boxes])
+        areas = bb[:, 2] * bb[:, 3]
+        for threshold in (0.9, 0.5):
+            kept = oks_nms(kp, scores, areas, SIGMAS, threshold)
+            assert kept.tolist() == _reference_nms(kp, scores, areas, SIGMAS, threshold)
+
+
+def test_pairwise_oks_is_symmetric_with_ones_on_the_diagonal():
+    rng = np.random.default_rng(1)
+    m = pairwise_oks(rng.uniform(0, 100, (5, 17, 2)), rng.uniform(100, 900, 5), SIGMAS)
+    np.testing.assert_allclose(m, m.T)
+    np.testing.assert_allclose(np.diag(m), 1.0)
+
+
+def test_detections_keep_persons_above_the_score_threshold(shared_data, tmp_path):
+    path = shared_data / "coco_sample" / "test_coco_det_AP_H_56.json"
+    raw = json.loads(path.read_text())
+    assert len(load_detections(path)) == 118
+    kept = load_detections(path, score_threshold=0.5)
+    assert len(kept) == sum(d["score"] >= 0.5 for d in raw) > 0
+    other = tmp_path / "dets.json"
+    other.write_text(json.dumps([{**raw[0], "category_id": 2}, raw[1]]))
+    assert len(load_detections(other)) == 1
+    broken = tmp_path / "broken.json"
+    broken.write_text(json.dumps([raw[0], {"image_id": 1, "bbox": [1, 2, 3]}]))
+    with pytest.raises(ValueError, match=r"broken\.json: detection 1"):
+        load_detections(broken)
+
+
+def test_sigmas_for_custom_joint_sets():
+    np.testing.assert_allclose(joint_sigmas(COCO), SIGMAS)
+    custom = [0.05] * MPII.num_joints
+    np.testing.assert_allclose(joint_sigmas(MPII, custom), custom)
+    with pytest.raises(ValueError, match=r"eval\.sigmas"):
+        joint_sigmas(MPII)
+    with pytest.raises(ValueError, match=r"eval\.sigmas"):
+        joint_sigmas(COCO, [0.05] * 3)
+
+
+def test_custom_sigmas_reach_cocoeval(shared_data):
+    gt_path = shared_data / "coco_sample" / "test_coco.json"
+    _, anns = _gt_people(gt_path)
+    results = _results(anns, 3.0)
+    default = evaluate_keypoints(gt_path, results, verbose=False)["AP"]
+    wider = evaluate_keypoints(gt_path, results, sigmas=SIGMAS * 3, verbose=False)["AP"]
+    assert wider > default
