@@ -4,32 +4,217 @@
     y = argmax row    + 0.25 * sign(s[y+1, x] - s[y-1, x])   when 0 < y < H-1
 
 Coordinates are in heatmap pixels (x, y); ties in the argmax go to the first index in
-row-major order.
-"""
+row-major order. On the border (x = 0 or W-1, y = 0 or H-1) that axis gets no offset.
 
-from __future__ import annotations
+Two entry points: ``argmax_decode(scores)`` on score maps (after flip averaging and part
+summing) and ``argmax_decode_vectors(vectors, d)`` straight on the head's vectors: the argmax
+and the offsets use n^2 = sum_t v_t^2 (score = n^2/(1+n^2) is monotone in n^2, so the peak is
+the same) and the returned peak value is the score n^2/(1+n^2) there.
+
+NaN policy (reference and Triton alike): a NaN counts as larger than every number, like
+``torch.argmax`` — the first NaN in row-major order is the peak and its value is NaN, so a
+broken map shows up in ``maxvals``. The offset compares neighbours with ``>`` and ``<``, so a
+NaN neighbour gives no offset: coordinates are always finite.
+
+Triton: one program per (n, j) scans H*W in blocks keeping a per-lane running maximum (strict
+``>``, so each lane keeps its first index), then reduces the lanes (max value, lowest index
+among equal values), then reads the peak and its four neighbours. fp32 compares, any input
+dtype and strides, int64 offsets. Outputs: coords [N, J, 2] float32, maxvals [N, J] float32.
+"""
 
 import torch
 
+from pnfs.kernels._compat import CUSTOM_OP, jit, next_power_of_2, tl
+from pnfs.kernels.backend import use_triton
 
-def argmax_decode_reference(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """scores [N, J, H, W] -> coords [N, J, 2] (x, y) float32, maxvals [N, J] float32."""
-    n, j, h, w = scores.shape
-    flat = scores.float().reshape(n, j, h * w)
-    index = flat.argmax(dim=-1)  # documented to return the first maximal index
-    maxvals = flat.gather(-1, index.unsqueeze(-1)).squeeze(-1)
+BLOCK_P = 1024
+_NO_INDEX = 2**62  # larger than any pixel index; marks "none" in the lane reductions
+
+
+def _decode_maps(maps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """maps [N, J, H, W] fp32 -> (coords [N, J, 2] (x, y) with the quarter offset, peak value [N, J])."""
+    n, j, h, w = maps.shape
+    flat = maps.reshape(n, j, h * w)
+    index = flat.argmax(dim=-1)  # first maximal index; NaN counts as the maximum
+    peak = flat.gather(-1, index.unsqueeze(-1)).squeeze(-1)
     x = index % w
     y = index // w
 
     def at(yy: torch.Tensor, xx: torch.Tensor) -> torch.Tensor:
         return flat.gather(-1, (yy.clamp(0, h - 1) * w + xx.clamp(0, w - 1)).unsqueeze(-1)).squeeze(-1)
 
-    dx = torch.sign(at(y, x + 1) - at(y, x - 1)) * ((x > 0) & (x < w - 1))
-    dy = torch.sign(at(y + 1, x) - at(y - 1, x)) * ((y > 0) & (y < h - 1))
+    def sign(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:  # 0 when either is NaN
+        return (a > b).float() - (a < b).float()
+
+    dx = sign(at(y, x + 1), at(y, x - 1)) * ((x > 0) & (x < w - 1))
+    dy = sign(at(y + 1, x), at(y - 1, x)) * ((y > 0) & (y < h - 1))
     coords = torch.stack([x.float() + 0.25 * dx, y.float() + 0.25 * dy], dim=-1)
+    return coords, peak
+
+
+def argmax_decode_reference(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """scores [N, J, H, W] -> coords [N, J, 2] (x, y) float32, maxvals [N, J] float32."""
+    return _decode_maps(scores.detach().float())
+
+
+def argmax_decode_vectors_reference(vectors: torch.Tensor, d: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """vectors [N, J*d, H, W] -> coords [N, J, 2] float32, maxvals (scores n^2/(1+n^2)) [N, J] float32."""
+    n, c, h, w = vectors.shape
+    n2 = vectors.detach().float().reshape(n, c // d, d, h, w).square().sum(dim=2)
+    coords, peak = _decode_maps(n2)
+    return coords, peak / (1.0 + peak)
+
+
+# ----------------------------------------------------------------------------- Triton kernels
+
+
+@jit
+def _values_at(
+    ptr, base, p, valid, W, sC, sH, sW, VECTORS: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr
+):
+    """fp32 map values at flat pixel indices p: the score, or n^2 over the D channels."""
+    spatial = (p // W) * sH + (p % W) * sW
+    if VECTORS:
+        t = tl.arange(0, BLOCK_D)
+        offs = base + spatial[:, None] + t[None, :] * sC
+        v = tl.load(ptr + offs, mask=valid[:, None] & (t < D)[None, :], other=0.0).to(tl.float32)
+        return tl.sum(v * v, axis=1)
+    return tl.load(ptr + base + spatial, mask=valid, other=0.0).to(tl.float32)
+
+
+@jit
+def _pick(values, k, which):
+    """values[which] of a small vector, as a scalar (NaN kept)."""
+    return tl.sum(tl.where(k == which, values, 0.0), axis=0)
+
+
+@jit
+def _argmax_decode_kernel(
+    ptr, coords_ptr, maxval_ptr, J, H, W,
+    sN, sC, sH, sW,
+    VECTORS: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr,
+    NO_INDEX: tl.constexpr,
+):  # fmt: skip
+    nj = tl.program_id(0).to(tl.int64)
+    n = nj // J
+    j = nj % J
+    base = n * sN + j * D * sC
+    hw = H * W
+    lane = tl.arange(0, BLOCK_P).to(tl.int64)
+    best = tl.full([BLOCK_P], float("-inf"), tl.float32)
+    best_index = tl.where(lane < hw, lane, NO_INDEX)  # a lane's first pixel wins an all -inf scan
+    first_nan = tl.full([BLOCK_P], NO_INDEX, tl.int64)
+    for start in range(0, hw, BLOCK_P):
+        p = start + lane
+        valid = p < hw
+        v = _values_at(ptr, base, p, valid, W, sC, sH, sW, VECTORS, D, BLOCK_D)
+        first_nan = tl.minimum(first_nan, tl.where(valid & (v != v), p, NO_INDEX))
+        take = valid & (v > best)
+        best = tl.where(take, v, best)
+        best_index = tl.where(take, p, best_index)
+    top = tl.max(best, axis=0)
+    index = tl.min(tl.where(best == top, best_index, NO_INDEX), axis=0)
+    nan_index = tl.min(first_nan, axis=0)
+    index = tl.where(nan_index < NO_INDEX, nan_index, index)
+    x = index % W
+    y = index // W
+    # the peak (k=0) and its right, left, lower, upper neighbours (k=1..4)
+    k = tl.arange(0, 8)
+    nx = x + tl.where(k == 1, 1, 0) - tl.where(k == 2, 1, 0)
+    ny = y + tl.where(k == 3, 1, 0) - tl.where(k == 4, 1, 0)
+    inside = (k < 5) & (nx >= 0) & (nx < W) & (ny >= 0) & (ny < H)
+    around = _values_at(ptr, base, ny * W + nx, inside, W, sC, sH, sW, VECTORS, D, BLOCK_D)
+    peak = _pick(around, k, 0)
+    right = _pick(around, k, 1)
+    left = _pick(around, k, 2)
+    below = _pick(around, k, 3)
+    above = _pick(around, k, 4)
+    dx = (right > left).to(tl.float32) - (right < left).to(tl.float32)
+    dy = (below > above).to(tl.float32) - (below < above).to(tl.float32)
+    dx = tl.where((x > 0) & (x < W - 1), dx, 0.0)
+    dy = tl.where((y > 0) & (y < H - 1), dy, 0.0)
+    tl.store(coords_ptr + nj * 2, x.to(tl.float32) + 0.25 * dx)
+    tl.store(coords_ptr + nj * 2 + 1, y.to(tl.float32) + 0.25 * dy)
+    if VECTORS:
+        peak = peak / (1.0 + peak)
+    tl.store(maxval_ptr + nj, peak)
+
+
+# ----------------------------------------------------------------------------- launchers
+
+
+def _decode(maps: torch.Tensor, d: int, vectors: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    n, c, h, w = maps.shape
+    j = c // d
+    coords = torch.empty((n, j, 2), device=maps.device, dtype=torch.float32)
+    maxvals = torch.empty((n, j), device=maps.device, dtype=torch.float32)
+    if n * j == 0:
+        return coords, maxvals
+    if h * w == 0:
+        raise ValueError(f"argmax_decode: empty maps of shape {tuple(maps.shape)}")
+    _argmax_decode_kernel[(n * j,)](
+        maps, coords, maxvals, j, h, w, *maps.stride(),
+        VECTORS=vectors, D=d, BLOCK_D=max(2, next_power_of_2(d)),
+        BLOCK_P=min(BLOCK_P, max(16, next_power_of_2(h * w))), NO_INDEX=_NO_INDEX,
+    )  # fmt: skip
     return coords, maxvals
 
 
+def _empty_outputs(maps: torch.Tensor, d: int) -> tuple[torch.Tensor, torch.Tensor]:
+    n, c = maps.shape[:2]
+    return (
+        maps.new_empty((n, c // d, 2), dtype=torch.float32),
+        maps.new_empty((n, c // d), dtype=torch.float32),
+    )
+
+
+if CUSTOM_OP:
+
+    @torch.library.custom_op("pnfs::argmax_decode", mutates_args=())
+    def _argmax_decode_op(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return _decode(scores, 1, False)
+
+    @_argmax_decode_op.register_fake
+    def _(scores):
+        return _empty_outputs(scores, 1)
+
+    @torch.library.custom_op("pnfs::argmax_decode_vectors", mutates_args=())
+    def _argmax_decode_vectors_op(vectors: torch.Tensor, d: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return _decode(vectors, d, True)
+
+    @_argmax_decode_vectors_op.register_fake
+    def _(vectors, d):
+        return _empty_outputs(vectors, d)
+
+else:
+    _argmax_decode_op = lambda scores: _decode(scores, 1, False)
+    _argmax_decode_vectors_op = lambda vectors, d: _decode(vectors, d, True)
+
+
+# ----------------------------------------------------------------------------- public API
+
+
+def _check(maps: torch.Tensor, d: int, name: str) -> None:
+    if maps.dim() != 4:
+        raise ValueError(f"{name}: expected a 4-d [N, C, H, W] tensor, got shape {tuple(maps.shape)}")
+    if d < 1 or maps.shape[1] % d:
+        raise ValueError(f"{name}: {maps.shape[1]} channels are not a multiple of d={d}")
+
+
 def argmax_decode(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """scores [N, J, H, W] -> (coords [N, J, 2] in heatmap pixels, maxvals [N, J])."""
-    return argmax_decode_reference(scores)
+    """scores [N, J, H, W] -> (coords [N, J, 2] in heatmap pixels, maxvals [N, J]), both float32.
+
+    Not differentiable (the inputs are detached).
+    """
+    _check(scores, 1, "argmax_decode")
+    if not use_triton(scores):
+        return argmax_decode_reference(scores)
+    return _argmax_decode_op(scores.detach())
+
+
+def argmax_decode_vectors(vectors: torch.Tensor, d: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """vectors [N, J*d, H, W] -> (coords [N, J, 2], maxvals = n^2/(1+n^2) at the peak [N, J]), float32."""
+    _check(vectors, d, "argmax_decode_vectors")
+    if not use_triton(vectors):
+        return argmax_decode_vectors_reference(vectors, d)
+    return _argmax_decode_vectors_op(vectors.detach(), d)

@@ -4,15 +4,17 @@
 * ``triton``: the Triton kernel (on CPU tensors only under ``TRITON_INTERPRET=1``).
 * ``auto`` (default): Triton for CUDA tensors when ``triton`` imports, the reference otherwise.
 
-The variable is read at every call, so tests can switch it with ``monkeypatch.setenv``.
+The variable is read at every eager call, so tests can switch it with ``monkeypatch.setenv``;
+a ``torch.compile``d function keeps the choice it was traced with.
 """
 
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
+
+from pnfs.kernels._compat import HAS_TRITON
 
 BACKENDS = ("auto", "torch", "triton")
 
@@ -24,14 +26,9 @@ def requested_backend() -> str:
     return value
 
 
-@functools.cache
 def triton_available() -> bool:
-    try:
-        import triton
-        import triton.language  # noqa: F401
-    except Exception:
-        return False
-    return True
+    """Whether ``triton`` imported (checked once, at package import)."""
+    return HAS_TRITON
 
 
 def triton_interpreted() -> bool:

@@ -3,23 +3,338 @@
     vectors [N, J*d, H, W] -> scores [N, J, H, W],   score = n^2 / (1 + n^2),  n^2 = sum_t v_t^2
 
 Channels j*d .. j*d+d-1 hold joint j's vector (paper eq. 6). The gradient is
-2 v / (1 + n^2)^2 * g, exactly 0 at v = 0 (no sqrt, no epsilon).
-"""
+2 v / (1 + n^2)^2 * g, exactly 0 at v = 0 (no sqrt, no epsilon). n^2 is accumulated in fp32;
+loads and stores use the tensors' dtype.
 
-from __future__ import annotations
+The fused loss variant computes the training loss of DESIGN §2 in the same pass,
+
+    loss = mean_{n,j} 0.5 * w_nj * mean_{h,w} (score - target)^2,
+
+and, when ``vectors`` needs a gradient, also dloss/dv = 2 v / (1+n^2)^2 * w_nj * (score - target)
+/ (N*J*H*W), which the backward only scales by the incoming scalar gradient. The loss sum is a
+per-program fp32 partial and a second deterministic pass (no atomics).
+
+Any strides are read in place (NCHW, channels_last, slices); scores come back channels_last
+when the vectors are channels_last, NCHW-contiguous otherwise.
+"""
 
 import torch
 
+from pnfs.kernels._compat import CUSTOM_OP, block_size, cdiv, jit, next_power_of_2, tl
+from pnfs.kernels._reduce import sum_rows
+from pnfs.kernels.backend import use_triton
+
+BLOCK_P = block_size(compiled=256, interpreted=1024)
+
+
+def _accumulation_dtype(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in fp32, or in fp64 when it is fp64 (so the reference passes float64 gradcheck)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
 
 def squash_score_reference(vectors: torch.Tensor, d: int) -> torch.Tensor:
-    """Eager PyTorch, accumulating n^2 in fp32, returning the input dtype."""
+    """Eager PyTorch, accumulating n^2 in fp32 (fp64 for fp64), returning the input dtype."""
     n, c, h, w = vectors.shape
     if c % d:
         raise ValueError(f"squash_score: {c} channels are not a multiple of d={d}")
-    n2 = vectors.float().reshape(n, c // d, d, h, w).square().sum(dim=2)
+    n2 = _accumulation_dtype(vectors).reshape(n, c // d, d, h, w).square().sum(dim=2)
     return (n2 / (1.0 + n2)).to(vectors.dtype)
 
 
+def squash_mse_loss_reference(
+    vectors: torch.Tensor, d: int, targets: torch.Tensor, weights: torch.Tensor
+) -> torch.Tensor:
+    """Eager PyTorch: ``mean_{n,j} 0.5 w_nj mean_hw (score - target)^2``, a 0-dim fp32 (fp64) tensor."""
+    n, c, h, w = vectors.shape
+    n2 = _accumulation_dtype(vectors).reshape(n, c // d, d, h, w).square().sum(dim=2)
+    per_joint = (n2 / (1.0 + n2) - targets.to(n2.dtype)).square().mean(dim=(2, 3))
+    return (0.5 * weights.to(n2.dtype) * per_joint).mean()
+
+
+# ----------------------------------------------------------------------------- Triton kernels
+
+
+@jit
+def _joint_tile(ptr, n, j, p, pmask, W, sN, sC, sH, sW, D: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Offsets and mask of the [BLOCK_P, BLOCK_D] tile of joint j's channels at pixels p."""
+    t = tl.arange(0, BLOCK_D)
+    h = p // W
+    w = p % W
+    offs = n * sN + (j * D + t)[None, :] * sC + (h * sH + w * sW)[:, None]
+    mask = pmask[:, None] & (t < D)[None, :]
+    return offs, mask
+
+
+@jit
+def _map_offset(n, j, p, W, sN, sC, sH, sW):
+    return n * sN + j * sC + (p // W) * sH + (p % W) * sW
+
+
+@jit
+def _squash_fwd_kernel(
+    v_ptr, s_ptr, J, HW, W,
+    vsN, vsC, vsH, vsW, ssN, ssC, ssH, ssW,
+    D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr,
+):  # fmt: skip
+    nj = tl.program_id(0).to(tl.int64)
+    n = nj // J
+    j = nj % J
+    p = tl.program_id(1).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
+    pmask = p < HW
+    offs, mask = _joint_tile(v_ptr, n, j, p, pmask, W, vsN, vsC, vsH, vsW, D, BLOCK_D)
+    v = tl.load(v_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    n2 = tl.sum(v * v, axis=1)
+    score = n2 / (1.0 + n2)
+    tl.store(
+        s_ptr + _map_offset(n, j, p, W, ssN, ssC, ssH, ssW), score.to(s_ptr.dtype.element_ty), mask=pmask
+    )
+
+
+@jit
+def _squash_bwd_kernel(
+    v_ptr, g_ptr, dv_ptr, J, HW, W,
+    vsN, vsC, vsH, vsW, gsN, gsC, gsH, gsW, dsN, dsC, dsH, dsW,
+    D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr,
+):  # fmt: skip
+    nj = tl.program_id(0).to(tl.int64)
+    n = nj // J
+    j = nj % J
+    p = tl.program_id(1).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
+    pmask = p < HW
+    offs, mask = _joint_tile(v_ptr, n, j, p, pmask, W, vsN, vsC, vsH, vsW, D, BLOCK_D)
+    v = tl.load(v_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    den = 1.0 + tl.sum(v * v, axis=1)
+    g = tl.load(g_ptr + _map_offset(n, j, p, W, gsN, gsC, gsH, gsW), mask=pmask, other=0.0).to(tl.float32)
+    coef = 2.0 * g / (den * den)
+    doffs, _ = _joint_tile(dv_ptr, n, j, p, pmask, W, dsN, dsC, dsH, dsW, D, BLOCK_D)
+    tl.store(dv_ptr + doffs, (v * coef[:, None]).to(dv_ptr.dtype.element_ty), mask=mask)
+
+
+@jit
+def _squash_mse_kernel(
+    v_ptr, t_ptr, w_ptr, partial_ptr, dv_ptr, J, HW, W, scale,
+    vsN, vsC, vsH, vsW, tsN, tsC, tsH, tsW, wsN, wsJ, dsN, dsC, dsH, dsW,
+    D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr, COMPUTE_GRAD: tl.constexpr,
+):  # fmt: skip
+    nj = tl.program_id(0).to(tl.int64)
+    pb = tl.program_id(1).to(tl.int64)
+    n = nj // J
+    j = nj % J
+    p = pb * BLOCK_P + tl.arange(0, BLOCK_P)
+    pmask = p < HW
+    offs, mask = _joint_tile(v_ptr, n, j, p, pmask, W, vsN, vsC, vsH, vsW, D, BLOCK_D)
+    v = tl.load(v_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    den = 1.0 + tl.sum(v * v, axis=1)
+    score = (den - 1.0) / den
+    target = tl.load(t_ptr + _map_offset(n, j, p, W, tsN, tsC, tsH, tsW), mask=pmask, other=0.0)
+    diff = tl.where(pmask, score - target.to(tl.float32), 0.0)
+    weight = tl.load(w_ptr + n * wsN + j * wsJ).to(tl.float32)
+    tl.store(partial_ptr + nj * tl.num_programs(1) + pb, weight * tl.sum(diff * diff, axis=0))
+    if COMPUTE_GRAD:
+        coef = 2.0 * scale * weight * diff / (den * den)
+        doffs, _ = _joint_tile(dv_ptr, n, j, p, pmask, W, dsN, dsC, dsH, dsW, D, BLOCK_D)
+        tl.store(dv_ptr + doffs, (v * coef[:, None]).to(dv_ptr.dtype.element_ty), mask=mask)
+
+
+# ----------------------------------------------------------------------------- launchers
+
+
+def _block_d(d: int) -> int:
+    return max(2, next_power_of_2(d))
+
+
+def _empty_scores(vectors: torch.Tensor, d: int) -> torch.Tensor:
+    n, c, h, w = vectors.shape
+    channels_last = vectors.is_contiguous(memory_format=torch.channels_last) and not vectors.is_contiguous()
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    return torch.empty((n, c // d, h, w), device=vectors.device, dtype=vectors.dtype, memory_format=fmt)
+
+
+def _grid(vectors: torch.Tensor, d: int) -> tuple[int, int]:
+    n, c, h, w = vectors.shape
+    return (n * (c // d), cdiv(h * w, BLOCK_P))
+
+
+def _squash_forward(vectors: torch.Tensor, d: int) -> torch.Tensor:
+    scores = _empty_scores(vectors, d)
+    if scores.numel() == 0:
+        return scores
+    _, j, h, w = scores.shape
+    _squash_fwd_kernel[_grid(vectors, d)](
+        vectors, scores, j, h * w, w, *vectors.stride(), *scores.stride(),
+        D=d, BLOCK_D=_block_d(d), BLOCK_P=BLOCK_P,
+    )  # fmt: skip
+    return scores
+
+
+def _squash_backward(grad: torch.Tensor, vectors: torch.Tensor, d: int) -> torch.Tensor:
+    dv = torch.empty_like(vectors)
+    if dv.numel() == 0:
+        return dv
+    _, c, h, w = vectors.shape
+    _squash_bwd_kernel[_grid(vectors, d)](
+        vectors, grad, dv, c // d, h * w, w, *vectors.stride(), *grad.stride(), *dv.stride(),
+        D=d, BLOCK_D=_block_d(d), BLOCK_P=BLOCK_P,
+    )  # fmt: skip
+    return dv
+
+
+def _squash_mse_forward(
+    vectors: torch.Tensor, d: int, targets: torch.Tensor, weights: torch.Tensor, compute_grad: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss 0-dim fp32, dloss/dvectors in the layout of empty_like(vectors), or empty [0])."""
+    n, c, h, w = vectors.shape
+    dv = torch.empty_like(vectors) if compute_grad else vectors.new_empty(0)
+    if vectors.numel() == 0:
+        return vectors.new_zeros((), dtype=torch.float32), dv
+    grid = _grid(vectors, d)
+    partials = torch.empty(grid, device=vectors.device, dtype=torch.float32)
+    scale = 1.0 / (n * (c // d) * h * w)
+    _squash_mse_kernel[grid](
+        vectors, targets, weights, partials, dv if compute_grad else vectors, c // d, h * w, w, scale,
+        *vectors.stride(), *targets.stride(), *weights.stride(),
+        *(dv.stride() if compute_grad else vectors.stride()),
+        D=d, BLOCK_D=_block_d(d), BLOCK_P=BLOCK_P, COMPUTE_GRAD=compute_grad,
+    )  # fmt: skip
+    loss = sum_rows(partials.reshape(1, -1), 0.5 * scale).reshape(())
+    return loss, dv
+
+
+# ----------------------------------------------------------------------------- autograd
+
+
+def _squash_setup(ctx, vectors: torch.Tensor, d: int) -> None:
+    ctx.d = d
+    ctx.save_for_backward(vectors)
+
+
+def _squash_grad(ctx, grad: torch.Tensor) -> torch.Tensor:
+    (vectors,) = ctx.saved_tensors
+    return (_squash_backward_op if CUSTOM_OP else _squash_backward)(grad, vectors, ctx.d)
+
+
+def _mse_grad(ctx, grad_loss: torch.Tensor) -> torch.Tensor:
+    (dv,) = ctx.saved_tensors
+    return dv * grad_loss.to(dv.dtype)
+
+
+class SquashScoreFunction(torch.autograd.Function):
+    """Autograd for torch < 2.4, where ``torch.library.custom_op`` does not exist."""
+
+    @staticmethod
+    def forward(vectors: torch.Tensor, d: int) -> torch.Tensor:
+        return _squash_forward(vectors, d)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _squash_setup(ctx, *inputs)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _squash_grad(ctx, grad), None
+
+
+class SquashMSELossFunction(torch.autograd.Function):
+    """Autograd for torch < 2.4: the gradient was computed in the forward pass."""
+
+    @staticmethod
+    def forward(vectors, d, targets, weights, compute_grad):
+        return _squash_mse_forward(vectors, d, targets, weights, compute_grad)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(output[1])
+
+    @staticmethod
+    def backward(ctx, grad_loss, grad_dv):
+        return _mse_grad(ctx, grad_loss), None, None, None, None
+
+
+if CUSTOM_OP:
+
+    @torch.library.custom_op("pnfs::squash_score", mutates_args=())
+    def _squash_op(vectors: torch.Tensor, d: int) -> torch.Tensor:
+        return _squash_forward(vectors, d)
+
+    @_squash_op.register_fake
+    def _(vectors, d):
+        return _empty_scores(vectors, d)
+
+    @torch.library.custom_op("pnfs::squash_score_backward", mutates_args=())
+    def _squash_backward_op(grad: torch.Tensor, vectors: torch.Tensor, d: int) -> torch.Tensor:
+        return _squash_backward(grad, vectors, d)
+
+    @_squash_backward_op.register_fake
+    def _(grad, vectors, d):
+        return torch.empty_like(vectors)
+
+    def _squash_op_setup(ctx, inputs, output):
+        _squash_setup(ctx, *inputs)
+
+    def _squash_op_backward(ctx, grad):
+        return _squash_grad(ctx, grad), None
+
+    torch.library.register_autograd("pnfs::squash_score", _squash_op_backward, setup_context=_squash_op_setup)
+
+    @torch.library.custom_op("pnfs::squash_mse_loss", mutates_args=())
+    def _squash_mse_op(
+        vectors: torch.Tensor, d: int, targets: torch.Tensor, weights: torch.Tensor, compute_grad: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return _squash_mse_forward(vectors, d, targets, weights, compute_grad)
+
+    @_squash_mse_op.register_fake
+    def _(vectors, d, targets, weights, compute_grad):
+        dv = torch.empty_like(vectors) if compute_grad else vectors.new_empty(0)
+        return vectors.new_empty((), dtype=torch.float32), dv
+
+    def _mse_op_setup(ctx, inputs, output):
+        ctx.save_for_backward(output[1])
+
+    def _mse_op_backward(ctx, grad_loss, grad_dv):
+        return _mse_grad(ctx, grad_loss), None, None, None, None
+
+    torch.library.register_autograd("pnfs::squash_mse_loss", _mse_op_backward, setup_context=_mse_op_setup)
+
+
+# ----------------------------------------------------------------------------- public API
+
+
+def _check(vectors: torch.Tensor, d: int) -> None:
+    if vectors.dim() != 4:
+        raise ValueError(f"squash: vectors must be [N, J*d, H, W], got shape {tuple(vectors.shape)}")
+    if d < 1 or vectors.shape[1] % d:
+        raise ValueError(f"squash: {vectors.shape[1]} channels are not a multiple of d={d}")
+
+
 def squash_score(vectors: torch.Tensor, d: int) -> torch.Tensor:
-    """[N, J*d, H, W] -> [N, J, H, W] scores in [0, 1)."""
-    return squash_score_reference(vectors, d)
+    """[N, J*d, H, W] -> [N, J, H, W] scores n^2/(1+n^2) in [0, 1), in the vectors' dtype."""
+    _check(vectors, d)
+    if not use_triton(vectors):
+        return squash_score_reference(vectors, d)
+    if CUSTOM_OP:
+        return _squash_op(vectors, d)
+    return SquashScoreFunction.apply(vectors, d)
+
+
+def squash_mse_loss(
+    vectors: torch.Tensor, d: int, targets: torch.Tensor, weights: torch.Tensor
+) -> torch.Tensor:
+    """Training loss straight from the vectors: ``mean_{n,j} 0.5 w mean_hw (score - target)^2``.
+
+    vectors [N, J*d, H, W], targets [N, J, H, W], weights [N, J] -> 0-dim fp32 loss. Targets and
+    weights are data: they take no gradient.
+    """
+    _check(vectors, d)
+    n, c, h, w = vectors.shape
+    if targets.shape != (n, c // d, h, w):
+        raise ValueError(f"squash_mse_loss: targets {tuple(targets.shape)}, expected {(n, c // d, h, w)}")
+    if weights.shape != (n, c // d):
+        raise ValueError(f"squash_mse_loss: weights {tuple(weights.shape)}, expected {(n, c // d)}")
+    if not use_triton(vectors):
+        return squash_mse_loss_reference(vectors, d, targets, weights)
+    if targets.requires_grad or weights.requires_grad:
+        raise ValueError("squash_mse_loss: targets and weights must not require grad (they are data)")
+    compute_grad = torch.is_grad_enabled() and vectors.requires_grad
+    if CUSTOM_OP:
+        return _squash_mse_op(vectors, d, targets, weights, compute_grad)[0]
+    return SquashMSELossFunction.apply(vectors, d, targets, weights, compute_grad)[0]

@@ -1,0 +1,77 @@
+"""Optional dependencies of the kernels, imported once so that ``pnfs.kernels`` always imports.
+
+* ``triton`` may be missing (CPU-only installs): the kernels' ``@jit`` then yields a function that
+  raises a clear ``RuntimeError`` when launched; the backend never launches it (see ``backend.py``).
+* ``torch.library.custom_op`` / ``register_autograd`` / ``register_fake`` arrived in torch 2.4:
+  ``CUSTOM_OP`` is False before that and the kernels fall back to plain ``autograd.Function.apply``.
+"""
+
+import os
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+
+    HAS_TRITON = True
+except Exception:  # triton absent or broken: the reference path still works
+    triton = None
+    tl = None
+    HAS_TRITON = False
+
+CUSTOM_OP = all(hasattr(torch.library, name) for name in ("custom_op", "register_autograd", "register_fake"))
+
+
+def _missing_triton(fn):
+    def launch_without_triton(*args, **kwargs):
+        raise RuntimeError(f"{fn.__name__}: triton is not installed; use PNFS_KERNELS=torch")
+
+    launch_without_triton.__name__ = fn.__name__
+    return launch_without_triton
+
+
+jit = triton.jit if HAS_TRITON else _missing_triton
+
+
+# Under TRITON_INTERPRET=1 (read by triton at import) every kernel op is one numpy call per
+# program: larger blocks mean fewer programs and a much faster interpreter, same semantics.
+INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def block_size(compiled: int, interpreted: int) -> int:
+    """The block size of a kernel: ``compiled`` on a GPU, ``interpreted`` under the interpreter."""
+    return interpreted if INTERPRETED else compiled
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def is_dense(x: torch.Tensor) -> bool:
+    """True when ``x`` covers exactly ``numel`` consecutive storage slots (any dim order)."""
+    expected = 1
+    for size, stride in sorted(((s, st) for s, st in zip(x.shape, x.stride()) if s != 1), key=lambda t: t[1]):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def same_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Same shape and the same strides on every dim of size > 1."""
+    return a.shape == b.shape and all(
+        size == 1 or sa == sb for size, sa, sb in zip(a.shape, a.stride(), b.stride())
+    )
+
+
+def strides4(x: torch.Tensor) -> tuple[tuple[int, int, int, int], tuple[int, int, int, int]]:
+    """Sizes and strides of ``x`` (ndim <= 4) padded in front to four dims."""
+    pad = 4 - x.dim()
+    if pad < 0:
+        raise ValueError(f"strided kernel path takes at most 4 dims, got shape {tuple(x.shape)}")
+    return (1,) * pad + tuple(x.shape), (0,) * pad + tuple(x.stride())

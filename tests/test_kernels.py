@@ -1,0 +1,290 @@
+"""The kernels' PyTorch references, dispatch and API (normal pass), and the Triton kernels on a GPU.
+
+The Triton code on CPU is tested through the interpreter in ``test_kernels_interpret.py``.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from kernel_cases import assert_decoded, decode_batch, vector_batch
+
+from pnfs.kernels import (
+    FVCORE_HANDLES,
+    argmax_decode,
+    argmax_decode_reference,
+    argmax_decode_vectors,
+    argmax_decode_vectors_reference,
+    fvcore_handles,
+    squash_mse_loss,
+    squash_mse_loss_reference,
+    squash_score,
+    squash_score_reference,
+    weighted_sum,
+    weighted_sum_reference,
+)
+
+# ----------------------------------------------------------------------------- references vs float64 gradcheck
+
+
+@pytest.mark.parametrize("k, relu", [(1, False), (3, True), (12, False)])
+def test_weighted_sum_reference_passes_gradcheck(k, relu):
+    # offset away from 0 so the ReLU kink is not inside gradcheck's finite differences
+    xs = [(torch.rand(2, 3, 4, 5, dtype=torch.float64) + 0.1).requires_grad_() for _ in range(k)]
+    w = (torch.rand(k, dtype=torch.float64) + 0.1).requires_grad_()
+    assert torch.autograd.gradcheck(lambda w, *xs: weighted_sum_reference(xs, w, relu), (w, *xs))
+
+
+@pytest.mark.parametrize("d", [1, 3, 8])
+def test_squash_score_reference_passes_gradcheck(d):
+    v = torch.randn(2, 2 * d, 3, 4, dtype=torch.float64)
+    v[0, :d, 1, 2] = 0.0  # the gradient at v = 0 is part of the check
+    v.requires_grad_()
+    assert torch.autograd.gradcheck(lambda v: squash_score_reference(v, d), (v,))
+
+
+def test_squash_mse_loss_reference_passes_gradcheck():
+    v = torch.randn(2, 3 * 4, 3, 5, dtype=torch.float64, requires_grad=True)
+    targets = torch.rand(2, 3, 3, 5, dtype=torch.float64)
+    weights = torch.tensor([[1.0, 0.0, 1.0], [1.0, 1.0, 0.0]], dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda v: squash_mse_loss_reference(v, 4, targets, weights), (v,))
+
+
+def test_squash_gradient_is_exactly_zero_at_zero_vectors():
+    v = torch.zeros(1, 2 * 8, 3, 3, requires_grad=True)
+    squash_score_reference(v, 8).sum().backward()
+    assert torch.equal(v.grad, torch.zeros_like(v))
+    assert torch.equal(squash_score_reference(v.detach(), 8), torch.zeros(1, 2, 3, 3))
+
+
+def test_squash_mse_loss_is_the_training_loss_on_squashed_scores():
+    from pnfs.loss import pose_loss
+
+    v = torch.randn(3, 17 * 4, 6, 5)
+    targets = torch.rand(3, 17, 6, 5)
+    weights = (torch.rand(3, 17) > 0.3).float()
+    expected = pose_loss(squash_score_reference(v, 4), targets, weights)
+    torch.testing.assert_close(squash_mse_loss_reference(v, 4, targets, weights), expected)
+
+
+# ----------------------------------------------------------------------------- decoding semantics
+
+
+def test_reference_decoding_of_hand_built_maps():
+    maps, expected_xy, peak = decode_batch()
+    assert_decoded(*argmax_decode_reference(maps), expected_xy, peak)
+    assert_decoded(*argmax_decode_reference(maps.to(memory_format=torch.channels_last)), expected_xy, peak)
+
+
+def test_reference_decoding_straight_from_vectors():
+    vectors, expected_xy, peak = vector_batch(d=3)
+    assert_decoded(*argmax_decode_vectors_reference(vectors, 3), expected_xy, peak)
+
+
+def test_vector_decoding_equals_decoding_the_squashed_scores():
+    v = torch.randn(4, 17 * 8, 12, 9, dtype=torch.float64)  # float64: no ties from rounding
+    coords, maxvals = argmax_decode_vectors_reference(v, 8)
+    expected_coords, expected_maxvals = argmax_decode_reference(squash_score_reference(v, 8))
+    torch.testing.assert_close(coords, expected_coords, rtol=0, atol=0)
+    torch.testing.assert_close(maxvals, expected_maxvals)
+
+
+# ----------------------------------------------------------------------------- dispatch and API
+
+
+def test_torch_backend_runs_the_reference(monkeypatch):
+    monkeypatch.setenv("PNFS_KERNELS", "torch")
+    xs = [torch.randn(2, 3, 4, 5) for _ in range(3)]
+    w = torch.randn(3, requires_grad=True)
+    out = weighted_sum(xs, w, relu=True)
+    assert out.grad_fn is not None and "pnfs" not in type(out.grad_fn).__name__.lower()
+    torch.testing.assert_close(out, weighted_sum_reference(xs, w, relu=True), rtol=0, atol=0)
+    v = torch.randn(2, 2 * 4, 3, 3)
+    torch.testing.assert_close(squash_score(v, 4), squash_score_reference(v, 4), rtol=0, atol=0)
+    t, wt = torch.rand(2, 2, 3, 3), torch.ones(2, 2)
+    torch.testing.assert_close(squash_mse_loss(v, 4, t, wt), squash_mse_loss_reference(v, 4, t, wt))
+    torch.testing.assert_close(argmax_decode(v[:, :2]), argmax_decode_reference(v[:, :2]))
+    torch.testing.assert_close(argmax_decode_vectors(v, 4), argmax_decode_vectors_reference(v, 4))
+
+
+def test_auto_backend_uses_the_reference_for_cpu_tensors(monkeypatch):
+    monkeypatch.setenv("PNFS_KERNELS", "auto")
+    from pnfs.kernels.backend import use_triton
+
+    assert not use_triton(torch.zeros(1))
+
+
+def test_unknown_backend_is_an_error(monkeypatch):
+    monkeypatch.setenv("PNFS_KERNELS", "cuda")
+    with pytest.raises(ValueError, match="PNFS_KERNELS='cuda'"):
+        weighted_sum([torch.zeros(2)], torch.ones(1))
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="the interpreter runs CPU tensors")
+def test_triton_backend_on_cpu_tensors_needs_the_interpreter(monkeypatch):
+    monkeypatch.setenv("PNFS_KERNELS", "triton")
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        squash_score(torch.zeros(1, 4, 2, 2), 2)
+
+
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda: weighted_sum([], torch.ones(0)), "1..12 inputs, got 0"),
+        (lambda: weighted_sum([torch.zeros(2)] * 13, torch.ones(13)), "1..12 inputs, got 13"),
+        (lambda: weighted_sum([torch.zeros(2)] * 2, torch.ones(3)), r"weights of shape \(3,\) for 2 inputs"),
+        (lambda: weighted_sum([torch.zeros(2), torch.zeros(3)], torch.ones(2)), r"input 1 has shape \(3,\)"),
+        (
+            lambda: weighted_sum([torch.zeros(2), torch.zeros(2, dtype=torch.float64)], torch.ones(2)),
+            "input 1 is torch.float64",
+        ),
+        (lambda: squash_score(torch.zeros(1, 6, 2, 2), 4), "6 channels are not a multiple of d=4"),
+        (lambda: squash_score(torch.zeros(6, 2, 2), 2), r"\[N, J\*d, H, W\]"),
+        (
+            lambda: squash_mse_loss(torch.zeros(1, 4, 2, 2), 2, torch.zeros(1, 2, 2, 3), torch.ones(1, 2)),
+            r"targets \(1, 2, 2, 3\), expected \(1, 2, 2, 2\)",
+        ),
+        (
+            lambda: squash_mse_loss(torch.zeros(1, 4, 2, 2), 2, torch.zeros(1, 2, 2, 2), torch.ones(2)),
+            r"weights \(2,\), expected \(1, 2\)",
+        ),
+        (lambda: argmax_decode(torch.zeros(2, 2, 2)), "argmax_decode: expected a 4-d"),
+        (lambda: argmax_decode_vectors(torch.zeros(1, 5, 2, 2), 2), "5 channels are not a multiple of d=2"),
+    ],
+)
+def test_bad_input_is_a_clear_error(call, message):
+    with pytest.raises(ValueError, match=message):
+        call()
+
+
+def test_custom_ops_are_registered():
+    for name in ("weighted_sum", "weighted_sum_backward", "squash_score", "squash_score_backward"):
+        assert hasattr(torch.ops.pnfs, name)
+    for name in ("squash_mse_loss", "argmax_decode", "argmax_decode_vectors"):
+        assert hasattr(torch.ops.pnfs, name)
+        assert f"pnfs::{name}" in FVCORE_HANDLES
+
+
+def test_compiled_reference_path_has_no_graph_break(monkeypatch):
+    monkeypatch.setenv("PNFS_KERNELS", "torch")
+
+    def step(xs, w, v, t, wt):
+        loss = squash_mse_loss(v * weighted_sum(xs, w, relu=True).mean(), 2, t, wt)
+        return loss + argmax_decode_vectors(v, 2)[1].sum()
+
+    xs = [torch.randn(2, 4, 5, 5) for _ in range(3)]
+    w = torch.randn(3, requires_grad=True)
+    v, t, wt = torch.randn(2, 4, 5, 5), torch.rand(2, 2, 5, 5), torch.ones(2, 2)
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(xs, w, v, t, wt), step(xs, w, v, t, wt))
+
+
+def test_fvcore_counts_the_reference_elementwise_ops_as_zero(monkeypatch):
+    """FVCORE_HANDLES count a custom op like fvcore counts its reference: the reference traced
+    on the torch backend adds no multiply-adds to the convolution's."""
+    from fvcore.nn import FlopCountAnalysis
+
+    monkeypatch.setenv("PNFS_KERNELS", "torch")
+    conv = torch.nn.Conv2d(3, 8, 1, bias=False)
+    model = _KernelModel(conv)
+    analysis = FlopCountAnalysis(model, torch.randn(1, 3, 4, 4)).unsupported_ops_warnings(False)
+    assert analysis.total() == 8 * 3 * 16
+    assert set(fvcore_handles(elementwise=True)) == set(FVCORE_HANDLES)
+
+
+class _KernelModel(torch.nn.Module):
+    def __init__(self, conv: torch.nn.Module) -> None:
+        super().__init__()
+        self.conv = conv
+        self.w = torch.nn.Parameter(torch.ones(3))
+
+    def forward(self, x):
+        y = self.conv(x)
+        return squash_score(weighted_sum([y, y * 2, y + 1], self.w, relu=True), 2)
+
+
+# ----------------------------------------------------------------------------- Triton on a GPU (skipped without CUDA)
+
+GPU_TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.bfloat16: dict(atol=1e-2, rtol=1e-2)}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("k, relu, channels_last", [(3, True, True), (8, False, False), (12, False, True)])
+def test_weighted_sum_on_gpu_matches_reference(monkeypatch, dtype, k, relu, channels_last):
+    monkeypatch.setenv("PNFS_KERNELS", "triton")
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    xs = [torch.randn(32, 40, 64, 48, device="cuda").to(dtype, memory_format=fmt).requires_grad_() for _ in range(k)]
+    w = torch.randn(k, device="cuda", requires_grad=True)
+    out = weighted_sum(xs, w, relu)
+    g = torch.randn_like(out)
+    grads = torch.autograd.grad(out, [*xs, w], g)
+    xs64 = [x.detach().double().requires_grad_() for x in xs]
+    w64 = w.detach().double().requires_grad_()
+    ref = weighted_sum_reference(xs64, w64, relu)
+    ref_grads = torch.autograd.grad(ref, [*xs64, w64], g.double())
+    torch.testing.assert_close(out.double(), ref, **GPU_TOL[dtype])
+    for got, want in zip(grads[:-1], ref_grads[:-1]):
+        torch.testing.assert_close(got.double(), want, **GPU_TOL[dtype])
+    torch.testing.assert_close(grads[-1].double(), ref_grads[-1], rtol=1e-4, atol=1e-3)
+    again = torch.autograd.grad(weighted_sum(xs, w, relu), [w], g)[0]
+    assert torch.equal(again, grads[-1]), "dw must be bitwise reproducible"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_squash_and_loss_on_gpu_match_reference(monkeypatch, dtype):
+    monkeypatch.setenv("PNFS_KERNELS", "triton")
+    v = torch.randn(32, 17 * 8, 96, 72, device="cuda").to(dtype).requires_grad_()
+    s = squash_score(v, 8)
+    g = torch.randn_like(s)
+    (dv,) = torch.autograd.grad(s, v, g)
+    v64 = v.detach().double().requires_grad_()
+    ref = squash_score_reference(v64, 8)
+    (ref_dv,) = torch.autograd.grad(ref, v64, g.double())
+    torch.testing.assert_close(s.double(), ref, **GPU_TOL[dtype])
+    torch.testing.assert_close(dv.double(), ref_dv, **GPU_TOL[dtype])
+    t = torch.rand(32, 17, 96, 72, device="cuda")
+    wt = (torch.rand(32, 17, device="cuda") > 0.2).float()
+    loss = squash_mse_loss(v, 8, t, wt)
+    (dv,) = torch.autograd.grad(loss, v)
+    ref_loss = squash_mse_loss_reference(v64, 8, t, wt)
+    (ref_dv,) = torch.autograd.grad(ref_loss, v64)
+    torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(dv.double(), ref_dv, rtol=GPU_TOL[dtype]["rtol"], atol=1e-9)
+
+
+@pytest.mark.gpu
+def test_argmax_decode_on_gpu_matches_reference(monkeypatch):
+    monkeypatch.setenv("PNFS_KERNELS", "triton")
+    maps, expected_xy, peak = decode_batch()
+    assert_decoded(*(t.cpu() for t in argmax_decode(maps.cuda())), expected_xy, peak)
+    vectors, expected_xy, peak = vector_batch()
+    assert_decoded(*(t.cpu() for t in argmax_decode_vectors(vectors.cuda(), 3)), expected_xy, peak)
+    s = torch.rand(32, 17, 96, 72, device="cuda")
+    torch.testing.assert_close(argmax_decode(s), argmax_decode_reference(s), rtol=0, atol=0)
+    v = torch.randn(32, 17 * 8, 96, 72, device="cuda")
+    coords, maxvals = argmax_decode_vectors(v, 8)
+    ref_coords, ref_maxvals = argmax_decode_vectors_reference(v, 8)
+    torch.testing.assert_close(coords, ref_coords, rtol=0, atol=0)
+    torch.testing.assert_close(maxvals, ref_maxvals)
+
+
+@pytest.mark.gpu
+def test_inductor_compiles_around_the_custom_ops(monkeypatch):
+    monkeypatch.setenv("PNFS_KERNELS", "triton")
+    xs = [torch.randn(4, 40, 16, 12, device="cuda", requires_grad=True) for _ in range(3)]
+    w = torch.randn(3, device="cuda", requires_grad=True)
+
+    def f(xs, w):
+        return squash_score(weighted_sum(xs, w, relu=True), 8).square().sum()
+
+    torch._dynamo.reset()
+    compiled = torch.compile(f, fullgraph=True)
+    got = torch.autograd.grad(compiled(xs, w), [*xs, w])
+    want = torch.autograd.grad(f(xs, w), [*xs, w])
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
