@@ -1,0 +1,5 @@
+"""The PNFS model: cells, fabrics, backbones and the vector-in-pixel head (DESIGN §2)."""
+
+from pnfs.model.pnfs import PoseNFS, build_model
+
+__all__ = ["PoseNFS", "build_model"]

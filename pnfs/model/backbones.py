@@ -1,0 +1,180 @@
+"""Backbones: images [N, 3, H, W] -> a 4-scale pyramid [1/4, 1/8, 1/16, 1/32] (DESIGN §2).
+
+* ``mobilenetv2``: torchvision ``features`` with taps after blocks 3, 6, 13, 16
+  (24/32/96/160 ch). Block 17 and the last 1x1 conv are not built, so no parameter is dead.
+* ``resnet50``: torchvision stem + layer1..layer4 (256/512/1024/2048 ch); no pooling/fc.
+* ``hrnet_w32``: HRNet-W32 stem..stage3 + transition3, i.e. the four inputs of stage 4
+  (32/64/128/256 ch), built from timm's HighResolutionNet keeping only those submodules.
+* ``fabric``: stem conv3x3 s2 (3->64) + BN, conv3x3 s2 (64->64) + BN + ReLU, conv1x1
+  (64->4F), then the first m layers of a fabric with all six ops (its own alpha + betas);
+  the last layer's four cells are the pyramid (F*4, F*8, F*16, F*32 ch).
+
+Every backbone has ``channels`` (the pyramid's channel counts) and ``unused_weight_prefixes``
+(keys of the full torchvision/timm checkpoints we do not build). Pretrained weights load
+only from a local file (:func:`load_backbone_weights`); nothing is ever downloaded.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from pnfs.config import ALL_OPS, BackboneConfig
+from pnfs.model.fabric import SCALES, backbone_fabric
+
+
+class MobileNetV2Backbone(nn.Module):
+    taps = (3, 6, 13, 16)
+    channels = (24, 32, 96, 160)
+    unused_weight_prefixes = ("features.17.", "features.18.", "classifier.")
+
+    def __init__(self) -> None:
+        super().__init__()
+        from torchvision.models import mobilenet_v2
+
+        self.features = mobilenet_v2(weights=None).features[: self.taps[-1] + 1]
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        pyramid = []
+        for k, block in enumerate(self.features):
+            x = block(x)
+            if k in self.taps:
+                pyramid.append(x)
+        return pyramid
+
+
+class ResNet50Backbone(nn.Module):
+    channels = (256, 512, 1024, 2048)
+    unused_weight_prefixes = ("fc.",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        from torchvision.models import resnet50
+
+        net = resnet50(weights=None)
+        self.conv1, self.bn1, self.relu, self.maxpool = net.conv1, net.bn1, net.relu, net.maxpool
+        self.layer1, self.layer2, self.layer3, self.layer4 = net.layer1, net.layer2, net.layer3, net.layer4
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        pyramid = []
+        for layer in (self.layer1, self.layer2, self.layer3, self.layer4):
+            x = layer(x)
+            pyramid.append(x)
+        return pyramid
+
+
+class HRNetW32Backbone(nn.Module):
+    """HRNet-W32 stem..stage3 + transition3: the four stage-4 inputs (32/64/128/256 ch)."""
+
+    channels = (32, 64, 128, 256)
+    unused_weight_prefixes = (
+        "stage4.", "incre_modules.", "downsamp_modules.", "final_layer.", "classifier.", "head.",
+    )  # fmt: skip
+    kept = (
+        "conv1", "bn1", "act1", "conv2", "bn2", "act2",
+        "layer1", "transition1", "stage2", "transition2", "stage3", "transition3",
+    )  # fmt: skip
+
+    def __init__(self) -> None:
+        super().__init__()
+        import timm
+
+        net = timm.create_model("hrnet_w32", pretrained=False)
+        for name in self.kept:
+            setattr(self, name, getattr(net, name))
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        x = self.act1(self.bn1(self.conv1(x)))
+        x = self.act2(self.bn2(self.conv2(x)))
+        x = self.layer1(x)
+        xl = [t(x) for t in self.transition1]
+        yl = self.stage2(xl)
+        xl = [yl[i] if isinstance(t, nn.Identity) else t(yl[-1]) for i, t in enumerate(self.transition2)]
+        yl = self.stage3(xl)
+        return [yl[i] if isinstance(t, nn.Identity) else t(yl[-1]) for i, t in enumerate(self.transition3)]
+
+
+class FabricStem(nn.Sequential):
+    """conv3x3 s2 (3->64) + BN, conv3x3 s2 (64->64) + BN + ReLU, conv1x1 (64 -> 4F): 1/4 scale."""
+
+    def __init__(self, out_channels: int) -> None:
+        super().__init__(
+            nn.Conv2d(3, 64, 3, stride=2, padding=1, bias=False),
+            nn.BatchNorm2d(64),
+            nn.Conv2d(64, 64, 3, stride=2, padding=1, bias=False),
+            nn.BatchNorm2d(64),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(64, out_channels, 1, bias=False),
+        )
+
+
+class FabricBackbone(nn.Module):
+    """Stem + the first m layers of a fabric over all six ops (paper §III-C)."""
+
+    unused_weight_prefixes = ()
+
+    def __init__(self, channels: int, num_layers: int, hidden_nodes: int) -> None:
+        super().__init__()
+        if num_layers < 3:
+            raise ValueError(f"a Fabric backbone needs m >= 3 layers to reach 1/32, got {num_layers}")
+        self.channels = tuple(channels * s for s in SCALES)
+        self.stem = FabricStem(4 * channels)
+        self.fabric = backbone_fabric(channels, num_layers, hidden_nodes, ALL_OPS)
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        out = self.fabric({4: self.stem(x)})
+        return [out[s] for s in SCALES]
+
+
+def build_backbone(cfg: BackboneConfig) -> nn.Module:
+    """The backbone named in ``cfg`` with ``cfg.weights`` (a local file) loaded when given."""
+    if cfg.name == "mobilenetv2":
+        backbone: nn.Module = MobileNetV2Backbone()
+    elif cfg.name == "resnet50":
+        backbone = ResNet50Backbone()
+    elif cfg.name == "hrnet_w32":
+        backbone = HRNetW32Backbone()
+    elif cfg.name == "fabric":
+        backbone = FabricBackbone(cfg.fabric_channels, cfg.fabric_layers, cfg.fabric_hidden_nodes)
+    else:
+        raise ValueError(f"model.backbone.name: unknown backbone {cfg.name!r}")
+    if cfg.weights is not None:
+        load_backbone_weights(backbone, cfg.weights)
+    return backbone
+
+
+def _unwrap_state_dict(obj: object, path: str) -> dict[str, torch.Tensor]:
+    for key in ("state_dict", "model", "backbone"):
+        if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
+            obj = obj[key]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ValueError(f"model.backbone.weights: {path!r} holds no state dict of tensors")
+    return {k.removeprefix("module.").removeprefix("backbone."): v for k, v in obj.items()}
+
+
+def load_backbone_weights(backbone: nn.Module, path: str | Path) -> None:
+    """Load a local state dict (torchvision/timm key names; ``module.``/``backbone.`` prefixes
+    stripped; the keys of blocks we do not build ignored). Missing or unexpected keys and
+    shape mismatches raise ValueError listing them."""
+    state = _unwrap_state_dict(torch.load(path, map_location="cpu", weights_only=True), str(path))
+    state = {k: v for k, v in state.items() if not k.startswith(tuple(backbone.unused_weight_prefixes))}
+    own = backbone.state_dict()
+    # old checkpoints lack BN's num_batches_tracked counters; those keep their current value
+    missing = sorted(k for k in set(own) - set(state) if not k.endswith("num_batches_tracked"))
+    unexpected = sorted(set(state) - set(own))
+    mismatched = sorted(
+        f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in set(own) & set(state)
+        if state[k].shape != own[k].shape
+    )
+    if missing or unexpected or mismatched:
+        raise ValueError(
+            f"model.backbone.weights: {str(path)!r} does not fit the {type(backbone).__name__}: "
+            f"missing keys {missing[:20]}{' ...' if len(missing) > 20 else ''} ({len(missing)}), "
+            f"unexpected keys {unexpected[:20]}{' ...' if len(unexpected) > 20 else ''} ({len(unexpected)}), "
+            f"shape mismatches {mismatched[:20]}"
+        )
+    backbone.load_state_dict(state, strict=False)

@@ -1,0 +1,143 @@
+"""PoseNFS: backbone -> 4-scale pyramid -> P part fabrics -> vector heads -> joint scores.
+
+    images [N, 3, H, W] -> scores [N, K, H/4, W/4]
+
+Each part p (Table I grouping, or ``model.custom_parts``) maps every pyramid level to C*s
+channels with its own 1x1 conv (skipped where the channels already match), runs its
+6-cell fabric (own alpha, own betas), and predicts J_p*d channels; the squashed scores of
+its joints are added into the K-joint map, so a joint in several parts (P=8) gets the sum
+of their scores (range [0, 2) there, [0, 1) otherwise).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from pnfs.config import Config
+from pnfs.keypoints import joint_set
+from pnfs.model.backbones import FabricBackbone, build_backbone
+from pnfs.model.cell import Cell
+from pnfs.model.fabric import SCALES, Fabric, part_fabric
+from pnfs.model.head import VectorHead
+from pnfs.parts import PART_NAMES
+
+
+def _adapter(c_in: int, c_out: int) -> nn.Module:
+    """Pyramid level -> C*s channels: a bias-free 1x1 conv, or nothing when they already match."""
+    return nn.Identity() if c_in == c_out else nn.Conv2d(c_in, c_out, 1, bias=False)
+
+
+class PartNetwork(nn.Module):
+    """One part: pyramid adapters, the 6-cell part fabric and its vector head."""
+
+    def __init__(
+        self,
+        pyramid_channels: Sequence[int],
+        channels: int,
+        hidden_nodes: int,
+        ops: Sequence[str],
+        num_joints: int,
+        vector_dim: int,
+    ) -> None:
+        super().__init__()
+        self.adapters = nn.ModuleList(_adapter(c, channels * s) for c, s in zip(pyramid_channels, SCALES))
+        self.fabric = part_fabric(channels, hidden_nodes, ops)
+        self.head = VectorHead(channels * SCALES[0], num_joints, vector_dim)
+
+    def forward(self, pyramid: Sequence[torch.Tensor]) -> torch.Tensor:
+        """pyramid levels [N, c_s, H/s, W/s] -> scores [N, J_p, H/4, W/4]."""
+        inputs = {s: adapt(x) for s, adapt, x in zip(SCALES, self.adapters, pyramid)}
+        return self.head(self.fabric(inputs)[SCALES[0]])
+
+
+class PoseNFS(nn.Module):
+    """The Pose Neural Fabrics Search model (paper Fig. 2)."""
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        parts: Sequence[Sequence[int]],
+        part_names: Sequence[str],
+        joint_names: Sequence[str],
+        channels: int,
+        hidden_nodes: int,
+        ops: Sequence[str],
+        vector_dim: int,
+    ) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.num_joints = len(joint_names)
+        self.joint_names = list(joint_names)
+        self.part_names = list(part_names)
+        self.part_joints = [list(p) for p in parts]
+        self.parts = nn.ModuleList(
+            PartNetwork(backbone.channels, channels, hidden_nodes, ops, len(p), vector_dim) for p in parts
+        )
+        for k, joints in enumerate(self.part_joints):
+            self.register_buffer(f"joint_index_{k}", torch.tensor(joints, dtype=torch.long), persistent=False)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """images [N, 3, H, W] -> scores [N, K, H/4, W/4]; joints in several parts summed."""
+        pyramid = self.backbone(images)
+        scores = None
+        for k, part in enumerate(self.parts):
+            part_scores = part(pyramid)
+            if scores is None:
+                n, _, h, w = part_scores.shape
+                scores = part_scores.new_zeros(n, self.num_joints, h, w)
+            scores = scores.index_add(1, getattr(self, f"joint_index_{k}"), part_scores)
+        return scores
+
+    def arch_parameters(self) -> list[nn.Parameter]:
+        """Every alpha (one per fabric) and beta (one per cell), part fabrics and Fabric backbone."""
+        params = []
+        for module in self.modules():
+            if isinstance(module, Fabric):
+                params.append(module.alpha)
+            elif isinstance(module, Cell) and module.beta is not None:
+                params.append(module.beta)
+        return params
+
+    def weight_parameters(self) -> list[nn.Parameter]:
+        """Every parameter that is not an architecture parameter."""
+        arch = {id(p) for p in self.arch_parameters()}
+        return [p for p in self.parameters() if id(p) not in arch]
+
+    def architecture(self) -> dict:
+        """The learnt architecture, JSON-ready: softmax(alpha) [edge][op] and softmax(beta)
+        per cell (order finer, same, coarser) for every part and the Fabric backbone (or None)."""
+        parts = []
+        for name, joints, part in zip(self.part_names, self.part_joints, self.parts):
+            parts.append(
+                {
+                    "name": name,
+                    "joints": [self.joint_names[j] for j in joints],
+                    "joint_indices": list(joints),
+                    **part.fabric.architecture(),
+                }
+            )
+        backbone = self.backbone.fabric.architecture() if isinstance(self.backbone, FabricBackbone) else None
+        return {"parts": parts, "backbone": backbone}
+
+
+def build_model(cfg: Config) -> PoseNFS:
+    """The PoseNFS model of a validated config."""
+    m = cfg.model
+    parts = cfg.parts
+    if m.custom_parts is None:
+        part_names = list(PART_NAMES[m.num_parts])
+    else:
+        part_names = [f"part{k}" for k in range(len(parts))]
+    return PoseNFS(
+        backbone=build_backbone(m.backbone),
+        parts=parts,
+        part_names=part_names,
+        joint_names=joint_set(cfg.data.dataset).joints,
+        channels=m.channels,
+        hidden_nodes=m.hidden_nodes,
+        ops=m.ops,
+        vector_dim=m.vector_dim,
+    )
