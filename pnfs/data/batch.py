@@ -39,6 +39,10 @@ class PoseBatch:
             **{f.name: getattr(self, f.name).to(device, non_blocking=non_blocking) for f in fields(self)},
         )
 
+    def pin_memory(self) -> PoseBatch:
+        """Page-locked copy (torch DataLoader calls this with ``pin_memory=True``)."""
+        return replace(self, **{f.name: getattr(self, f.name).pin_memory() for f in fields(self)})
+
     def __len__(self) -> int:
         return self.image.shape[0]
 

@@ -1,0 +1,172 @@
+"""``build_loader``: the one entry point the engine and the evaluation use.
+
+    loader = build_loader(cfg, "train", rank=r, world_size=w, epoch=e, start_sample=k)
+    for batch in loader:          # PoseBatch, len(loader) batches on this rank
+        ...
+
+``cfg.data.loader`` picks the implementation: ``torch`` (WebDataset shards + DataLoader,
+simplejpeg + cv2.warpAffine), ``dali`` (fn.readers.webdataset + DALI decode/warp; CPU graph
+without CUDA) or ``gpu`` (torchvision nvJPEG decode + batched grid_sample; CPU without CUDA).
+All follow the same :mod:`pnfs.data.plan` for train/val order (see there for the exact
+rules: per-epoch seeded order, split by node then by worker, equal batch counts by
+resampling, exact resumption; val: every sample once over all ranks, last batch kept).
+"""
+
+from __future__ import annotations
+
+from pnfs.config import Config
+from pnfs.data.plan import EpochPlan, train_plan, val_plan
+from pnfs.data.shards import ShardSet, expand_shards
+from pnfs.keypoints import joint_set
+
+
+def shard_paths(cfg: Config, split: str, shards=None) -> list[str]:
+    spec = (
+        shards if shards is not None else (cfg.data.train_shards if split == "train" else cfg.data.val_shards)
+    )
+    if not spec:
+        raise ValueError(
+            f"data.{'train' if split == 'train' else 'val'}_shards is empty: no shards for {split!r}"
+        )
+    return expand_shards(spec, split)
+
+
+def make_plan(
+    cfg: Config,
+    split: str,
+    counts: list[int],
+    *,
+    rank: int,
+    world_size: int,
+    epoch: int,
+    start_sample: int,
+    batch_size: int,
+    augment: bool,
+) -> EpochPlan:
+    d = cfg.data
+    aug_args = dict(rotation=d.rotation, scale_range=tuple(d.scale_range), flip_prob=d.flip_prob)
+    if split == "train":
+        return train_plan(
+            counts,
+            batch_size,
+            cfg.train.seed,
+            epoch,
+            rank,
+            world_size,
+            max(1, d.num_workers),
+            start_sample,
+            augment=augment,
+            **aug_args,
+        )
+    return val_plan(
+        counts, batch_size, rank, world_size, start_sample, augment, cfg.train.seed, epoch, **aug_args
+    )
+
+
+def _check_coverage(cfg: Config, paths: list[str]) -> None:
+    """Warn when the augmentation can reach beyond what the shards' crops hold (black borders)."""
+    import json
+    import warnings
+    from pathlib import Path
+
+    manifest = Path(paths[0]).parent / "manifest.json"
+    if not manifest.exists():
+        return
+    try:
+        splits = json.loads(manifest.read_text()).get("splits", {})
+    except (OSError, ValueError):
+        return
+    name = Path(paths[0]).name.rsplit("-", 1)[0]
+    opts = splits.get(name, {}).get("options", {})
+    d = cfg.data
+    h, w = d.input_size
+    lo, hi = opts.get("aspect_range", [0.0, float("inf")])
+    if d.scale_range[1] > opts.get("max_scale", float("inf")) + 1e-9 or not lo - 1e-9 <= w / h <= hi + 1e-9:
+        warnings.warn(
+            f"{manifest}: crops cover scale <= {opts.get('max_scale')} and input aspect {lo}..{hi}, but "
+            f"data.scale_range={d.scale_range}, data.input_size={d.input_size}: parts of the input will be "
+            "black; re-shard with --max-scale / --aspect-range",
+            stacklevel=3,
+        )
+
+
+def _check_joints(shards: ShardSet, num_joints: int, dataset: str) -> None:
+    for s, n in enumerate(shards.counts):
+        if n:
+            kp = shards.read(s, 0, ("kp.f32",))["kp.f32"]
+            found = len(kp) // 12
+            if found != num_joints:
+                raise ValueError(
+                    f"{shards.paths[s]}: samples have {found} joints "
+                    f"but data.dataset={dataset!r} has {num_joints}"
+                )
+            return
+
+
+def build_loader(
+    cfg: Config,
+    split: str,
+    *,
+    rank: int = 0,
+    world_size: int = 1,
+    epoch: int = 0,
+    start_sample: int = 0,
+    batch_size: int | None = None,
+    augment: bool | None = None,
+    shards=None,
+):
+    """An iterable of PoseBatch for ``split`` ("train" | "val") on this rank; ``len()`` = batches.
+
+    batch_size: default train.batch_size (train) / eval.batch_size (val); augment: default on
+    for train, off for val; shards: overrides data.train_shards / data.val_shards (pattern,
+    folder or list).
+    """
+    if split not in ("train", "val"):
+        raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} outside world_size {world_size}")
+    d = cfg.data
+    batch_size = batch_size or (cfg.train.batch_size if split == "train" else cfg.eval.batch_size)
+    augment = (split == "train") if augment is None else augment
+    paths = shard_paths(cfg, split, shards)
+    _check_coverage(cfg, paths)
+    shard_set = ShardSet.open(paths)
+    joints = joint_set(d.dataset)
+    _check_joints(shard_set, joints.num_joints, d.dataset)
+    plan = make_plan(
+        cfg,
+        split,
+        shard_set.counts,
+        rank=rank,
+        world_size=world_size,
+        epoch=epoch,
+        start_sample=start_sample,
+        batch_size=batch_size,
+        augment=augment,
+    )
+    geometry = dict(input_size=tuple(d.input_size), margin=d.margin, flip_perm=joints.flip_permutation())
+    if d.loader == "torch":
+        from pnfs.data.torch_loader import PlanBatches, PoseLoader
+
+        return PoseLoader(PlanBatches(shard_set, plan, **geometry), d.num_workers)
+    if d.loader == "gpu":
+        from pnfs.data.gpu_loader import GpuPoseLoader, PlanBytes
+
+        return GpuPoseLoader(PlanBytes(shard_set, plan, **geometry), d.num_workers)
+    if d.loader == "dali":
+        from pnfs.data.dali_loader import DaliPoseLoader
+
+        return DaliPoseLoader(
+            shard_set,
+            plan,
+            split=split,
+            batch_size=batch_size,
+            rank=rank,
+            world_size=world_size,
+            seed=cfg.train.seed,
+            epoch=epoch,
+            start_sample=start_sample,
+            num_threads=max(1, d.num_workers),
+            **geometry,
+        )
+    raise ValueError(f"data.loader: unknown loader {d.loader!r}")

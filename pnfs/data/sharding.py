@@ -1,0 +1,422 @@
+"""Person records -> WebDataset shards: ``OUT/<split>-%06d.tar`` + ``OUT/manifest.json``.
+
+One sample per person, key ``<image_id>_<ann_id>``, with the components
+
+    jpg        RGB JPEG crop of everything any augmentation can reach (downscaled to max_side)
+    json       image_id, ann_id, bbox [x, y, w, h] (original px), keypoints [[x, y, v], ...]
+               (crop px), crop_to_image (2x3, crop px -> original px), score,
+               image_size [width, height], crop_size [width, height], image_file, area, joint_set
+    kp.f32     [K, 3] keypoints (crop px), little-endian float32      } the same numbers as raw
+    bbox.f32   [4] box (original px)                                  } arrays, for DALI and the
+    c2i.f32    [2, 3] crop_to_image                                   } torch loader (no json
+    score.f32  [1] box score                                          } parsing on the hot path)
+    ids.i64    [2] image_id, ann_id, little-endian int64
+
+Each shard is written under a temporary name and renamed when complete, together with its
+DALI index (``.idx``, wds2idx v1.2 format) and a stats sidecar in ``OUT/.parts``; a re-run
+skips complete shards. Bad input never crashes the run: it is skipped and counted by reason.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import math
+import os
+import sys
+import tarfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from multiprocessing import get_context
+from pathlib import Path
+
+import cv2
+import numpy as np
+import simplejpeg
+
+from pnfs.data import records as R
+from pnfs.data.geometry import compose, invert, reachable_region, transform_points
+from pnfs.data.records import PersonRecord, SkipReport
+
+MANIFEST = "manifest.json"
+PARTS_DIR = ".parts"
+COMPONENTS = ("jpg", "json", "kp.f32", "bbox.f32", "c2i.f32", "score.f32", "ids.i64")
+
+
+@dataclass
+class ShardOptions:
+    out: Path
+    split: str
+    joint_set: str
+    shard_size: int = 512
+    max_side: int = 768  # longest crop side in px; larger crops are downscaled (INTER_AREA)
+    margin: float = 1.25  # must cover the loader's data.margin
+    max_scale: float = 1.3  # must cover the loader's data.scale_range[1]
+    aspect_range: tuple[float, float] = (0.75, 1.0)  # input W/H the crops cover (256x192 .. square)
+    clip_box: bool = True  # clip the person box to the image (COCO/HRNet); MPII boxes are kept
+    quality: int = 94  # JPEG quality of the crops, 4:4:4 (4:2:0 blurs colour edges past 3/255 MAD)
+
+
+# --------------------------------------------------------------------------- image decoding
+
+
+class ImageError(Exception):
+    def __init__(self, reason: str, detail: str):
+        super().__init__(detail)
+        self.reason = reason
+
+
+def decode_image(path: Path) -> np.ndarray:
+    """RGB uint8 [H, W, 3] of an image file; raises :class:`ImageError` with a skip reason.
+
+    EXIF orientation is ignored on purpose (COCO/MPII annotate the stored pixels).
+    """
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise ImageError(R.MISSING_IMAGE, f"{path}: no such file") from None
+    except OSError as e:
+        raise ImageError(R.UNREADABLE_IMAGE, f"{path}: {e}") from None
+    if data[:2] == b"\xff\xd8":
+        try:
+            return simplejpeg.decode_jpeg(data, colorspace="RGB", strict=True)
+        except ValueError as e:
+            if "premature end" in str(e).lower():
+                raise ImageError(R.TRUNCATED_JPEG, f"{path}: {e}") from None
+            try:  # benign libjpeg warnings (extraneous bytes, ...) do not make a bad image
+                return simplejpeg.decode_jpeg(data, colorspace="RGB", strict=False)
+            except ValueError as e2:
+                raise ImageError(R.UNREADABLE_IMAGE, f"{path}: {e2}") from None
+    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
+    if image is None:
+        raise ImageError(R.UNREADABLE_IMAGE, f"{path}: not a decodable image")
+    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
+# --------------------------------------------------------------------------- one sample
+
+
+def clip_box(bbox: np.ndarray, width: int, height: int) -> np.ndarray | None:
+    """[x, y, w, h] clipped to the image area [0, W] x [0, H]; None if nothing is left."""
+    x0, y0 = max(bbox[0], 0.0), max(bbox[1], 0.0)
+    x1, y1 = min(bbox[0] + bbox[2], float(width)), min(bbox[1] + bbox[3], float(height))
+    if x1 <= x0 or y1 <= y0:
+        return None
+    return np.array([x0, y0, x1 - x0, y1 - y0])
+
+
+def crop_person(image: np.ndarray, bbox: np.ndarray, opts: ShardOptions) -> tuple[np.ndarray, np.ndarray]:
+    """(crop [h, w, 3], crop_to_image [2, 3]) of the reachable region, clipped to the image."""
+    height, width = image.shape[:2]
+    rx0, ry0, rx1, ry1 = reachable_region(bbox, opts.margin, opts.max_scale, tuple(opts.aspect_range))
+    # pixel j covers [j - 0.5, j + 0.5): keep every pixel the region touches
+    x0, y0 = max(0, math.floor(rx0 + 0.5)), max(0, math.floor(ry0 + 0.5))
+    x1, y1 = min(width, math.ceil(rx1 + 0.5)), min(height, math.ceil(ry1 + 0.5))
+    crop = image[y0:y1, x0:x1]
+    ch, cw = crop.shape[:2]
+    to_image = np.array([[1.0, 0.0, x0], [0.0, 1.0, y0]])
+    if opts.max_side and max(ch, cw) > opts.max_side:
+        f = opts.max_side / max(ch, cw)
+        nw, nh = max(1, round(cw * f)), max(1, round(ch * f))
+        crop = cv2.resize(crop, (nw, nh), interpolation=cv2.INTER_AREA)
+        fx, fy = nw / cw, nh / ch
+        # cv2.resize maps pixel centres: src = (dst + 0.5) / f - 0.5
+        resized_to_crop = np.array([[1 / fx, 0.0, 0.5 / fx - 0.5], [0.0, 1 / fy, 0.5 / fy - 0.5]])
+        to_image = compose(to_image, resized_to_crop)
+    return np.ascontiguousarray(crop), to_image
+
+
+def person_sample(
+    image: np.ndarray, record: PersonRecord, opts: ShardOptions
+) -> tuple[dict[str, bytes] | None, str | None]:
+    """Encode one person; returns (components, None) or (None, skip reason)."""
+    height, width = image.shape[:2]
+    box = clip_box(record.bbox, width, height)
+    if box is None:
+        return None, R.BOX_OUTSIDE_IMAGE
+    if not opts.clip_box:
+        box = record.bbox
+    crop, to_image = crop_person(image, box, opts)
+    if crop.size == 0:
+        return None, R.BOX_OUTSIDE_IMAGE
+    kp = record.keypoints.copy()
+    labelled = kp[:, 2] > 0
+    kp[labelled, :2] = transform_points(invert(to_image), kp[labelled, :2])
+    kp[~labelled] = 0.0
+    meta = {
+        "image_id": record.image_id,
+        "ann_id": record.ann_id,
+        "bbox": [float(v) for v in box],
+        "keypoints": [[float(x), float(y), float(v)] for x, y, v in kp],
+        "crop_to_image": to_image.tolist(),
+        "score": float(record.score),
+        "image_size": [width, height],
+        "crop_size": [crop.shape[1], crop.shape[0]],
+        "image_file": record.image_file,
+        "area": float(record.area),
+        "joint_set": opts.joint_set,
+    }
+    sample = {
+        "jpg": simplejpeg.encode_jpeg(crop, quality=opts.quality, colorspace="RGB", colorsubsampling="444"),
+        "json": json.dumps(meta).encode(),
+        "kp.f32": kp.astype("<f4").tobytes(),
+        "bbox.f32": np.asarray(box, dtype="<f4").tobytes(),
+        "c2i.f32": to_image.astype("<f4").tobytes(),
+        "score.f32": np.asarray([record.score], dtype="<f4").tobytes(),
+        "ids.i64": np.asarray([record.image_id, record.ann_id], dtype="<i8").tobytes(),
+    }
+    return sample, None
+
+
+# --------------------------------------------------------------------------- shard files
+
+
+def shard_name(split: str, index: int) -> str:
+    return f"{split}-{index:06d}.tar"
+
+
+def _tar_add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mtime = 0  # deterministic bytes -> reproducible sha256
+    info.mode = 0o444
+    tar.addfile(info, io.BytesIO(data))
+
+
+def read_index(tar_path: Path) -> list[tuple[str, dict[str, tuple[int, int]]]]:
+    """[(key, {ext: (offset, size)})] of a shard, from its ``.idx`` or by scanning the tar."""
+    idx = tar_path.with_suffix(".idx")
+    if idx.exists():
+        lines = idx.read_text().splitlines()
+        out = []
+        for line in lines[1:]:
+            parts = line.split()
+            comps = {}
+            key = None
+            for i in range(0, len(parts), 4):
+                ext, off, size, name = parts[i : i + 4]
+                comps[ext] = (int(off), int(size))
+                key = name[: name.find(".")]
+            out.append((key, comps))
+        return out
+    return scan_tar(tar_path)
+
+
+def scan_tar(tar_path: Path) -> list[tuple[str, dict[str, tuple[int, int]]]]:
+    out: list[tuple[str, dict[str, tuple[int, int]]]] = []
+    with tarfile.open(tar_path) as tar:
+        for member in tar:
+            if not member.isfile():
+                continue
+            dot = member.name.find(".", member.name.rfind("/") + 1)
+            key, ext = member.name[:dot], member.name[dot + 1 :]
+            if not out or out[-1][0] != key:
+                out.append((key, {}))
+            out[-1][1][ext] = (member.offset_data, member.size)
+    return out
+
+
+def write_index(tar_path: Path, index_path: Path) -> int:
+    """Write the DALI (wds2idx v1.2) index of a tar; returns its sample count."""
+    entries = scan_tar(tar_path)
+    lines = [f"v1.2 {len(entries)}"]
+    for key, comps in entries:
+        lines.append(" ".join(f"{ext} {off} {size} {key}.{ext}" for ext, (off, size) in comps.items()))
+    index_path.write_text("\n".join(lines) + "\n")
+    return len(entries)
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _group_by_image(records: Sequence[PersonRecord]) -> list[tuple[str, list[PersonRecord]]]:
+    groups: dict[str, list[PersonRecord]] = {}
+    for rec in records:
+        groups.setdefault(rec.image_file, []).append(rec)
+    return list(groups.items())
+
+
+def write_shard(task: tuple[int, list[PersonRecord], Path, ShardOptions]) -> dict:
+    """Write shard ``index`` (unless complete already); returns its stats."""
+    index, records, image_dir, opts = task
+    cv2.setNumThreads(1)
+    name = shard_name(opts.split, index)
+    final = opts.out / name
+    stats_path = opts.out / PARTS_DIR / f"{name}.json"
+    if final.exists() and final.with_suffix(".idx").exists() and stats_path.exists():
+        stats = json.loads(stats_path.read_text())
+        stats["reused"] = True
+        return stats
+    skipped = SkipReport()
+    tmp = opts.out / f".{name}.tmp"
+    count = 0
+    with tarfile.open(tmp, "w", format=tarfile.GNU_FORMAT) as tar:
+        for image_file, persons in _group_by_image(records):
+            try:
+                image = decode_image(image_dir / image_file)
+            except ImageError as e:
+                for rec in persons:
+                    skipped.add(e.reason, rec.key)
+                continue
+            for rec in persons:
+                sample, reason = person_sample(image, rec, opts)
+                if sample is None:
+                    skipped.add(reason, rec.key)
+                    continue
+                for ext in COMPONENTS:
+                    _tar_add(tar, f"{rec.key}.{ext}", sample[ext])
+                count += 1
+    tmp_idx = opts.out / f".{name}.idx.tmp"
+    if count:
+        write_index(tmp, tmp_idx)
+    else:
+        tmp_idx.write_text("v1.2 0\n")
+    stats = {
+        "file": name,
+        "samples": count,
+        "records": len(records),
+        "sha256": sha256_file(tmp),
+        "skipped": skipped.to_dict(),
+    }
+    tmp_stats = stats_path.with_name(f".{stats_path.name}.tmp")
+    tmp_stats.write_text(json.dumps(stats))
+    os.replace(tmp_stats, stats_path)
+    os.replace(tmp_idx, final.with_suffix(".idx"))
+    os.replace(tmp, final)
+    stats["reused"] = False
+    return stats
+
+
+# --------------------------------------------------------------------------- the run
+
+
+def update_manifest(out: Path, split: str, entry: dict) -> Path:
+    """Merge one split's entry into ``OUT/manifest.json`` (other splits are kept)."""
+    path = out / MANIFEST
+    manifest = {"format": "pnfs-webdataset-v1", "splits": {}}
+    if path.exists():
+        with contextlib.suppress(json.JSONDecodeError):
+            manifest = json.loads(path.read_text())
+    manifest.setdefault("splits", {})[split] = entry
+    tmp = out / f".{MANIFEST}.tmp"
+    tmp.write_text(json.dumps(manifest, indent=1))
+    os.replace(tmp, path)
+    return path
+
+
+def write_shards(
+    records: Sequence[PersonRecord],
+    image_dir: Path,
+    opts: ShardOptions,
+    skipped: SkipReport,
+    filtered: SkipReport,
+    workers: int = 1,
+    command: Sequence[str] | None = None,
+    annotations_total: int | None = None,
+    progress: bool = True,
+) -> dict:
+    """Write all shards of one split and its manifest entry; returns the entry."""
+    opts.out.mkdir(parents=True, exist_ok=True)
+    (opts.out / PARTS_DIR).mkdir(exist_ok=True)
+    size = max(1, opts.shard_size)
+    tasks = [
+        (i, list(records[start : start + size]), image_dir, opts)
+        for i, start in enumerate(range(0, len(records), size))
+    ]
+    results: list[dict] = []
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(records), unit="person", desc=f"shards {opts.split}", file=sys.stderr)
+    if workers > 1 and len(tasks) > 1:
+        with get_context("spawn").Pool(min(workers, len(tasks))) as pool:
+            for stats in pool.imap_unordered(write_shard, tasks):
+                results.append(stats)
+                if bar:
+                    bar.update(stats["records"])
+    else:
+        for task in tasks:
+            stats = write_shard(task)
+            results.append(stats)
+            if bar:
+                bar.update(stats["records"])
+    if bar:
+        bar.close()
+    results.sort(key=lambda s: s["file"])
+    for stats in results:
+        skipped.merge(stats["skipped"])
+    entry = {
+        "joint_set": opts.joint_set,
+        "counts": {
+            "annotations": annotations_total if annotations_total is not None else len(records),
+            "records": len(records),
+            "samples": sum(s["samples"] for s in results),
+            "skipped": skipped.total(),
+            "filtered": filtered.total(),
+        },
+        "skipped": skipped.to_dict(),
+        "filtered": filtered.to_dict(),
+        "shards": [
+            {"file": s["file"], "samples": s["samples"], "sha256": s["sha256"], "reused": s["reused"]}
+            for s in results
+        ],
+        "options": {
+            "shard_size": opts.shard_size,
+            "max_side": opts.max_side,
+            "margin": opts.margin,
+            "max_scale": opts.max_scale,
+            "aspect_range": list(opts.aspect_range),
+            "clip_box": opts.clip_box,
+            "quality": opts.quality,
+        },
+        "command": " ".join(command) if command is not None else " ".join(sys.argv),
+    }
+    update_manifest(opts.out, opts.split, entry)
+    return entry
+
+
+def verify_shards(out: Path, split: str) -> list[str]:
+    """Re-read every shard of ``split``: sha256, index, every component; returns the problems."""
+    manifest = json.loads((out / MANIFEST).read_text())
+    entry = manifest["splits"][split]
+    problems = []
+    for shard in entry["shards"]:
+        path = out / shard["file"]
+        if not path.exists():
+            problems.append(f"{path}: missing")
+            continue
+        if sha256_file(path) != shard["sha256"]:
+            problems.append(f"{path}: sha256 differs from the manifest")
+        index = read_index(path)
+        if len(index) != shard["samples"]:
+            problems.append(f"{path}: {len(index)} samples, manifest says {shard['samples']}")
+        with open(path, "rb") as f:
+            for key, comps in index:
+                missing = [c for c in COMPONENTS if c not in comps]
+                if missing:
+                    problems.append(f"{path}: sample {key} lacks {missing}")
+                    continue
+                blobs = {}
+                for ext, (off, size) in comps.items():
+                    f.seek(off)
+                    blobs[ext] = f.read(size)
+                try:
+                    meta = json.loads(blobs["json"])
+                    crop = simplejpeg.decode_jpeg(blobs["jpg"], colorspace="RGB")
+                    kp = np.frombuffer(blobs["kp.f32"], "<f4").reshape(-1, 3)
+                except ValueError as e:
+                    problems.append(f"{path}: sample {key}: {e}")
+                    continue
+                if list(crop.shape[1::-1]) != meta["crop_size"]:
+                    problems.append(f"{path}: sample {key}: jpg size differs from json crop_size")
+                if not np.allclose(kp, np.asarray(meta["keypoints"], dtype=np.float32)):
+                    problems.append(f"{path}: sample {key}: kp.f32 differs from json keypoints")
+    return problems

@@ -1,0 +1,127 @@
+"""Finding shards and reading samples out of them by index (no full-tar scans on the hot path).
+
+A shard is a WebDataset tar written by :mod:`pnfs.data.sharding`, with its DALI index
+(``.idx``) beside it; without an index the tar's headers are scanned once.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from pnfs.data.sharding import read_index
+
+
+def expand_shards(spec: str | os.PathLike | list, split: str | None = None) -> list[str]:
+    """Shard paths of a brace pattern (``train-{000000..000009}.tar``), a glob, a folder
+    (its ``<split>-*.tar``, or every tar) or a list of those; sorted, existing files only."""
+    if isinstance(spec, (list, tuple)):
+        out: list[str] = []
+        for s in spec:
+            out.extend(expand_shards(s, split))
+        return sorted(dict.fromkeys(out))
+    spec = str(spec)
+    if not spec:
+        raise ValueError("no shards given (data.train_shards / data.val_shards is empty)")
+    path = Path(spec)
+    if path.is_dir():
+        found = sorted(glob.glob(str(path / f"{split}-*.tar"))) if split else []
+        found = found or sorted(glob.glob(str(path / "*.tar")))
+        if not found:
+            raise FileNotFoundError(f"no .tar shards in folder {spec}")
+        return found
+    from braceexpand import braceexpand
+
+    out = []
+    for pattern in braceexpand(spec):
+        matches = sorted(glob.glob(pattern))
+        if not matches:
+            raise FileNotFoundError(f"shard not found: {pattern}")
+        out.extend(matches)
+    return sorted(dict.fromkeys(out))
+
+
+@dataclass
+class SampleMeta:
+    """The numbers of N samples (raw arrays of the shards).
+
+    keypoints: [N, K, 3] crop px; bbox: [N, 4] original px; crop_to_image: [N, 2, 3];
+    score: [N]; ids: [N, 2] (image_id, ann_id).
+    """
+
+    keypoints: np.ndarray
+    bbox: np.ndarray
+    crop_to_image: np.ndarray
+    score: np.ndarray
+    ids: np.ndarray
+
+
+@dataclass
+class ShardSet:
+    """Shard paths with their indexes; reads samples by (shard, position)."""
+
+    paths: list[str]
+    index: list[list[tuple[str, dict[str, tuple[int, int]]]]]
+    _files: dict[int, int] = field(default_factory=dict, repr=False)
+
+    @staticmethod
+    def open(paths: list[str]) -> ShardSet:
+        return ShardSet(list(paths), [read_index(Path(p)) for p in paths])
+
+    @property
+    def counts(self) -> list[int]:
+        return [len(ix) for ix in self.index]
+
+    def __getstate__(self):  # file descriptors do not travel to worker processes
+        return {"paths": self.paths, "index": self.index}
+
+    def __setstate__(self, state):
+        self.paths, self.index, self._files = state["paths"], state["index"], {}
+
+    def _fd(self, shard: int) -> int:
+        fd = self._files.get(shard)
+        if fd is None:
+            fd = self._files[shard] = os.open(self.paths[shard], os.O_RDONLY)
+        return fd
+
+    def key(self, shard: int, pos: int) -> str:
+        return self.index[shard][pos][0]
+
+    def read(self, shard: int, pos: int, exts: tuple[str, ...]) -> dict[str, bytes]:
+        """The components ``exts`` of one sample, read with a single pread."""
+        key, comps = self.index[shard][pos]
+        try:
+            spans = [comps[e] for e in exts]
+        except KeyError as e:
+            raise KeyError(f"{self.paths[shard]}: sample {key} has no component {e}") from None
+        lo = min(o for o, _ in spans)
+        hi = max(o + s for o, s in spans)
+        blob = os.pread(self._fd(shard), hi - lo, lo)
+        return {e: blob[o - lo : o - lo + s] for e, (o, s) in zip(exts, spans)}
+
+    def close(self) -> None:
+        for fd in self._files.values():
+            os.close(fd)
+        self._files.clear()
+
+
+META_EXTS = ("kp.f32", "bbox.f32", "c2i.f32", "score.f32", "ids.i64")
+
+
+def parse_meta(blobs: list[dict[str, bytes]]) -> SampleMeta:
+    """Stack the raw little-endian arrays of N samples."""
+    return SampleMeta(
+        keypoints=np.stack([np.frombuffer(b["kp.f32"], "<f4").reshape(-1, 3) for b in blobs]).astype(
+            np.float64
+        ),
+        bbox=np.stack([np.frombuffer(b["bbox.f32"], "<f4") for b in blobs]).astype(np.float64),
+        crop_to_image=np.stack([np.frombuffer(b["c2i.f32"], "<f4").reshape(2, 3) for b in blobs]).astype(
+            np.float64
+        ),
+        score=np.concatenate([np.frombuffer(b["score.f32"], "<f4") for b in blobs]),
+        ids=np.stack([np.frombuffer(b["ids.i64"], "<i8") for b in blobs]),
+    )

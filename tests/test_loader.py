@@ -1,0 +1,263 @@
+"""Loaders on synthetic shards: order, resumption, rank splits, agreement of torch/gpu/DALI."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from pnfs.config import load_config
+from pnfs.data.assemble import denormalise
+from pnfs.data.loader import build_loader, make_plan, shard_paths
+from pnfs.data.plan import train_plan, val_plan
+from pnfs.data.shards import ShardSet
+from pnfs.data.targets import gaussian_targets
+from pnfs.keypoints import COCO
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _script(name: str):
+    spec = importlib.util.spec_from_file_location(name, REPO / "data_prep" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    root = tmp_path_factory.mktemp("synthetic_shards")
+    _script("make_synthetic").main(
+        ["--out", str(root / "raw"), "--train", "30", "--val", "14", "--seed", "1"]
+    )
+    shard_coco = _script("shard_coco")
+    for split in ("train", "val"):
+        rc = shard_coco.main(
+            ["--images", str(root / "raw" / "images" / split),
+             "--annotations", str(root / "raw" / "annotations" / f"person_keypoints_{split}.json"),
+             "--out", str(root / "shards"), "--shard-size", "6", "--max-side", "160", "--no-progress"]
+        )  # fmt: skip
+        assert rc == 0
+    return root / "shards"
+
+
+def _cfg(shards: Path, loader: str = "torch", workers: int = 0, size=(64, 64), **extra):
+    overrides = [
+        f"data.train_shards={shards}",
+        f"data.val_shards={shards}",
+        f"data.loader={loader}",
+        f"data.num_workers={workers}",
+        f"data.input_size=[{size[0]}, {size[1]}]",
+        "train.batch_size=4",
+        "eval.batch_size=4",
+    ] + [f"{k}={v}" for k, v in extra.items()]
+    return load_config(None, overrides)
+
+
+def _ids(loader) -> list[tuple[int, int]]:
+    return [(int(i), int(a)) for b in loader for i, a in zip(b.image_id, b.ann_id)]
+
+
+# ----------------------------------------------------------------------------- plans (pure)
+
+
+def test_train_plan_same_seed_same_order_and_new_order_each_epoch():
+    counts = [6, 6, 6, 6, 6]
+    flat = lambda p: [tuple(r) for b in p.batches for r in b.tolist()]
+    a, b = train_plan(counts, 4, seed=0, epoch=0), train_plan(counts, 4, seed=0, epoch=0)
+    assert flat(a) == flat(b)
+    assert flat(a) != flat(train_plan(counts, 4, seed=0, epoch=1))
+    assert flat(a) != flat(train_plan(counts, 4, seed=1, epoch=0))
+    np.testing.assert_array_equal(a.augment[0].rotation, b.augment[0].rotation)
+
+
+def test_train_plan_resume_yields_exactly_the_remaining_samples():
+    counts = [6, 6, 5, 6]
+    full = train_plan(counts, 4, seed=3, epoch=2, workers=2)
+    stream = np.concatenate(full.batches)
+    for k in (0, 4, 5, 13, len(stream)):
+        rest = train_plan(counts, 4, seed=3, epoch=2, workers=2, start_sample=k)
+        np.testing.assert_array_equal(
+            np.concatenate(rest.batches) if rest.batches else stream[:0], stream[k:]
+        )
+        scales = np.concatenate([a.scale for a in rest.augment]) if rest.batches else np.zeros(0)
+        np.testing.assert_array_equal(scales, np.concatenate([a.scale for a in full.augment])[k:])
+
+
+@pytest.mark.parametrize(("counts", "world", "workers"), [([6] * 7, 3, 2), ([6, 6, 2], 2, 2), ([40], 4, 3)])
+def test_train_plan_equal_batches_on_every_rank_and_shards_split_by_rank(counts, world, workers):
+    plans = [
+        train_plan(counts, 4, seed=0, epoch=0, rank=r, world_size=world, workers=workers)
+        for r in range(world)
+    ]
+    assert len({len(p) for p in plans}) == 1
+    assert all(len(b) == 4 for p in plans for b in p.batches)
+    if len(counts) >= world * workers:  # whole shards per rank: no shard is read by two ranks
+        used = [{int(s) for b in p.batches for s in b[:, 0]} for p in plans]
+        assert all(not (used[i] & used[j]) for i in range(world) for j in range(i + 1, world))
+
+
+def test_val_plan_every_sample_once_over_ranks_last_batch_kept():
+    counts = [6, 6, 2]
+    plans = [val_plan(counts, 4, rank=r, world_size=3) for r in range(3)]
+    seen = [tuple(x) for p in plans for b in p.batches for x in b.tolist()]
+    assert sorted(seen) == sorted((s, i) for s, n in enumerate(counts) for i in range(n))
+    # blocks [0, 4), [4, 9), [9, 14) of the 14 samples, batches of 4 with the remainder kept
+    assert [[len(b) for b in p.batches] for p in plans] == [[4], [4, 1], [4, 1]]
+    assert [tuple(x) for x in plans[1].batches[0].tolist()] == [(0, 4), (0, 5), (1, 0), (1, 1)]
+
+
+# ----------------------------------------------------------------------------- loaders
+
+
+def test_torch_loader_order_resume_and_epochs(shards):
+    cfg = _cfg(shards)
+    first = _ids(build_loader(cfg, "train", epoch=0))
+    assert first == _ids(build_loader(cfg, "train", epoch=0))
+    assert first != _ids(build_loader(cfg, "train", epoch=1))
+    assert _ids(build_loader(cfg, "train", epoch=0, start_sample=5)) == first[5:]
+    loader = build_loader(cfg, "train")
+    assert len(loader) == 30 // 4 == len(list(loader))
+
+
+def test_worker_processes_keep_the_plan_order(shards):
+    cfg = _cfg(shards, workers=2)
+    loader = build_loader(cfg, "train", epoch=4)
+    shard_set = ShardSet.open(shard_paths(cfg, "train"))
+    plan = make_plan(cfg, "train", shard_set.counts, rank=0, world_size=1, epoch=4, start_sample=0,
+                     batch_size=4, augment=True)  # fmt: skip
+    expected = [shard_set.key(int(s), int(p)) for b in plan.batches for s, p in b]
+    assert [f"{i}_{a}" for i, a in _ids(loader)] == expected
+
+
+def test_val_loader_every_sample_once_across_ranks(shards):
+    cfg = _cfg(shards)
+    per_rank = [_ids(build_loader(cfg, "val", rank=r, world_size=2)) for r in range(2)]
+    all_ids = per_rank[0] + per_rank[1]
+    assert len(all_ids) == len(set(all_ids)) == 14
+    assert per_rank[0] == _ids(build_loader(cfg, "val", rank=0, world_size=2))  # deterministic
+    assert [len(b) for b in build_loader(cfg, "val", rank=0, world_size=2)] == [4, 3]
+
+
+def test_val_batch_without_augmentation_maps_back_to_the_original(shards):
+    """affine (input -> original) takes the batch keypoints back to the annotation."""
+    import json
+
+    cfg = _cfg(shards)
+    ann = json.loads((shards.parent / "raw" / "annotations" / "person_keypoints_val.json").read_text())
+    original = {a["id"]: np.asarray(a["keypoints"], float).reshape(17, 3) for a in ann["annotations"]}
+    batch = next(iter(build_loader(cfg, "val")))
+    for i in range(len(batch)):
+        kp = batch.keypoints[i].double().numpy()
+        ref = original[int(batch.ann_id[i])]
+        inside = kp[:, 2] > 0
+        assert inside.sum() >= (ref[:, 2] > 0).sum() - 2  # margin 1.25: labelled joints stay inside
+        m = batch.affine[i].double().numpy()
+        back = kp[inside, :2] @ m[:, :2].T + m[:, 2]
+        np.testing.assert_allclose(back, ref[inside, :2], atol=0.01)
+
+
+def _loader_outputs(shards, kind):
+    cfg = _cfg(shards, loader=kind, size=(96, 64))
+    return list(build_loader(cfg, "val", augment=True))
+
+
+def test_gpu_path_agrees_with_torch_loader(shards):
+    ref, got = _loader_outputs(shards, "torch"), _loader_outputs(shards, "gpu")
+    assert len(ref) == len(got)
+    for a, b in zip(ref, got):
+        assert torch.equal(a.ann_id, b.ann_id.cpu())
+        assert (a.keypoints - b.keypoints.cpu()).abs().max() <= 0.05
+        assert torch.allclose(a.affine, b.affine.cpu(), atol=1e-3)
+        diff = (denormalise(a.image) - denormalise(b.image.cpu())).abs()
+        assert diff.mean() < 1.5  # 0-255: different JPEG decoders + bilinear rounding
+
+
+def test_dali_cpu_graph_agrees_with_torch_loader(shards):
+    from pnfs.data.dali_loader import dali_available
+
+    ok, why = dali_available()
+    if not ok:
+        pytest.skip(why)
+    ref, got = _loader_outputs(shards, "torch"), _loader_outputs(shards, "dali")
+    assert [len(b) for b in ref] == [len(b) for b in got]
+    for a, b in zip(ref, got):
+        assert torch.equal(a.ann_id, b.ann_id) and torch.equal(a.image_id, b.image_id)
+        assert (a.keypoints - b.keypoints).abs().max() <= 0.05
+        assert torch.allclose(a.affine, b.affine, atol=1e-3)
+        assert (denormalise(a.image) - denormalise(b.image)).abs().mean() < 1.5
+
+
+def test_dali_train_order_is_seeded_per_epoch(shards):
+    from pnfs.data.dali_loader import dali_available
+
+    if not dali_available()[0]:
+        pytest.skip(dali_available()[1])
+    cfg = _cfg(shards, loader="dali")
+    first = _ids(build_loader(cfg, "train", epoch=0))
+    assert len(first) == (30 // 4) * 4
+    assert first == _ids(build_loader(cfg, "train", epoch=0))
+    assert first != _ids(build_loader(cfg, "train", epoch=1))
+    assert _ids(build_loader(cfg, "train", epoch=0, start_sample=5)) == first[5 : len(first)]
+
+
+def test_augmented_grid_png_and_flip_swaps_joints_with_the_pixels(shards, tmp_path):
+    """Draws augmented samples with skeletons (look at augmented_grid.png) and checks flips.
+
+    Synthetic people are drawn facing the camera with blue left limbs and orange right limbs.
+    A mirrored picture shows a person whose *right* side is blue, so after flip + joint swap
+    the joint named left_* must sit on orange exactly on the flipped samples, on blue otherwise.
+    """
+    cfg = _cfg(shards, size=(128, 96), **{"data.flip_prob": 0.5})
+    shard_set = ShardSet.open(shard_paths(cfg, "train"))
+    plan = make_plan(cfg, "train", shard_set.counts, rank=0, world_size=1, epoch=0, start_sample=0,
+                     batch_size=4, augment=True)  # fmt: skip
+    flipped = np.concatenate([a.flip for a in plan.augment])
+    tiles, agree = [], []
+    n = 0
+    for batch in build_loader(cfg, "train", epoch=0):
+        images = denormalise(batch.image).clamp(0, 255).byte().permute(0, 2, 3, 1).numpy()
+        for img, kp in zip(images, batch.keypoints.numpy()):
+            for side, (elbow, wrist) in enumerate(((7, 9), (8, 10))):
+                if kp[elbow, 2] > 0 and kp[wrist, 2] > 0:
+                    x, y = ((kp[elbow, :2] + kp[wrist, :2]) / 2).round().astype(int)
+                    r, _, b = img[y, x].astype(int)
+                    if abs(b - r) > 60:  # clearly blue or clearly orange (not occluded)
+                        named_left_on_blue = (b > r) == (side == 0)
+                        agree.append((bool(flipped[n]), named_left_on_blue != flipped[n]))
+            tile = np.ascontiguousarray(img[:, :, ::-1])
+            for a, b in COCO.skeleton:
+                if kp[a, 2] > 0 and kp[b, 2] > 0:
+                    pa, pb = tuple(kp[a, :2].round().astype(int)), tuple(kp[b, :2].round().astype(int))
+                    cv2.line(tile, pa, pb, (0, 255, 0), 1, cv2.LINE_AA)
+            for j, (x, y, w) in enumerate(kp):
+                if w > 0:  # left joints red, right joints yellow (BGR)
+                    colour = (0, 0, 255) if j in (1, 3, 5, 7, 9, 11, 13, 15) else (0, 255, 255)
+                    cv2.circle(tile, (round(float(x)), round(float(y))), 2, colour, -1)
+            tiles.append(tile)
+            n += 1
+    rows = [np.hstack(tiles[i : i + 7]) for i in range(0, 28, 7)]
+    path = tmp_path / "augmented_grid.png"
+    assert cv2.imwrite(str(path), np.vstack(rows))
+    print(f"augmented grid: {path}")
+    assert 0 < flipped[:n].sum() < n and len(agree) >= 10
+    # overlapping people can cover a forearm with someone else's limb: a few disagree
+    for state in (False, True):
+        hits = [ok for f, ok in agree if f == state]
+        print(f"flipped={state}: {np.mean(hits):.2f} of {len(hits)} forearms agree")
+        assert len(hits) >= 5 and np.mean(hits) > 0.75
+
+
+def test_targets_from_a_loader_batch(shards):
+    batch = next(iter(build_loader(_cfg(shards), "train")))
+    targets, weights = gaussian_targets(batch.keypoints, (16, 16), sigma=2.0)
+    assert targets.shape == (4, 17, 16, 16) and weights.shape == (4, 17)
+    on = weights > 0
+    peak = targets.flatten(2).argmax(-1)
+    u = (batch.keypoints[..., 0] / 4).round().clamp(0, 15)
+    v = (batch.keypoints[..., 1] / 4).round().clamp(0, 15)
+    assert torch.equal(peak[on], (v * 16 + u).long()[on])
