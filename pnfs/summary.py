@@ -24,6 +24,7 @@ import argparse
 import json
 import os
 import sys
+import warnings
 from contextlib import contextmanager
 
 import torch
@@ -76,7 +77,9 @@ def paper_counts(model: nn.Module, image: torch.Tensor) -> tuple[int, int]:
 
 def fvcore_macs(model: nn.Module, image: torch.Tensor) -> int:
     """fvcore's multiply-add count; fails on ops it would silently count as 0."""
-    from fvcore.nn import FlopCountAnalysis
+    with warnings.catch_warnings():  # fvcore.nn imports a torch.jit.script-ed loss: a FutureWarning
+        warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*", category=FutureWarning)
+        from fvcore.nn import FlopCountAnalysis
 
     from pnfs.kernels import FVCORE_HANDLES
 

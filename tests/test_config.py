@@ -91,3 +91,26 @@ def test_missing_weights_file():
 def test_unknown_preset():
     with pytest.raises(ConfigError, match="no_such_preset"):
         load_config("no_such_preset")
+
+
+@pytest.mark.parametrize(
+    ("override", "key", "why"),
+    [
+        ("model.hidden_nodes=0", "model.hidden_nodes", ">= 1"),
+        ("model.channels=0", "model.channels", ">= 1"),
+        ("model.ops=[zero,skip_connect,skip_connect]", "model.ops", "twice"),
+        ("model.ops=[zero]", "model.ops", "other than zero"),
+        ("model.backbone.fabric_channels=0", "model.backbone.fabric_channels", ">= 1"),
+        ("model.backbone.fabric_hidden_nodes=0", "model.backbone.fabric_hidden_nodes", ">= 1"),
+        ("data.input_size=[256]", "data.input_size", "[height, width]"),
+        ("data.input_size=[0,256]", "data.input_size", "multiples of 32"),
+    ],
+)
+def test_other_impossible_model_values(override, key, why):
+    message = _error(override)
+    assert message.startswith(f"{key}: ") and why in message
+
+
+def test_custom_grouping_that_misses_a_joint():
+    message = _error("model.custom_parts=[[0,1,2],[3,4,5,6,7,8,9,10,11,12,13,14]]")
+    assert "model.custom_parts" in message and "[15]" in message and "no part" in message

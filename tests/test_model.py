@@ -3,16 +3,24 @@
 from __future__ import annotations
 
 import json
+import socket
 
 import pytest
 import torch
+from torch import nn
 from torchvision.models import mobilenet_v2
 
-from pnfs.config import load_config
+from pnfs.config import BackboneConfig, load_config
 from pnfs.keypoints import MPII
 from pnfs.loss import pose_loss
 from pnfs.model import PoseNFS, build_model
-from pnfs.model.backbones import MobileNetV2Backbone, load_backbone_weights
+from pnfs.model.backbones import (
+    HRNetW32Backbone,
+    MobileNetV2Backbone,
+    ResNet50Backbone,
+    build_backbone,
+    load_backbone_weights,
+)
 
 TINY = ["model.channels=2", "model.vector_dim=4", "data.input_size=[64, 64]"]
 
@@ -119,6 +127,55 @@ def test_backbone_weights_load_from_torchvision_keys(tmp_path):
     torch.testing.assert_close(
         model.backbone.features[3].conv[0][0].weight, full.features[3].conv[0][0].weight
     )
+
+
+def _full_resnet50() -> nn.Module:
+    from torchvision.models import resnet50
+
+    return resnet50(weights=None)
+
+
+def _full_hrnet_w32() -> nn.Module:
+    import timm
+
+    return timm.create_model("hrnet_w32", pretrained=False)
+
+
+@pytest.mark.parametrize(
+    ("backbone_cls", "full_net", "key"),
+    [
+        (ResNet50Backbone, _full_resnet50, "layer4.2.conv3.weight"),
+        (HRNetW32Backbone, _full_hrnet_w32, "transition3.3.0.0.weight"),
+    ],
+)
+def test_whole_imagenet_checkpoints_load_into_the_backbones(tmp_path, backbone_cls, full_net, key):
+    """The full classification nets' state dicts (fc / stage4 / heads included) load; unused keys dropped."""
+    state = full_net().state_dict()
+    path = tmp_path / "imagenet.pth"
+    torch.save({"state_dict": {f"module.{k}": v for k, v in state.items()}}, path)
+    backbone = backbone_cls()
+    load_backbone_weights(backbone, path)
+    torch.testing.assert_close(backbone.state_dict()[key], state[key])
+
+
+def test_building_any_backbone_downloads_nothing(monkeypatch):
+    def no_network(*args, **kwargs):
+        raise AssertionError("a backbone tried to open a network connection")
+
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", no_network)
+    monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
+    for name in ("mobilenetv2", "resnet50", "hrnet_w32", "fabric"):
+        assert len(build_backbone(BackboneConfig(name=name)).channels) == 4
+
+
+def test_backbone_weights_file_that_is_missing_or_not_a_checkpoint(tmp_path):
+    with pytest.raises(ValueError, match=r"model\.backbone\.weights: '.*absent\.pth' does not exist"):
+        load_backbone_weights(MobileNetV2Backbone(), tmp_path / "absent.pth")
+    path = tmp_path / "notes.pth"
+    path.write_text("not a checkpoint")
+    with pytest.raises(ValueError, match=r"model\.backbone\.weights: '.*notes\.pth' is not a PyTorch"):
+        load_backbone_weights(MobileNetV2Backbone(), path)
 
 
 def test_backbone_weights_mismatch_lists_the_keys(tmp_path):

@@ -26,6 +26,9 @@ from pnfs.model.fabric import SCALES, backbone_fabric
 
 
 class MobileNetV2Backbone(nn.Module):
+    """torchvision MobileNetV2 ``features[0..16]``: [N, 3, H, W] -> taps after blocks 3, 6, 13, 16,
+    [N, 24, H/4, W/4], [N, 32, H/8, W/8], [N, 96, H/16, W/16], [N, 160, H/32, W/32]."""
+
     taps = (3, 6, 13, 16)
     channels = (24, 32, 96, 160)
     unused_weight_prefixes = ("features.17.", "features.18.", "classifier.")
@@ -46,6 +49,9 @@ class MobileNetV2Backbone(nn.Module):
 
 
 class ResNet50Backbone(nn.Module):
+    """torchvision ResNet-50 stem + layer1..4: [N, 3, H, W] -> the four layer outputs
+    [N, 256 * 2^k, H/2^(k+2), W/2^(k+2)], k=0..3."""
+
     channels = (256, 512, 1024, 2048)
     unused_weight_prefixes = ("fc.",)
 
@@ -67,7 +73,8 @@ class ResNet50Backbone(nn.Module):
 
 
 class HRNetW32Backbone(nn.Module):
-    """HRNet-W32 stem..stage3 + transition3: the four stage-4 inputs (32/64/128/256 ch)."""
+    """HRNet-W32 stem..stage3 + transition3: [N, 3, H, W] -> the four stage-4 inputs
+    [N, 32 * 2^k, H/2^(k+2), W/2^(k+2)], k=0..3."""
 
     channels = (32, 64, 128, 256)
     unused_weight_prefixes = (
@@ -98,7 +105,8 @@ class HRNetW32Backbone(nn.Module):
 
 
 class FabricStem(nn.Sequential):
-    """conv3x3 s2 (3->64) + BN, conv3x3 s2 (64->64) + BN + ReLU, conv1x1 (64 -> 4F): 1/4 scale."""
+    """conv3x3 s2 (3->64) + BN, conv3x3 s2 (64->64) + BN + ReLU, conv1x1 (64 -> 4F):
+    [N, 3, H, W] -> [N, 4F, H/4, W/4]."""
 
     def __init__(self, out_channels: int) -> None:
         super().__init__(
@@ -112,7 +120,8 @@ class FabricStem(nn.Sequential):
 
 
 class FabricBackbone(nn.Module):
-    """Stem + the first m layers of a fabric over all six ops (paper §III-C)."""
+    """Stem + the first m layers of a fabric over all six ops (paper §III-C, Fig. 4 blue area):
+    [N, 3, H, W] -> [N, F*s, H/s, W/s] for s = 4, 8, 16, 32 (the last layer's four cells)."""
 
     unused_weight_prefixes = ()
 
@@ -157,9 +166,17 @@ def _unwrap_state_dict(obj: object, path: str) -> dict[str, torch.Tensor]:
 
 def load_backbone_weights(backbone: nn.Module, path: str | Path) -> None:
     """Load a local state dict (torchvision/timm key names; ``module.``/``backbone.`` prefixes
-    stripped; the keys of blocks we do not build ignored). Missing or unexpected keys and
-    shape mismatches raise ValueError listing them."""
-    state = _unwrap_state_dict(torch.load(path, map_location="cpu", weights_only=True), str(path))
+    stripped; the keys of blocks we do not build ignored). A missing or unreadable file, and
+    missing or unexpected keys or shape mismatches, raise ValueError naming the file and the keys."""
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise ValueError(f"model.backbone.weights: {str(path)!r} does not exist") from None
+    except Exception as err:  # not a torch file, or pickled objects weights_only refuses
+        raise ValueError(
+            f"model.backbone.weights: {str(path)!r} is not a PyTorch state dict file: {err}"
+        ) from None
+    state = _unwrap_state_dict(obj, str(path))
     state = {k: v for k, v in state.items() if not k.startswith(tuple(backbone.unused_weight_prefixes))}
     own = backbone.state_dict()
     # old checkpoints lack BN's num_batches_tracked counters; those keep their current value

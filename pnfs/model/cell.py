@@ -25,7 +25,9 @@ at 1/4 reads only the stem) has nothing to choose: it has no beta and I = ReLU(3
     h_j = sum_{i<j} |O| * sum_{o != zero} softmax(alpha_(i,j))_o * o(h_i),   j = 1..H
     O   = conv1x1 with bias (concat(h_1..h_H): H*c -> c)                no BN / ReLU
 
-The factors 3 and |O| make the uniform initialisation (alpha = beta = 0) a plain sum.
+These are the paper's eq. (2) (input node), eq. (1) (hidden nodes) and the output node of
+eq. (3). The factors 3 and |O| and the ReLU after the mix are DESIGN §2 facts of the authors'
+build: the factors make the uniform initialisation (alpha = beta = 0) a plain sum.
 ``zero`` keeps its column in the softmax but is never computed. Each node is one call of
 :func:`pnfs.kernels.weighted_sum`. Edges are ordered (0,1), (0,2), (1,2), (0,3), ... i.e.
 row ``e`` of alpha is edge ``edge_list(H)[e]``.
@@ -52,14 +54,15 @@ def edge_list(hidden_nodes: int) -> list[tuple[int, int]]:
 
 
 class Downsample(nn.Sequential):
-    """finer -> this scale: conv3x3 stride 2 (c_in -> c_out) + BN."""
+    """finer -> this scale: conv3x3 stride 2 (c_in -> c_out) + BN: [N, c_in, 2h, 2w] -> [N, c_out, h, w]."""
 
     def __init__(self, c_in: int, c_out: int) -> None:
         super().__init__(nn.Conv2d(c_in, c_out, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(c_out))
 
 
 class Upsample(nn.Module):
-    """coarser -> this scale: conv1x1 (c_in -> c_out) + BN, then bilinear x2, align_corners=True."""
+    """coarser -> this scale: conv1x1 (c_in -> c_out) + BN, then bilinear x2, align_corners=True:
+    [N, c_in, h, w] -> [N, c_out, 2h, 2w]."""
 
     def __init__(self, c_in: int, c_out: int) -> None:
         super().__init__()

@@ -3,7 +3,7 @@
 A :class:`Fabric` is a list of layers, each a list of scales; a node at scale 1/s has C*s
 channels. Cell (s, l) reads the previous layer's outputs at s/2, s and 2s (see
 :class:`pnfs.model.cell.Cell` for the transforms and the missing-neighbour rule). One alpha
-[H(H+1)/2, |O|] is shared by all cells of the fabric; every cell has its own beta.
+[H(H+1)/2, |O|] is shared by all cells of the fabric; every cell has its own beta (paper §III-F a).
 
 * Part subnetwork (:func:`part_fabric`): the last 3 layers of a 6-layer fabric whose first
   layer is the backbone pyramid: layer 1 at 1/4, 1/8, 1/16; layer 2 at 1/4, 1/8; layer 3 at

@@ -15,6 +15,8 @@ from pnfs.kernels import squash_score
 
 
 class VectorHead(nn.Module):
+    """Part representation [N, in, h, w] -> J joints' d-vectors -> scores [N, J, h, w] in [0, 1)."""
+
     def __init__(self, in_channels: int, num_joints: int, vector_dim: int) -> None:
         super().__init__()
         self.vector_dim = vector_dim
