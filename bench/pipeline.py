@@ -2,17 +2,21 @@
 
     python bench/pipeline.py [--images DIR --annotations FILE] [--workers 2] [--json out.json]
 
-Without ``--images``/``--annotations`` a synthetic COCO-format set is drawn first
-(``data_prep/make_synthetic.py``). Every contender produces the same thing from the same
-people with the same augmentation distribution (scale 0.7-1.3, rotation ±45°, flip 0.5) and
-the same number of DataLoader workers: a normalised RGB batch [N, 3, H, W], keypoints in
-input pixels and Gaussian targets [N, K, H/4, W/4] with weights.
+Data: ``--images``/``--annotations`` if given, else the real COCO sample in
+``../shared/data/coco_sample`` when present, else a synthetic COCO-format set drawn first
+(``data_prep/make_synthetic.py``). A small set's annotations are tiled (``--min-samples``)
+so that every contender runs full batches over the same people. Every contender produces
+the same thing from the same people with the same augmentation distribution (scale
+0.7-1.3, rotation ±45°, flip 0.5) and the same number of DataLoader workers: a normalised
+RGB batch [N, 3, H, W], keypoints in input pixels and Gaussian targets [N, K, H/4, W/4]
+with weights.
 
 * ``hrnet_baseline``: per sample, read the whole image file, cv2 decode, cv2.warpAffine,
   keypoints moved one by one, one Gaussian per joint in numpy (the HRNet/PNFS lineage);
-* ``torch``/``gpu``/``dali``: WebDataset crops through :func:`pnfs.data.loader.build_loader`,
-  targets from :func:`pnfs.data.targets.gaussian_targets` on the batch (the ``gpu`` and
-  ``dali`` graphs run on the CPU when there is no CUDA device).
+* ``torch``/``dali``/``gpu``: WebDataset crops through :func:`pnfs.data.loader.build_loader`,
+  targets from :func:`pnfs.data.targets.gaussian_targets` on the batch. ``dali`` runs its
+  CPU graph without CUDA; ``gpu`` (nvJPEG + batched grid_sample) is timed only with CUDA
+  unless named in ``--loaders``.
 
 Prints samples/s (wall clock, median of interleaved rounds) and CPU milliseconds per sample
 (main process + reaped DataLoader workers + DALI threads), each with its ratio to the
@@ -38,6 +42,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+COCO_SAMPLE = REPO.parent / "shared" / "data" / "coco_sample"
 
 from pnfs.config import load_config  # noqa: E402
 from pnfs.data.batch import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
@@ -143,43 +148,63 @@ def summarise(runs: list[tuple[int, float, float]]) -> dict:
     }
 
 
-def prepare_data(args, work: Path) -> tuple[Path, Path]:
-    if args.images and args.annotations:
-        return Path(args.images), Path(args.annotations)
+def _script(name: str):
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("make_synthetic", REPO / "data_prep" / "make_synthetic.py")
+    spec = importlib.util.spec_from_file_location(name, REPO / "data_prep" / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    mod.main(["--out", str(work / "raw"), "--train", str(args.people), "--val", "0", "--seed", "0"])
-    return work / "raw" / "images" / "train", work / "raw" / "annotations" / "person_keypoints_train.json"
+    return mod
+
+
+def prepare_data(args, work: Path) -> tuple[Path, Path, str]:
+    """(image folder, annotation json, data set name) of the data to time."""
+    if args.images and args.annotations:
+        return Path(args.images), Path(args.annotations), str(args.annotations)
+    if (COCO_SAMPLE / "test_coco.json").is_file():
+        return COCO_SAMPLE, COCO_SAMPLE / "test_coco.json", str(COCO_SAMPLE)
+    _script("make_synthetic").main(
+        ["--out", str(work / "raw"), "--train", str(args.min_samples), "--val", "0", "--seed", "0"]
+    )
+    raw = work / "raw"
+    return raw / "images" / "train", raw / "annotations" / "person_keypoints_train.json", "synthetic"
+
+
+def tile_annotations(data: dict, min_people: int) -> tuple[dict, int]:
+    """The annotations repeated (new unique ids) until at least ``min_people`` people pass the
+    COCO filter; returns (data, repeats)."""
+    people = len(read_coco_persons(data, SkipReport(), SkipReport()))
+    if people == 0:
+        raise SystemExit("no person in the annotations passes the filter: nothing to time")
+    repeats = max(1, -(-min_people // people))
+    stride = max(a["id"] for a in data["annotations"]) + 1
+    tiled = [{**a, "id": a["id"] + k * stride} for k in range(repeats) for a in data["annotations"]]
+    return {**data, "annotations": tiled}, repeats
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--images", help="image folder of a COCO-format set (default: synthetic)")
     p.add_argument("--annotations", help="its person-keypoint json")
-    p.add_argument("--people", type=int, default=600, help="synthetic people when no data is given")
+    p.add_argument("--min-samples", type=int, default=480, help="tile a small set up to this many people")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--input-size", type=int, nargs=2, default=[256, 192], metavar=("H", "W"))
     p.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds")
     p.add_argument("--passes", type=int, default=1, help="epochs per round (small data sets)")
-    p.add_argument("--loaders", default="torch,gpu,dali", help="comma-separated pnfs loaders to time")
+    p.add_argument("--loaders", default=None, help="comma-separated pnfs loaders (default torch,dali[,gpu])")
     p.add_argument("--json", default="runs/bench/pipeline.json")
     args = p.parse_args(argv)
-    torch.set_num_threads(max(1, args.workers))
+    torch.set_num_threads(1)  # the DataLoader workers own the cores
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        image_dir, ann_file = prepare_data(args, work)
-        records = read_coco_persons(json.loads(ann_file.read_text()), SkipReport(), SkipReport())
-        import importlib.util
-
-        spec = importlib.util.spec_from_file_location("shard_coco", REPO / "data_prep" / "shard_coco.py")
-        shard_coco = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(shard_coco)
+        image_dir, ann_file, data_name = prepare_data(args, work)
+        data, repeats = tile_annotations(json.loads(ann_file.read_text()), args.min_samples)
+        ann_file = work / "person_keypoints_bench.json"
+        ann_file.write_text(json.dumps(data))
+        records = read_coco_persons(data, SkipReport(), SkipReport())
         shard_dir = work / "shards"
-        shard_coco.main(
+        _script("shard_coco").main(
             ["--images", str(image_dir), "--annotations", str(ann_file), "--out", str(shard_dir),
              "--split", "train", "--shard-size", "64", "--workers", str(args.workers), "--no-progress"]
         )  # fmt: skip
@@ -199,7 +224,8 @@ def main(argv: list[str] | None = None) -> int:
             )
 
         contenders = {"hrnet_baseline": (baseline_batches, None)}
-        for kind in [k for k in args.loaders.split(",") if k]:
+        kinds = args.loaders or ("torch,dali,gpu" if torch.cuda.is_available() else "torch,dali")
+        for kind in [k for k in kinds.split(",") if k]:
             cfg = load_config(
                 None,
                 [
@@ -249,12 +275,14 @@ def main(argv: list[str] | None = None) -> int:
     report = {
         "config": {
             "people": len(records),
+            "annotation_repeats": repeats,
             "workers": args.workers,
             "batch_size": args.batch_size,
             "input_size": [h, w],
             "rounds": args.rounds,
             "passes": args.passes,
-            "data": str(args.annotations or "synthetic"),
+            "data": data_name,
+            "loadavg_1min_at_end": round(os.getloadavg()[0], 2),
         },
         "machine": {
             "cpus": os.cpu_count(),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import math
 from pathlib import Path
 
 import cv2
@@ -111,6 +112,41 @@ def test_val_plan_every_sample_once_over_ranks_last_batch_kept():
     assert [tuple(x) for x in plans[1].batches[0].tolist()] == [(0, 4), (0, 5), (1, 0), (1, 1)]
 
 
+def test_scaled_decode_keeps_the_warped_picture_and_the_geometry():
+    """A crop decoded at 1/2 or 1/4 scale and warped with the composed matrix shows the same
+    picture, with a bright blob at the same place (a half-pixel slip would move it 0.2 px)."""
+    import simplejpeg
+
+    from pnfs.data.torch_loader import decode_for_input, warp_crops
+
+    ys, xs = np.mgrid[0:300, 0:400]
+    blob = 40 + 200 * np.exp(-((xs - 173.3) ** 2 + (ys - 121.7) ** 2) / (2 * 14.0**2))
+    data = simplejpeg.encode_jpeg(
+        np.repeat(blob[..., None], 3, -1).round().astype(np.uint8), quality=94, colorsubsampling="444"
+    )
+    full = simplejpeg.decode_jpeg(data)
+
+    def centroid(img):
+        w = np.clip(img[..., 0].astype(float) - 50, 0, None)  # the blob only: no background, no border
+        return (
+            np.array([(w * np.arange(w.shape[1])).sum(), (w * np.arange(w.shape[0])[:, None]).sum()])
+            / w.sum()
+        )
+
+    for stretch, scale in ((0.9, 1.0), (0.45, 0.5), (0.2, 0.25)):
+        to_input = np.array(
+            [[stretch, 0.0, 96 / 2 - 173.3 * stretch], [0.0, stretch, 72 / 2 - 121.7 * stretch]]
+        )
+        image, m = decode_for_input(data, to_input)
+        assert image.shape[:2] == (math.ceil(300 * scale), math.ceil(400 * scale))
+        np.testing.assert_allclose(m[:, :2], to_input[:, :2] / scale)
+        ref, got = warp_crops([full], to_input[None], (72, 96))[0], warp_crops([image], m[None], (72, 96))[0]
+        assert np.abs(ref.astype(float) - got).mean() < 1.0
+        np.testing.assert_allclose(centroid(got), centroid(ref), atol=0.05)
+    tiny = simplejpeg.encode_jpeg(np.zeros((6, 6, 3), np.uint8))
+    assert decode_for_input(tiny, np.array([[0.1, 0, 0], [0, 0.1, 0]]))[0].shape == (6, 6, 3)
+
+
 # ----------------------------------------------------------------------------- loaders
 
 
@@ -122,6 +158,15 @@ def test_torch_loader_order_resume_and_epochs(shards):
     assert _ids(build_loader(cfg, "train", epoch=0, start_sample=5)) == first[5:]
     loader = build_loader(cfg, "train")
     assert len(loader) == 30 // 4 == len(list(loader))
+
+
+def test_every_rank_gets_the_same_number_of_full_batches(shards):
+    cfg = _cfg(shards)
+    loaders = [build_loader(cfg, "train", rank=r, world_size=3, epoch=2) for r in range(3)]
+    sizes = [[len(b) for b in loader] for loader in loaders]
+    assert sizes[0] == sizes[1] == sizes[2] == [4, 4]  # 30 samples // 3 ranks // batch 4
+    ids = [set(_ids(loader)) for loader in loaders]
+    assert not (ids[0] & ids[1]) and not (ids[1] & ids[2]) and not (ids[0] & ids[2])
 
 
 def test_worker_processes_keep_the_plan_order(shards):
@@ -162,16 +207,23 @@ def test_val_batch_without_augmentation_maps_back_to_the_original(shards):
 
 
 def _loader_outputs(shards, kind):
-    cfg = _cfg(shards, loader=kind, size=(96, 64))
+    cfg = _cfg(shards, loader=kind, size=(128, 96))
     return list(build_loader(cfg, "val", augment=True))
 
 
+def _targets(batch):
+    return gaussian_targets(batch.keypoints, (128 // 4, 96 // 4), sigma=2.0)
+
+
 def test_gpu_path_agrees_with_torch_loader(shards):
+    """Same keypoints (hence the same targets, to the bit) and images within interpolation tolerance."""
     ref, got = _loader_outputs(shards, "torch"), _loader_outputs(shards, "gpu")
     assert len(ref) == len(got)
     for a, b in zip(ref, got):
         assert torch.equal(a.ann_id, b.ann_id.cpu())
-        assert (a.keypoints - b.keypoints.cpu()).abs().max() <= 0.05
+        assert torch.equal(a.keypoints, b.keypoints.cpu())
+        for x, y in zip(_targets(a), _targets(b)):
+            assert torch.equal(x, y.cpu())
         assert torch.allclose(a.affine, b.affine.cpu(), atol=1e-3)
         diff = (denormalise(a.image) - denormalise(b.image.cpu())).abs()
         assert diff.mean() < 1.5  # 0-255: different JPEG decoders + bilinear rounding
@@ -188,6 +240,8 @@ def test_dali_cpu_graph_agrees_with_torch_loader(shards):
     for a, b in zip(ref, got):
         assert torch.equal(a.ann_id, b.ann_id) and torch.equal(a.image_id, b.image_id)
         assert (a.keypoints - b.keypoints).abs().max() <= 0.05
+        (ta, wa), (tb, wb) = _targets(a), _targets(b)
+        assert torch.equal(wa, wb) and (ta - tb).abs().max() < 0.02  # 0.05 px moves a σ=2 peak < 0.01
         assert torch.allclose(a.affine, b.affine, atol=1e-3)
         assert (denormalise(a.image) - denormalise(b.image)).abs().mean() < 1.5
 

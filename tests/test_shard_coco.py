@@ -14,7 +14,7 @@ from pnfs.data.coco import read_coco_persons
 from pnfs.data.geometry import transform_points
 from pnfs.data.mpii import read_mpii_persons
 from pnfs.data.records import SkipReport
-from pnfs.data.sharding import MANIFEST, sha256_file
+from pnfs.data.sharding import MANIFEST, read_index, scan_tar, sha256_file
 from pnfs.data.shards import ShardSet
 from pnfs.keypoints import MPII_FROM_RAW
 
@@ -134,20 +134,44 @@ def test_coco_raw_arrays_equal_the_json(coco_shards):
     assert np.frombuffer(blobs["score.f32"], "<f4")[0] == meta["score"] == 1.0
 
 
-def test_rerun_skips_complete_shards(coco_shards, tmp_path):
+def test_dali_index_files_match_the_tars(coco_shards):
+    out, _ = coco_shards
+    for tar in sorted(out.glob("val-*.tar")):
+        header = tar.with_suffix(".idx").read_text().splitlines()[0]
+        index = read_index(tar)
+        assert header == f"v1.2 {len(index)}"
+        assert index == scan_tar(tar)
+
+
+def test_parallel_workers_write_the_same_shards_with_a_progress_bar(coco_shards, tmp_path, capsys):
+    out, root = coco_shards
+    rc = shard_coco.main(
+        ["--images", str(root), "--annotations", str(root / "test_coco.json"), "--out", str(tmp_path),
+         "--split", "val", "--shard-size", "5", "--workers", "2"]
+    )  # fmt: skip
+    assert rc == 0
+    assert "shards val" in capsys.readouterr().err  # the tqdm bar
+    parallel = json.loads((tmp_path / MANIFEST).read_text())["splits"]["val"]["shards"]
+    serial = json.loads((out / MANIFEST).read_text())["splits"]["val"]["shards"]
+    assert [(s["file"], s["sha256"]) for s in parallel] == [(s["file"], s["sha256"]) for s in serial]
+
+
+def test_verify_reports_a_corrupted_shard(coco_shards, tmp_path, capsys):
     out, root = coco_shards
     copy = tmp_path / "copy"
     shutil.copytree(out, copy)
-    (copy / "val-000002.tar").unlink()  # an interrupted run: the last shard is missing
+    tar = copy / "val-000000.tar"
+    data = bytearray(tar.read_bytes())
+    data[2000] ^= 0xFF  # a flipped bit inside the first crop's JPEG
+    tar.write_bytes(bytes(data))
     rc = shard_coco.main(
         ["--images", str(root), "--annotations", str(root / "test_coco.json"), "--out", str(copy),
-         "--split", "val", "--shard-size", "5", "--no-progress"]
+         "--split", "val", "--shard-size", "5", "--no-progress", "--verify"]
     )  # fmt: skip
-    assert rc == 0
-    shards = json.loads((copy / MANIFEST).read_text())["splits"]["val"]["shards"]
-    assert [s["reused"] for s in shards] == [True, True, False]
-    original = json.loads((out / MANIFEST).read_text())["splits"]["val"]["shards"]
-    assert [s["sha256"] for s in shards] == [s["sha256"] for s in original]  # byte-identical output
+    assert rc == 1
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("verify:")]
+    assert errors and all("val-000000.tar" in line for line in errors)
+    assert any("sha256" in line for line in errors)
 
 
 def test_downscaled_crops_still_map_back_exactly(shared_data, tmp_path):

@@ -23,20 +23,26 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import torch
 
 Array = Any  # np.ndarray or torch.Tensor
 
 
 def _xp(x: Array):
-    return torch if isinstance(x, torch.Tensor) else np
+    """The array module of ``x``. torch is imported only when a tensor comes in, so the
+    sharding tools (numpy only) and their worker processes start without it."""
+    if type(x).__module__.startswith("torch"):
+        import torch
+
+        return torch
+    return np
 
 
 def _like(value: Array | float, ref: Array) -> Array:
     """``value`` as an array of ``ref``'s kind/dtype/device (broadcastable)."""
-    if isinstance(ref, torch.Tensor):
-        return torch.as_tensor(value, dtype=ref.dtype, device=ref.device)
-    return np.asarray(value, dtype=ref.dtype)
+    xp = _xp(ref)
+    if xp is np:
+        return np.asarray(value, dtype=ref.dtype)
+    return xp.as_tensor(value, dtype=ref.dtype, device=ref.device)
 
 
 def box_to_region(bbox: Array, aspect: float, margin: float = 1.25) -> tuple[Array, Array]:
@@ -93,7 +99,7 @@ def to_3x3(m: Array) -> Array:
     """[..., 2, 3] -> [..., 3, 3] with the row (0, 0, 1) appended."""
     xp = _xp(m)
     last = _like([0.0, 0.0, 1.0], m) + 0 * m[..., :1, :]
-    return xp.concatenate([m, last], -2) if xp is np else torch.cat([m, last], -2)
+    return xp.concatenate([m, last], -2) if xp is np else xp.cat([m, last], -2)
 
 
 def compose(a: Array, b: Array) -> Array:

@@ -9,6 +9,8 @@ Without CUDA it runs on the CPU (decode + warp), which is what the tests exercis
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 
@@ -82,9 +84,11 @@ def decode_batch(jpegs: list[torch.Tensor], device: torch.device) -> list[torch.
     """Decode JPEG byte tensors to RGB uint8 [3, h, w] on ``device`` (one batched call on CUDA)."""
     from torchvision.io import ImageReadMode, decode_jpeg
 
-    if device.type == "cuda":
-        return decode_jpeg(jpegs, mode=ImageReadMode.RGB, device=device)
-    return [decode_jpeg(j, mode=ImageReadMode.RGB) for j in jpegs]
+    with warnings.catch_warnings():  # torchvision >= 0.29 points to torchcodec; nvJPEG batches stay here
+        warnings.filterwarnings("ignore", "The image decoding and encoding", DeprecationWarning)
+        if device.type == "cuda":
+            return decode_jpeg(jpegs, mode=ImageReadMode.RGB, device=device)
+        return [decode_jpeg(j, mode=ImageReadMode.RGB) for j in jpegs]
 
 
 def _as_is(item):

@@ -146,9 +146,14 @@ def build_loader(
     )
     geometry = dict(input_size=tuple(d.input_size), margin=d.margin, flip_perm=joints.flip_permutation())
     if d.loader == "torch":
+        import torch
+
         from pnfs.data.torch_loader import PlanBatches, PoseLoader
 
-        return PoseLoader(PlanBatches(shard_set, plan, **geometry), d.num_workers)
+        # page-locked batches let the trainer's .to(device, non_blocking=True) overlap the copy
+        return PoseLoader(
+            PlanBatches(shard_set, plan, **geometry), d.num_workers, pin_memory=torch.cuda.is_available()
+        )
     if d.loader == "gpu":
         from pnfs.data.gpu_loader import GpuPoseLoader, PlanBytes
 

