@@ -1,0 +1,150 @@
+"""Process-group setup read from the environment (torchrun or a plain single process).
+
+``torchrun`` exports RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT; without
+them the run is a single process and no process group is created. gloo on CPU, NCCL on
+CUDA.
+
+Elastic restarts: under ``torchrun --max-restarts N`` the agent's TCP store outlives the
+workers, so after a restart the new workers could read the dead worker's address from
+keys written by the previous group (on torch 2.14 with gloo 4 of 9 restarts crashed and 1
+hung). We therefore build the process group on a store whose keys are prefixed with
+``TORCHELASTIC_RESTART_COUNT``: every restart gets a fresh key space.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+DEFAULT_TIMEOUT_S = 600.0
+
+
+@dataclass(frozen=True)
+class DistContext:
+    """Where this process sits in the job."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    restart_count: int
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise RuntimeError(f"environment variable {name}={value!r} is not an integer") from None
+
+
+def pick_device(request: str, local_rank: int) -> torch.device:
+    """``auto``: this rank's CUDA device when CUDA is available, else CPU."""
+    if request not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"device {request!r}; expected auto, cpu or cuda")
+    if request == "cpu" or (request == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise RuntimeError("device 'cuda' requested but CUDA is not available")
+    index = local_rank % torch.cuda.device_count()
+    torch.cuda.set_device(index)
+    return torch.device("cuda", index)
+
+
+def restart_prefixed_store(rank: int, world_size: int, timeout: datetime.timedelta) -> dist.Store:
+    """The rendezvous store of ``env://`` wrapped in a ``restart-<k>/`` key prefix.
+
+    Under torchrun (``TORCHELASTIC_USE_AGENT_STORE=True``) the elastic agent already hosts
+    a TCP store at MASTER_ADDR:MASTER_PORT and every worker is a client; otherwise rank 0
+    hosts it.
+    """
+    host = os.environ.get("MASTER_ADDR")
+    port = os.environ.get("MASTER_PORT")
+    if not host or not port:
+        raise RuntimeError(
+            f"WORLD_SIZE={world_size} but MASTER_ADDR/MASTER_PORT are not set; launch with torchrun"
+        )
+    agent_hosts = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(
+        host_name=host,
+        port=int(port),
+        world_size=world_size,
+        is_master=(rank == 0 and not agent_hosts),
+        timeout=timeout,
+        wait_for_workers=False,
+    )
+    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return dist.PrefixStore(f"pnfs/restart-{restart}/", store)
+
+
+def init_distributed(device: str = "auto", timeout_s: float = DEFAULT_TIMEOUT_S) -> DistContext:
+    """Read rank/world from the environment, pick the device, start the process group."""
+    world_size = _env_int("WORLD_SIZE", 1)
+    rank = _env_int("RANK", 0)
+    local_rank = _env_int("LOCAL_RANK", 0)
+    restart = _env_int("TORCHELASTIC_RESTART_COUNT", 0)
+    if not 0 <= rank < world_size:
+        raise RuntimeError(f"RANK={rank} is outside WORLD_SIZE={world_size}")
+    dev = pick_device(device, local_rank)
+    if world_size > 1 and not dist.is_initialized():
+        timeout = datetime.timedelta(seconds=timeout_s)
+        store = restart_prefixed_store(rank, world_size, timeout)
+        backend = "nccl" if dev.type == "cuda" else "gloo"
+        kwargs: dict[str, Any] = {}
+        if backend == "nccl":
+            kwargs["device_id"] = dev
+        dist.init_process_group(
+            backend, store=store, rank=rank, world_size=world_size, timeout=timeout, **kwargs
+        )
+    return DistContext(rank, world_size, local_rank, dev, restart)
+
+
+def shutdown() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def all_gather_objects(obj: Any) -> list[Any]:
+    """Every rank's ``obj`` in rank order (a one-element list without a process group)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """Rank ``src``'s ``obj`` on every rank."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
+    """Element-wise sum over ranks of a short list of floats (float64 on the wire)."""
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t)
+    return t.tolist()

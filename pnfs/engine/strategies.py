@@ -1,0 +1,119 @@
+"""The three search strategies of the paper: which optimizer sees alpha/beta, and when.
+
+* ``sync`` (the paper's default): alpha, beta and the weights w are ordinary parameters
+  of one Adam and move together on grad_{w,alpha,beta} L_train.
+* ``random``: alpha, beta ~ N(0, 1) drawn from ``search.seed``, frozen
+  (``requires_grad=False``) and left out of every optimizer.
+* ``darts1``: DARTS first order. The training shards are split ``search.arch_split``
+  (weights : architecture, 2:1 by default); each iteration first takes an architecture
+  step on a held-out batch with its own Adam (lr ``search.arch_lr`` = 3e-3, weight decay
+  ``search.arch_weight_decay`` = 1e-3), then the weight step with alpha/beta excluded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from pnfs.config import Config, ConfigError
+
+
+@dataclass
+class Optimizers:
+    """``weights`` steps on the training loss; ``arch`` (darts1 only) on the held-out batches."""
+
+    weights: torch.optim.Optimizer
+    arch: torch.optim.Optimizer | None = None
+
+
+def _ids(params: Sequence[nn.Parameter]) -> set[int]:
+    return {id(p) for p in params}
+
+
+def randomize_architecture(model: nn.Module, seed: int) -> None:
+    """Random search: draw every alpha/beta from N(0, 1) with a generator seeded by ``seed``
+    (in the order of ``model.arch_parameters()``) and freeze them."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.arch_parameters():
+            p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32).to(p))
+            p.requires_grad_(False)
+
+
+def prepare_architecture(model: nn.Module, cfg: Config) -> None:
+    """Apply the strategy's initialisation (only ``random`` changes anything)."""
+    if cfg.search.strategy == "random":
+        randomize_architecture(model, cfg.search.seed)
+
+
+def weight_param_groups(model: nn.Module, cfg: Config) -> list[nn.Parameter]:
+    """Parameters of the weight optimizer: weights, plus alpha/beta under ``sync``.
+
+    Parameters that do not require gradients are left out (DESIGN §6: no dead parameters).
+    """
+    weights = [p for p in model.weight_parameters() if p.requires_grad]
+    if cfg.search.strategy == "sync":
+        weights += [p for p in model.arch_parameters() if p.requires_grad]
+    return weights
+
+
+def build_optimizers(model: nn.Module, cfg: Config) -> Optimizers:
+    """Adam(lr=train.lr) over :func:`weight_param_groups`; darts1 adds Adam over alpha/beta.
+
+    ``model`` is the bare module (not the DDP wrapper): parameters are the same tensors.
+    """
+    arch = list(model.arch_parameters())
+    arch_ids = _ids(arch)
+    weights = weight_param_groups(model, cfg)
+    if cfg.search.strategy != "sync":
+        assert not (_ids(weights) & arch_ids), "alpha/beta must not be in the weight optimizer"
+    weight_opt = torch.optim.Adam(weights, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    arch_opt = None
+    if cfg.search.strategy == "darts1":
+        if not arch:
+            raise ConfigError("search.strategy: 'darts1' but the model has no architecture parameters")
+        arch_opt = torch.optim.Adam(
+            arch, lr=cfg.search.arch_lr, betas=(0.5, 0.999), weight_decay=cfg.search.arch_weight_decay
+        )
+    return Optimizers(weight_opt, arch_opt)
+
+
+def describe_optimizers(model: nn.Module, cfg: Config, weight_params: Sequence[nn.Parameter]) -> str:
+    """One log line on what the weight optimizer really updates; raises if it breaks the strategy.
+
+    ``weight_params`` are the model tensors the weight optimizer steps (for DeepSpeed, the
+    tensors its wrapper holds, :func:`pnfs.engine.deepspeed_engine.optimized_parameters`).
+    Under ``random`` and ``darts1`` no alpha/beta may be among them; under ``sync`` all must be.
+    """
+    arch = [p for p in model.arch_parameters() if p.requires_grad]
+    held = _ids(weight_params)
+    inside = sum(id(p) in held for p in arch)
+    if cfg.search.strategy == "sync" and inside != len(arch):
+        raise RuntimeError(
+            f"sync: only {inside} of {len(arch)} alpha/beta tensors are in the weight optimizer"
+        )
+    if cfg.search.strategy != "sync" and inside:
+        raise RuntimeError(f"{cfg.search.strategy}: {inside} alpha/beta tensors are in the weight optimizer")
+    weights = len(held) - inside
+    where = "included" if inside else "excluded"
+    line = f"weight optimizer: {weights} weight tensors, alpha/beta {where} ({inside} tensors)"
+    if cfg.search.strategy == "darts1":
+        line += f"; architecture optimizer: {len(arch)} alpha/beta tensors"
+    return line
+
+
+def split_shards(shards: Sequence[str], split: Sequence[int]) -> tuple[list[str], list[str]]:
+    """darts1's fixed train split: shard i goes to the architecture set when
+    ``i mod (w + a) >= w`` for ``split = [w, a]``; the rest trains the weights."""
+    w, a = split
+    if len(shards) < w + a:
+        raise ConfigError(
+            f"search.arch_split: {list(split)!r} needs at least {w + a} training shards to hold "
+            f"a fixed part out for the architecture step; data.train_shards gives {len(shards)}"
+        )
+    weight_set = [s for i, s in enumerate(shards) if i % (w + a) < w]
+    arch_set = [s for i, s in enumerate(shards) if i % (w + a) >= w]
+    return weight_set, arch_set
