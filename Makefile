@@ -46,6 +46,7 @@ demo: install
 
 bench: install
 	$(PY) bench/kernels.py --json runs/bench/kernels.json
+	$(PY) bench/pipeline.py --json runs/bench/pipeline.json
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache *.egg-info

@@ -35,7 +35,9 @@ class DecodeCase:
 
 DECODE_CASES = [
     # tie between (2, 1) and (5, 3): the first in row-major order wins; right > left, below == above
-    DecodeCase("tie", {(2, 1): 1.0, (5, 3): 1.0, (3, 1): 0.5, (1, 1): 0.2, (2, 0): 0.3, (2, 2): 0.3}, 2.25, 1.0, 1.0),
+    DecodeCase(
+        "tie", {(2, 1): 1.0, (5, 3): 1.0, (3, 1): 0.5, (1, 1): 0.2, (2, 0): 0.3, (2, 2): 0.3}, 2.25, 1.0, 1.0
+    ),
     DecodeCase("tie_in_one_row", {(1, 2): 2.0, (4, 2): 2.0, (2, 2): 1.0}, 1.25, 2.0, 2.0),
     DecodeCase("top_border", {(3, 0): 1.0, (4, 0): 0.1, (2, 0): 0.4, (3, 1): 0.9}, 2.75, 0.0, 1.0),
     DecodeCase("bottom_border", {(3, 4): 1.0, (4, 4): 0.6, (2, 4): 0.4, (3, 3): 0.9}, 3.25, 4.0, 1.0),
@@ -47,7 +49,9 @@ DECODE_CASES = [
     DecodeCase("all_zero", {}, 0.0, 0.0, 0.0),
     DecodeCase("constant", {}, 0.0, 0.0, 0.25, background=0.25),
     # NaN counts as the maximum: the first NaN (row 2 before row 3) is the peak, value NaN
-    DecodeCase("nan_peak", {(1, 3): NAN, (4, 2): NAN, (5, 1): 9.0, (5, 2): 0.5, (4, 3): 0.2}, 4.25, 2.25, NAN),
+    DecodeCase(
+        "nan_peak", {(1, 3): NAN, (4, 2): NAN, (5, 1): 9.0, (5, 2): 0.5, (4, 3): 0.2}, 4.25, 2.25, NAN
+    ),
     # a NaN neighbour (of a NaN peak: any NaN is the peak) gives no offset on its axis
     DecodeCase("nan_neighbour", {(3, 2): NAN, (4, 2): NAN, (2, 2): 1.0, (3, 3): 1.0}, 3.0, 2.25, NAN),
     DecodeCase("all_nan", {}, 0.0, 0.0, NAN, background=NAN),
@@ -84,7 +88,9 @@ def vector_batch(d: int = 3) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return vectors.reshape(n, j * d, h, w), expected_xy, n2 / (1.0 + n2)
 
 
-def assert_decoded(coords: torch.Tensor, maxvals: torch.Tensor, expected_xy: torch.Tensor, peak: torch.Tensor):
+def assert_decoded(
+    coords: torch.Tensor, maxvals: torch.Tensor, expected_xy: torch.Tensor, peak: torch.Tensor
+):
     assert coords.dtype == torch.float32 and maxvals.dtype == torch.float32
     assert torch.isfinite(coords).all(), "coordinates must always be finite"
     torch.testing.assert_close(coords, expected_xy, rtol=0, atol=0)

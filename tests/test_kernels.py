@@ -5,7 +5,12 @@ The Triton code on CPU is tested through the interpreter in ``test_kernels_inter
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -26,7 +31,7 @@ from pnfs.kernels import (
     weighted_sum_reference,
 )
 
-# ----------------------------------------------------------------------------- references vs float64 gradcheck
+# ------------------------------------------------------------- references vs float64 gradcheck
 
 
 @pytest.mark.parametrize("k, relu", [(1, False), (3, True), (12, False)])
@@ -206,7 +211,70 @@ class _KernelModel(torch.nn.Module):
         return squash_score(weighted_sum([y, y * 2, y + 1], self.w, relu=True), 2)
 
 
-# ----------------------------------------------------------------------------- Triton on a GPU (skipped without CUDA)
+# ------------------------------------------------------------- bench/kernels.py
+
+BENCH = Path(__file__).resolve().parents[1] / "bench" / "kernels.py"
+
+
+def _bench_module():
+    spec = importlib.util.spec_from_file_location("bench_kernels", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_benchmark_covers_the_issues_shapes_and_counts_the_bytes_each_kernel_must_move():
+    bench = _bench_module()
+    full = bench.cases(quick=False)
+    ws = [c for c in full if c.kernel == "weighted_sum"]
+    assert {c.shape for c in ws} == {(32, 4 * c, h, w) for c in (10, 16) for h, w in ((64, 64), (96, 72))}
+    assert {(c.k, c.relu) for c in ws} == {(3, True), (4, False), (10, False)}
+    squash = [c for c in full if c.kernel == "squash_score"]
+    assert {c.shape for c in squash} == {(32, 8 * j, h, w) for j in (16, 17) for h, w in ((64, 64), (96, 72))}
+    assert {c.dtype for c in full} == {"fp32", "bf16"} and {c.mode for c in ws} == {"fwd", "fwd+bwd"}
+    assert {c.kernel for c in full} == {
+        "weighted_sum", "squash_score", "squash_mse_loss", "argmax_decode", "argmax_decode_vectors",
+    }  # fmt: skip
+    numel = 32 * 40 * 64 * 64
+    relu3 = bench.Case("weighted_sum", "fwd+bwd", (32, 40, 64, 64), "bf16", k=3, relu=True)
+    assert bench.min_bytes(relu3) == (4 + 1 + 1 + 6) * numel * 2  # fwd: 3 in 1 out; bwd: g, out, 3 x, 3 dx
+    sq = bench.Case("squash_score", "fwd", (32, 136, 96, 72), "fp32", d=8)
+    assert bench.min_bytes(sq) == (32 * 136 + 32 * 17) * 96 * 72 * 4
+
+
+@pytest.mark.slow  # ~50 s, nearly all torch.compile of the references: kept out of the CI budget
+def test_benchmark_quick_run_on_cpu_writes_its_json(tmp_path):
+    out = tmp_path / "kernels.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PNFS_KERNELS": "auto"}
+    env.pop("TRITON_INTERPRET", None)
+    proc = subprocess.run(
+        [sys.executable, str(BENCH), "--device", "cpu", "--quick", "--reps", "1", "--json", str(out)],
+        capture_output=True, text=True, env=env, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert {"device", "device_name", "peak_tbps", "measured", "torch", "triton", "commit", "cases"} <= set(
+        report
+    )
+    assert report["device"] == "cpu" and report["measured"] == "compiled" and report["peak_tbps"] is None
+    kernels = {c["kernel"] for c in report["cases"]}
+    assert kernels == {
+        "weighted_sum",
+        "squash_score",
+        "squash_mse_loss",
+        "argmax_decode",
+        "argmax_decode_vectors",
+    }
+    for case in report["cases"]:
+        assert set(case["median_ms"]) == {"eager", "compiled"}
+        assert all(ms > 0 for ms in case["median_ms"].values())
+        assert case["speedup_vs_eager"] > 0 and case["bytes"] > 0 and case["gbps"]["compiled"] > 0
+    lines = [line for line in proc.stdout.splitlines() if not line.startswith("#")]
+    assert len(lines) == len(report["cases"])  # one line per case
+
+
+# ------------------------------------------------------------- Triton on a GPU (skipped without CUDA)
 
 GPU_TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.bfloat16: dict(atol=1e-2, rtol=1e-2)}
 
@@ -217,7 +285,10 @@ GPU_TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.bfloat16: dict(atol=
 def test_weighted_sum_on_gpu_matches_reference(monkeypatch, dtype, k, relu, channels_last):
     monkeypatch.setenv("PNFS_KERNELS", "triton")
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    xs = [torch.randn(32, 40, 64, 48, device="cuda").to(dtype, memory_format=fmt).requires_grad_() for _ in range(k)]
+    xs = [
+        torch.randn(32, 40, 64, 48, device="cuda").to(dtype, memory_format=fmt).requires_grad_()
+        for _ in range(k)
+    ]
     w = torch.randn(k, device="cuda", requires_grad=True)
     out = weighted_sum(xs, w, relu)
     g = torch.randn_like(out)
@@ -288,3 +359,24 @@ def test_inductor_compiles_around_the_custom_ops(monkeypatch):
     want = torch.autograd.grad(f(xs, w), [*xs, w])
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.gpu
+def test_offsets_past_two_to_the_31_elements(monkeypatch):
+    """int64 offsets: tensors of more than 2^31 elements (4 GiB in bf16) are read and written to the end."""
+    monkeypatch.setenv("PNFS_KERNELS", "triton")
+    numel = 2**31 + 4099
+    xs = [torch.full((1, 1, 1, numel), v, device="cuda", dtype=torch.bfloat16) for v in (1.0, -3.0)]
+    xs[1][..., -5:] = 2.0
+    xs = [x.requires_grad_() for x in xs]
+    w = torch.tensor([0.5, 0.25], device="cuda", requires_grad=True)
+    out = weighted_sum(xs, w, relu=True)
+    assert out[..., -6].item() == 0.0 and out[..., -1].item() == 1.0  # relu(0.5 - 0.75), 0.5 + 0.5
+    dxs = torch.autograd.grad(out, [*xs], torch.ones_like(out))
+    assert dxs[0][..., -1].item() == 0.5 and dxs[0][..., -6].item() == 0.0 and dxs[1][..., -1].item() == 0.25
+    del xs, out, dxs
+    scores = torch.zeros(1, 1, 2**16, 2**15 + 2, device="cuda", dtype=torch.float16)
+    scores[0, 0, -2, -2] = 1.0  # the peak lies past element 2^31
+    scores[0, 0, -2, -1] = 0.5
+    coords, maxvals = argmax_decode(scores)
+    assert coords.tolist() == [[[2**15 + 0.25, 2**16 - 2.0]]] and maxvals.item() == 1.0

@@ -221,7 +221,9 @@ def test_squash_mse_loss_with_bf16_targets_and_half_weights():
     targets = torch.rand(2, 2, 5, 6).bfloat16()
     weights = torch.tensor([[1.0, 0.0], [0.5, 1.0]]).half()
     loss = squash_mse_loss(v, 4, targets, weights)
-    torch.testing.assert_close(loss.double(), squash_mse_loss_reference(v.double(), 4, targets, weights), **FP32)
+    torch.testing.assert_close(
+        loss.double(), squash_mse_loss_reference(v.double(), 4, targets, weights), **FP32
+    )
 
 
 def test_squash_mse_loss_refuses_targets_that_need_grad():

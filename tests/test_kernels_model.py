@@ -1,6 +1,27 @@
 """Whole model: a tiny PNFS trains the same with the Triton kernels (interpreter) as with PyTorch's.
 
 Run with the other interpreter tests (``make test-interpret``).
+
+Why BatchNorm runs on its running statistics (``model.eval()``) while the model trains: at
+64x32 input the 1/32 cells see 2 images x 2x1 pixels, so a BatchNorm in training mode
+normalises each channel over 4 numbers and turns rounding-sized differences into O(1) ones
+within a few steps. Measured with the PyTorch reference against *itself*, only the summation
+order of every weighted sum reversed, as the largest relative difference of the 20 losses
+(this model, data and SGD, unless noted):
+
+    BatchNorm batch statistics,   fp32, lr 0.3                      1.3e-2
+    BatchNorm batch statistics,   fp64, lr 0.3                      9.7e-6
+    BatchNorm batch statistics,   fp32, lr 3.0, three part fabrics  3.7e-2  (fp64: 7.8e-3)
+    BatchNorm running statistics, fp32, lr 3.0                      2.3e-7
+    BatchNorm running statistics, fp32, lr 0.3 (this test)          0 (the same curve)
+
+so in training mode no implementation, not even the reference, meets 1e-4 (in fp32 it misses
+by 100x). With the normalisation fixed the model is still trained end to end (every conv, the
+BatchNorm affine parameters, alpha and beta, 20 optimizer steps) through the forward and
+backward of every kernel the model uses (``weighted_sum`` with ReLU for the input nodes and
+without for the hidden nodes, ``squash_score`` in the head). Triton vs torch then differ by
+~1e-7; a weight gradient 1% off moves the curve by 1.6e-3 and a squash gradient 0.1% off by
+1.8e-4, both caught by the 1e-4 bound.
 """
 
 from __future__ import annotations
@@ -11,8 +32,9 @@ import torch
 pytestmark = pytest.mark.interpret
 
 STEPS = 20
-LR = 3.0  # the loss gradients are ~1e-4 (mean over all pixels)
+LR = 0.3
 SIZE = (64, 32)  # the least input (multiples of 32) whose pyramid reaches 1/32
+OVERRIDES = [f"data.input_size=[{SIZE[0]},{SIZE[1]}]", "model.num_parts=1"]  # one part fabric: faster
 
 
 def _gaussian_targets(n: int, joints: int, h: int, w: int, generator: torch.Generator) -> torch.Tensor:
@@ -30,13 +52,12 @@ def _loss_curve(backend: str, monkeypatch) -> list[float]:
     from pnfs.model import build_model
 
     monkeypatch.setenv("PNFS_KERNELS", backend)
-    cfg = load_config("demo", [f"data.input_size=[{SIZE[0]},{SIZE[1]}]"])
+    cfg = load_config("demo", OVERRIDES)
     torch.manual_seed(0)
-    model = build_model(cfg).train()
-    # SGD: its step is proportional to the gradient, so rounding differences between two correct
-    # implementations stay rounding-sized. Adam's first steps are ~lr * sign(g): parameters whose
-    # true gradient is ~0 (cell output biases feeding only conv + BN) get float-noise gradients
-    # of ~1e-11 whose sign depends on summation order, and any two backends then drift apart.
+    model = build_model(cfg).eval()  # BatchNorm on running statistics: see the module docstring
+    # SGD: its step is proportional to the gradient, so rounding differences stay rounding-sized.
+    # Adam's first steps are ~lr * sign(g): parameters whose true gradient is ~0 (cell output
+    # biases feeding only conv + BN) get float-noise gradients whose sign depends on summation order.
     optimizer = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9)
     generator = torch.Generator().manual_seed(1)
     images = torch.randn(2, 3, *SIZE, generator=generator)
@@ -55,5 +76,5 @@ def _loss_curve(backend: str, monkeypatch) -> list[float]:
 def test_tiny_pnfs_loss_curve_is_the_same_with_triton_and_torch_kernels(monkeypatch):
     reference = _loss_curve("torch", monkeypatch)
     triton = _loss_curve("triton", monkeypatch)
-    assert reference[-1] < reference[0], f"the tiny model should learn: {reference}"
+    assert reference[-1] < 0.5 * reference[0], f"the tiny model should learn: {reference}"
     torch.testing.assert_close(torch.tensor(triton), torch.tensor(reference), rtol=1e-4, atol=0)
