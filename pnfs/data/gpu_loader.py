@@ -14,12 +14,10 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from pnfs.data.assemble import batch_geometry, normalise
+from pnfs.data.assemble import normalise
 from pnfs.data.batch import PoseBatch
 from pnfs.data.geometry import invert
-from pnfs.data.plan import EpochPlan
-from pnfs.data.shards import ShardSet, parse_meta
-from pnfs.data.torch_loader import SAMPLE_EXTS, _worker_init
+from pnfs.data.torch_loader import PlanReader, _worker_init
 
 
 def warp_batch(
@@ -52,23 +50,11 @@ def warp_batch(
     return F.grid_sample(padded, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
-class PlanBytes(torch.utils.data.Dataset):
-    """Map-style: item b = the raw bytes + geometry of batch b (no decoding in the worker)."""
-
-    def __init__(self, shards: ShardSet, plan: EpochPlan, input_size, margin: float, flip_perm: list[int]):
-        self.shards, self.plan = shards, plan
-        self.input_size, self.margin, self.flip_perm = tuple(input_size), margin, flip_perm
-
-    def __len__(self) -> int:
-        return len(self.plan)
+class PlanBytes(PlanReader):
+    """Item b = the raw JPEG bytes + geometry of batch b (no decoding in the worker)."""
 
     def __getitem__(self, b: int) -> dict:
-        refs = self.plan.batches[b]
-        blobs = [self.shards.read(int(s), int(p), SAMPLE_EXTS) for s, p in refs]
-        meta = parse_meta(blobs)
-        crop_to_input, input_to_image, keypoints = batch_geometry(
-            meta, self.plan.augment[b], self.input_size, self.margin, self.flip_perm
-        )
+        blobs, meta, crop_to_input, input_to_image, keypoints = self.read(b)
         return {
             "jpg": [torch.frombuffer(bytearray(x["jpg"]), dtype=torch.uint8) for x in blobs],
             "crop_to_input": torch.from_numpy(crop_to_input),

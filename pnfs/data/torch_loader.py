@@ -24,7 +24,7 @@ from pnfs.data.assemble import batch_geometry, normalise_hwc
 from pnfs.data.batch import PoseBatch
 from pnfs.data.geometry import compose
 from pnfs.data.plan import EpochPlan
-from pnfs.data.shards import META_EXTS, ShardSet, parse_meta
+from pnfs.data.shards import META_EXTS, SampleMeta, ShardSet, parse_meta
 
 SAMPLE_EXTS = ("jpg", *META_EXTS)
 
@@ -74,8 +74,9 @@ def warp_crops(crops: list[np.ndarray], crop_to_input: np.ndarray, input_size: t
     return out
 
 
-class PlanBatches(torch.utils.data.Dataset):
-    """Map-style: item b = batch b of the plan, decoded and augmented (runs in a worker)."""
+class PlanReader(torch.utils.data.Dataset):
+    """Map-style over the batches of an :class:`EpochPlan`: :meth:`read` gives batch b's raw
+    samples, their metadata and the augmented geometry (crop->input, input->image, keypoints)."""
 
     def __init__(
         self,
@@ -91,13 +92,21 @@ class PlanBatches(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.plan)
 
-    def __getitem__(self, b: int) -> PoseBatch:
-        refs = self.plan.batches[b]
-        blobs = [self.shards.read(int(s), int(p), SAMPLE_EXTS) for s, p in refs]
+    def read(self, b: int) -> tuple[list[dict[str, bytes]], SampleMeta, np.ndarray, np.ndarray, np.ndarray]:
+        """Batch b: (blobs, meta, crop_to_input [N,2,3], input_to_image [N,2,3], keypoints [N,K,3])."""
+        blobs = [self.shards.read(int(s), int(p), SAMPLE_EXTS) for s, p in self.plan.batches[b]]
         meta = parse_meta(blobs)
         crop_to_input, input_to_image, keypoints = batch_geometry(
             meta, self.plan.augment[b], self.input_size, self.margin, self.flip_perm
         )
+        return blobs, meta, crop_to_input, input_to_image, keypoints
+
+
+class PlanBatches(PlanReader):
+    """Item b = batch b of the plan, decoded and augmented (runs in a worker)."""
+
+    def __getitem__(self, b: int) -> PoseBatch:
+        blobs, meta, crop_to_input, input_to_image, keypoints = self.read(b)
         decoded = [decode_for_input(x["jpg"], m) for x, m in zip(blobs, crop_to_input)]
         crops = [image for image, _ in decoded]
         pixels = warp_crops(crops, np.stack([m for _, m in decoded]), self.input_size)
