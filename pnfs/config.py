@@ -45,6 +45,7 @@ class BackboneConfig:
     fabric_channels: int = 10  # Fabric backbone: channel factor F (a node at 1/s has F*s ch)
     fabric_layers: int = 4  # Fabric backbone: m >= 3, the layers kept from the fabric
     fabric_hidden_nodes: int = 1  # Fabric backbone: H of its cells
+    fabric_stem_channels: int = 64  # Fabric backbone: width of its two-layer conv stem
 
 
 @dataclass
@@ -337,6 +338,12 @@ def validate(cfg: Config) -> None:
         b.fabric_hidden_nodes >= 1,
         "model.backbone.fabric_hidden_nodes",
         b.fabric_hidden_nodes,
+        "must be >= 1",
+    )
+    _require(
+        b.fabric_stem_channels >= 1,
+        "model.backbone.fabric_stem_channels",
+        b.fabric_stem_channels,
         "must be >= 1",
     )
     if b.weights is not None:

@@ -102,6 +102,7 @@ def test_unknown_preset():
         ("model.ops=[zero]", "model.ops", "other than zero"),
         ("model.backbone.fabric_channels=0", "model.backbone.fabric_channels", ">= 1"),
         ("model.backbone.fabric_hidden_nodes=0", "model.backbone.fabric_hidden_nodes", ">= 1"),
+        ("model.backbone.fabric_stem_channels=0", "model.backbone.fabric_stem_channels", ">= 1"),
         ("data.input_size=[256]", "data.input_size", "[height, width]"),
         ("data.input_size=[0,256]", "data.input_size", "multiples of 32"),
     ],

@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
-from test_engine_support import TINY_OVERRIDES, worker_env
+from test_engine_support import TINY_OVERRIDES
 
 from pnfs.config import ConfigError, load_config
 from pnfs.engine.export import architecture_entropies, export_architecture
@@ -87,43 +84,6 @@ def test_the_optimizer_line_refuses_a_weight_optimizer_that_breaks_the_strategy(
     with pytest.raises(RuntimeError, match="sync: only 0 of"):
         describe_optimizers(sync_model, sync_cfg, sync_model.weight_parameters())
     assert "alpha/beta included" in describe_optimizers(sync_model, sync_cfg, list(sync_model.parameters()))
-
-
-def test_the_training_process_forks_loader_workers_safely_after_opencv_ran_threads(tmp_path):
-    """Once OpenCV's thread pool has run in the parent, the loader's worker init
-    (``cv2.setNumThreads(1)`` in the forked child) hangs, unless the parent was set to one
-    OpenCV thread before the fork, as the trainer does. Without that line this test times out."""
-    script = tmp_path / "fork.py"
-    script.write_text(
-        textwrap.dedent(
-            """
-            import cv2, numpy as np, torch
-            from pnfs.data.torch_loader import _worker_init
-            from pnfs.engine.trainer import fork_safe_opencv
-
-            img = np.random.rand(1500, 1500, 3).astype(np.float32)
-            m = np.array([[1, 0.1, 0], [0, 1, 0]], np.float32)
-            cv2.warpAffine(img, m, (1500, 1500))  # OpenCV's thread pool runs
-            fork_safe_opencv()
-
-            class Warp(torch.utils.data.Dataset):
-                def __len__(self):
-                    return 2
-
-                def __getitem__(self, i):
-                    return torch.from_numpy(cv2.warpAffine(img, m, (300, 300)))
-
-            for _ in range(4):
-                loader = torch.utils.data.DataLoader(Warp(), None, num_workers=1, worker_init_fn=_worker_init)
-                list(loader)
-            print("forked workers finished")
-            """
-        )
-    )
-    proc = subprocess.run(
-        [sys.executable, str(script)], capture_output=True, text=True, timeout=60, env=worker_env()
-    )
-    assert proc.returncode == 0 and "forked workers finished" in proc.stdout, proc.stderr[-2000:]
 
 
 def test_darts1_split_holds_out_every_third_shard():

@@ -17,6 +17,7 @@ from pnfs.data.loader import build_loader, make_plan, shard_paths
 from pnfs.data.plan import train_plan, val_plan
 from pnfs.data.shards import ShardSet
 from pnfs.data.targets import gaussian_targets
+from pnfs.data.torch_loader import PoseLoader
 from pnfs.keypoints import COCO
 
 REPO = Path(__file__).resolve().parents[1]
@@ -315,3 +316,19 @@ def test_targets_from_a_loader_batch(shards):
     u = (batch.keypoints[..., 0] / 4).round().clamp(0, 15)
     v = (batch.keypoints[..., 1] / 4).round().clamp(0, 15)
     assert torch.equal(peak[on], (v * 16 + u).long()[on])
+
+
+def test_a_loader_with_workers_puts_opencv_on_one_thread_before_they_fork():
+    """A fork taken after OpenCV's thread pool ran in the parent (e.g. overlays drawn after an
+    evaluation) can hang the worker's first cv2 call: a DataLoader of cv2.warpAffine calls
+    forked after a 1500x1500 warpAffine in the parent hung in 1 of 2 runs without this. So
+    every loader with workers sets the parent to one OpenCV thread before forking."""
+    threads = cv2.getNumThreads()
+    try:
+        cv2.setNumThreads(2)
+        PoseLoader(torch.utils.data.TensorDataset(torch.zeros(2)), num_workers=0)
+        assert cv2.getNumThreads() == 2  # no workers, no fork: OpenCV keeps its threads
+        PoseLoader(torch.utils.data.TensorDataset(torch.zeros(2)), num_workers=1)
+        assert cv2.getNumThreads() == 1
+    finally:
+        cv2.setNumThreads(threads)

@@ -169,6 +169,18 @@ def test_building_any_backbone_downloads_nothing(monkeypatch):
         assert len(build_backbone(BackboneConfig(name=name)).channels) == 4
 
 
+def test_fabric_stem_width_is_configurable_and_64_by_default():
+    def stem_widths(cfg: BackboneConfig) -> list[int]:
+        stem = build_backbone(cfg).stem
+        return [m.out_channels for m in stem if isinstance(m, nn.Conv2d)]
+
+    fabric = dict(name="fabric", fabric_channels=2, fabric_layers=3)
+    assert stem_widths(BackboneConfig(**fabric)) == [64, 64, 8]
+    assert stem_widths(BackboneConfig(**fabric, fabric_stem_channels=16)) == [16, 16, 8]
+    out = build_backbone(BackboneConfig(**fabric, fabric_stem_channels=16))(torch.randn(1, 3, 64, 64))
+    assert [tuple(t.shape) for t in out] == [(1, 8, 16, 16), (1, 16, 8, 8), (1, 32, 4, 4), (1, 64, 2, 2)]
+
+
 def test_backbone_weights_file_that_is_missing_or_not_a_checkpoint(tmp_path):
     with pytest.raises(ValueError, match=r"model\.backbone\.weights: '.*absent\.pth' does not exist"):
         load_backbone_weights(MobileNetV2Backbone(), tmp_path / "absent.pth")

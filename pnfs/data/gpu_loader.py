@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from pnfs.data.assemble import normalise
 from pnfs.data.batch import PoseBatch
 from pnfs.data.geometry import invert
-from pnfs.data.torch_loader import PlanReader, _worker_init
+from pnfs.data.torch_loader import PlanReader, _worker_init, fork_safe_opencv
 
 
 def warp_batch(
@@ -89,6 +89,8 @@ class GpuPoseLoader:
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
+        if num_workers > 0:
+            fork_safe_opencv()
         self.loader = torch.utils.data.DataLoader(
             dataset,
             batch_size=None,

@@ -125,12 +125,25 @@ def _worker_init(_: int) -> None:
     cv2.setNumThreads(1)
 
 
+def fork_safe_opencv() -> None:
+    """Put OpenCV on one thread in this (parent) process before DataLoader workers fork.
+
+    A fork taken after OpenCV's thread pool has run in the parent hangs the child's first
+    cv2 call (reproduced with opencv 5.0 on CPU: an evaluation's overlays, then a new epoch's
+    workers). The parent decodes only with ``num_workers=0`` and draws overlays, neither of
+    which needs OpenCV's threads. Every loader with workers calls this, so every entry point
+    (train, evaluate, predict) is covered."""
+    cv2.setNumThreads(1)
+
+
 class PoseLoader:
     """An iterable of PoseBatch with ``len()`` = batches of this rank's (remaining) epoch."""
 
     def __init__(self, dataset: torch.utils.data.Dataset, num_workers: int, pin_memory: bool = False):
         self.dataset = dataset
         self.num_workers = num_workers
+        if num_workers > 0:
+            fork_safe_opencv()
         self.loader = torch.utils.data.DataLoader(
             dataset,
             batch_size=None,

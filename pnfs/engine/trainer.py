@@ -86,18 +86,6 @@ def set_determinism(cfg: Config) -> None:
         torch.backends.cudnn.benchmark = True
 
 
-def fork_safe_opencv() -> None:
-    """Keep OpenCV on one thread in the training process.
-
-    DataLoader workers are forked; a fork taken after OpenCV's thread pool has run in the
-    parent hangs the child's first cv2 call (reproduced with opencv 5.0 on CPU). The parent
-    decodes only with ``data.num_workers=0`` and draws evaluation overlays, neither of which
-    needs OpenCV's threads."""
-    import cv2
-
-    cv2.setNumThreads(1)
-
-
 def amp_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:
     """bf16 autocast on CUDA (``train.amp`` auto or bf16); fp32 on CPU unless bf16 is asked for."""
     if cfg.train.amp == "none":
@@ -185,7 +173,6 @@ class Trainer:
         self.guard = NonFiniteGuard(cfg.train.max_bad_steps)
         self.use_deepspeed = deepspeed_config is not None
         set_determinism(cfg)
-        fork_safe_opencv()
 
         # identical initial weights on every rank: the model is drawn from train.seed
         torch.manual_seed(cfg.train.seed)

@@ -105,17 +105,17 @@ class HRNetW32Backbone(nn.Module):
 
 
 class FabricStem(nn.Sequential):
-    """conv3x3 s2 (3->64) + BN, conv3x3 s2 (64->64) + BN + ReLU, conv1x1 (64 -> 4F):
-    [N, 3, H, W] -> [N, 4F, H/4, W/4]."""
+    """conv3x3 s2 (3->w) + BN, conv3x3 s2 (w->w) + BN + ReLU, conv1x1 (w -> 4F), w = 64 by
+    default: [N, 3, H, W] -> [N, 4F, H/4, W/4]."""
 
-    def __init__(self, out_channels: int) -> None:
+    def __init__(self, out_channels: int, width: int = 64) -> None:
         super().__init__(
-            nn.Conv2d(3, 64, 3, stride=2, padding=1, bias=False),
-            nn.BatchNorm2d(64),
-            nn.Conv2d(64, 64, 3, stride=2, padding=1, bias=False),
-            nn.BatchNorm2d(64),
+            nn.Conv2d(3, width, 3, stride=2, padding=1, bias=False),
+            nn.BatchNorm2d(width),
+            nn.Conv2d(width, width, 3, stride=2, padding=1, bias=False),
+            nn.BatchNorm2d(width),
             nn.ReLU(inplace=True),
-            nn.Conv2d(64, out_channels, 1, bias=False),
+            nn.Conv2d(width, out_channels, 1, bias=False),
         )
 
 
@@ -125,12 +125,12 @@ class FabricBackbone(nn.Module):
 
     unused_weight_prefixes = ()
 
-    def __init__(self, channels: int, num_layers: int, hidden_nodes: int) -> None:
+    def __init__(self, channels: int, num_layers: int, hidden_nodes: int, stem_channels: int = 64) -> None:
         super().__init__()
         if num_layers < 3:
             raise ValueError(f"a Fabric backbone needs m >= 3 layers to reach 1/32, got {num_layers}")
         self.channels = tuple(channels * s for s in SCALES)
-        self.stem = FabricStem(4 * channels)
+        self.stem = FabricStem(4 * channels, stem_channels)
         self.fabric = backbone_fabric(channels, num_layers, hidden_nodes, ALL_OPS)
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
@@ -147,7 +147,9 @@ def build_backbone(cfg: BackboneConfig) -> nn.Module:
     elif cfg.name == "hrnet_w32":
         backbone = HRNetW32Backbone()
     elif cfg.name == "fabric":
-        backbone = FabricBackbone(cfg.fabric_channels, cfg.fabric_layers, cfg.fabric_hidden_nodes)
+        backbone = FabricBackbone(
+            cfg.fabric_channels, cfg.fabric_layers, cfg.fabric_hidden_nodes, cfg.fabric_stem_channels
+        )
     else:
         raise ValueError(f"model.backbone.name: unknown backbone {cfg.name!r}")
     if cfg.weights is not None:
