@@ -47,7 +47,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="seed of the synthetic data and of the training")
     p.add_argument("--out", default="runs/demo", help="run folder")
     p.add_argument("--data", default="data/demo", help="where the synthetic set and its shards go")
-    p.add_argument("--train", type=int, default=2400, help="people in the synthetic train split")
+    p.add_argument("--train", type=int, default=2000, help="people in the synthetic train split")
     p.add_argument("--val", type=int, default=300, help="people in the synthetic val split")
     p.add_argument("--nproc", type=int, default=2, help="training processes (torchrun --nproc_per_node)")
     p.add_argument("overrides", nargs="*", help="training config overrides, e.g. train.epochs=3")

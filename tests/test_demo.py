@@ -22,12 +22,12 @@ REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable
 AP_LINE = re.compile(r"^demo AP=(\d+\.\d+)$", re.MULTILINE)
 
-# the shortened CI demo: 1000 train people for 4 epochs (4000 images, ~3 minutes of training
+# the shortened CI demo: 800 train people for 4 epochs (3200 images, ~3 minutes of training
 # on 2 cores) in batches of 4 per process (more steps per image than the full demo's 8),
 # lr x0.25 for the last epoch, one evaluation at the end
 SHORT = [
     "--train",
-    "1000",
+    "800",
     "--val",
     "100",
     "train.epochs=4",
