@@ -20,9 +20,10 @@ import numpy as np
 import torch
 
 from pnfs.config import ConfigError
+from pnfs.deploy import freeze
 from pnfs.evaluate.coco import instance_scores
 from pnfs.evaluate.loading import load_for_inference
-from pnfs.inference import person_inputs, predict
+from pnfs.inference import inference_amp, person_inputs, predict
 from pnfs.keypoints import joint_set
 from pnfs.visualize import draw_poses, read_rgb, save_rgb
 
@@ -71,13 +72,16 @@ def main(argv: list[str] | None = None) -> int:
     joints = joint_set(cfg.data.dataset)
     device = torch.device(args.device)
     inputs, affine = person_inputs(image, boxes, tuple(cfg.data.input_size), cfg.data.margin)
+    amp_dtype, amp_line = inference_amp(cfg.eval.amp, device)
+    print(amp_line)
     pred = predict(
-        model.to(device),
+        freeze(model.to(device)),
         inputs.to(device),
         affine.to(device),
         flip_permutation=None if args.no_flip else joints.flip_permutation(),
         flip_shift=cfg.eval.flip_shift,
         refine=cfg.eval.refine,
+        amp_dtype=amp_dtype,
     )
     keypoints, scores = pred.keypoints.cpu().numpy(), pred.scores.cpu().numpy()
     people = instance_scores(np.ones(len(boxes)), scores, cfg.eval.rescore_threshold)

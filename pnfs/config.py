@@ -41,7 +41,7 @@ class ConfigError(ValueError):
 @dataclass
 class BackboneConfig:
     name: BackboneName = "mobilenetv2"
-    weights: str | None = None  # local .pth with the backbone's state dict; never downloaded
+    weights: str | None = None  # imagenet (torchvision/timm weights by name), none (scratch), or a .pth
     fabric_channels: int = 10  # Fabric backbone: channel factor F (a node at 1/s has F*s ch)
     fabric_layers: int = 4  # Fabric backbone: m >= 3, the layers kept from the fabric
     fabric_hidden_nodes: int = 1  # Fabric backbone: H of its cells
@@ -124,6 +124,7 @@ class EvalConfig:
     hrnet_compat: bool = False  # report MPII "@0.1" at 0.11 like HRNet/SimpleBaseline code
     refine: Literal["quarter", "gaussian"] = "quarter"  # paper's quarter offset, or a log-Gaussian fit
     overlays: int = 8  # pose overlay PNGs written by an evaluation with an output folder
+    amp: Literal["auto", "bf16", "none"] = "auto"  # inference autocast: bf16 where the device has it
 
 
 @dataclass
@@ -346,8 +347,19 @@ def validate(cfg: Config) -> None:
         b.fabric_stem_channels,
         "must be >= 1",
     )
-    if b.weights is not None:
-        _require(Path(b.weights).is_file(), "model.backbone.weights", b.weights, "is not a file")
+    if b.weights not in (None, "imagenet", "none"):
+        _require(
+            Path(b.weights).is_file(),
+            "model.backbone.weights",
+            b.weights,
+            "is not a file (nor imagenet/none)",
+        )
+    _require(
+        not (b.name == "fabric" and b.weights == "imagenet"),
+        "model.backbone.weights",
+        b.weights,
+        "has no ImageNet weights for the fabric backbone (it is searched from scratch)",
+    )
 
     _require(len(d.input_size) == 2, "data.input_size", d.input_size, "must be [height, width]")
     for side in d.input_size:

@@ -42,6 +42,33 @@ from pnfs.kernels import argmax_decode
 Refine = Literal["quarter", "gaussian"]
 
 
+def bf16_supported(device: torch.device) -> bool:
+    """Whether ``device`` runs bfloat16 natively: CUDA with bf16, or a CPU with AVX512-BF16/AMX."""
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+        return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+    return False
+
+
+def inference_amp(amp: str, device: torch.device | str) -> tuple[torch.dtype | None, str]:
+    """``eval.amp`` on ``device`` -> (autocast dtype or None, a line saying which ran).
+
+    ``auto`` and ``bf16``: bfloat16 autocast where the device supports it natively, float32
+    otherwise (``bf16`` says that it fell back); ``none``: float32.
+    """
+    device = torch.device(device)
+    if amp not in ("auto", "bf16", "none"):
+        raise ValueError(f"eval.amp: unknown value {amp!r}; expected 'auto', 'bf16' or 'none'")
+    if amp == "none":
+        return None, f"inference: float32 on {device.type} (eval.amp=none)"
+    if bf16_supported(device):
+        return torch.bfloat16, f"inference: bfloat16 autocast on {device.type} (eval.amp={amp})"
+    why = "fell back to float32" if amp == "bf16" else "float32"
+    return None, f"inference: {why}: this {device.type} has no native bfloat16 (eval.amp={amp})"
+
+
 def heatmap_stride(image_width: int, heatmap_width: int) -> int:
     if heatmap_width <= 0 or image_width % heatmap_width:
         raise ValueError(f"input width {image_width} is not a multiple of the heatmap width {heatmap_width}")

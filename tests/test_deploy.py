@@ -88,3 +88,25 @@ def test_prune_threshold_out_of_range_is_named():
     model = build_model(load_config("demo", ["data.input_size=[64,64]"]))
     with pytest.raises(ValueError, match="prune-below"):
         freeze(model, prune_below=1.5)
+
+
+def test_eval_amp_uses_bf16_only_where_the_device_has_it(monkeypatch):
+    from pnfs import inference
+
+    monkeypatch.setattr(inference, "bf16_supported", lambda device: True)
+    assert inference.inference_amp("auto", "cpu")[0] == torch.bfloat16
+    assert inference.inference_amp("none", "cpu") == (None, "inference: float32 on cpu (eval.amp=none)")
+    monkeypatch.setattr(inference, "bf16_supported", lambda device: False)
+    dtype, line = inference.inference_amp("bf16", "cpu")
+    assert dtype is None and "fell back to float32" in line
+    with pytest.raises(ValueError, match=r"eval\.amp"):
+        inference.inference_amp("fp8", "cpu")
+
+
+def test_frozen_bf16_scores_stay_close_to_float32():
+    cfg = load_config("demo", ["data.input_size=[64,64]"])
+    images = torch.randn(2, 3, 64, 64)
+    frozen = freeze(trained_looking(cfg, images))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = frozen(images).float()
+    assert (low - frozen(images)).abs().max() < 0.05

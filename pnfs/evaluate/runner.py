@@ -18,11 +18,13 @@ import torch.distributed as dist
 
 from pnfs.config import Config
 from pnfs.data.batch import PoseBatch
+from pnfs.deploy import freeze
 from pnfs.evaluate.coco import coco_results, evaluate_keypoints, format_table
 from pnfs.evaluate.mpii import load_mpii_ground_truth, table_iv
 from pnfs.evaluate.oks import joint_sigmas
-from pnfs.inference import predict
+from pnfs.inference import inference_amp, predict
 from pnfs.keypoints import JointSet, joint_set
+from pnfs.model.pnfs import PoseNFS
 from pnfs.visualize import denormalize, draw_poses, save_rgb
 
 FIELDS = ("keypoints", "scores", "image_id", "ann_id", "box_score", "area")
@@ -40,7 +42,10 @@ def collect_predictions(
     """
     joints = joint_set(cfg.data.dataset)
     perm = joints.flip_permutation() if cfg.eval.flip_test else None
-    use_bf16 = device.type == "cuda" and cfg.train.amp in ("auto", "bf16")
+    amp_dtype, amp_line = inference_amp(cfg.eval.amp, device)
+    print(amp_line, flush=True)
+    if isinstance(model, PoseNFS):
+        model = freeze(model)  # BN, alpha and beta folded; the model passed in is left as it was
     parts: dict[str, list[np.ndarray]] = {k: [] for k in FIELDS}
     drawn = 0
     was_training = model.training
@@ -58,7 +63,7 @@ def collect_predictions(
                 flip_permutation=perm,
                 flip_shift=cfg.eval.flip_shift,
                 refine=cfg.eval.refine,
-                amp_dtype=torch.bfloat16 if use_bf16 else None,
+                amp_dtype=amp_dtype,
             )
             keep = batch.score >= cfg.eval.det_score_threshold
             h, w = images.shape[-2:]
