@@ -260,6 +260,86 @@ def test_dali_train_order_is_seeded_per_epoch(shards):
     assert _ids(build_loader(cfg, "train", epoch=0, start_sample=5)) == first[5 : len(first)]
 
 
+def _dali_val_loader(shards, **kwargs):
+    from pnfs.data.dali_loader import DaliPoseLoader
+
+    cfg = _cfg(shards, loader="dali", size=(128, 96))
+    shard_set = ShardSet.open(shard_paths(cfg, "val"))
+    plan = make_plan(
+        cfg,
+        "val",
+        shard_set.counts,
+        rank=0,
+        world_size=1,
+        epoch=0,
+        start_sample=0,
+        batch_size=4,
+        augment=True,
+    )
+    return DaliPoseLoader(
+        shard_set, plan, split="val", batch_size=4, rank=0, world_size=1, seed=0, epoch=0,
+        start_sample=0, num_threads=1, input_size=(128, 96), margin=cfg.data.margin,
+        flip_perm=COCO.flip_permutation(), **kwargs,
+    )  # fmt: skip
+
+
+def test_dali_batches_are_converted_by_the_plugin_iterator_on_the_cpu_graph_too(shards, monkeypatch):
+    """The one conversion path a GPU graph takes (DALIGenericIterator) also carries the CPU
+    graph: every batch's pixels and ids are the plugin's tensors, typed from DALI's dtypes."""
+    from pnfs.data.dali_loader import OUTPUTS, dali_available
+
+    if not dali_available()[0]:
+        pytest.skip(dali_available()[1])
+    from nvidia.dali.plugin.pytorch import DALIGenericIterator
+
+    seen: list[dict[str, torch.Tensor]] = []
+    handed: list[object] = []
+    plugin_next = DALIGenericIterator.__next__
+
+    def spy(self):  # (the iterator's prefetched first batch passes through here twice)
+        out = plugin_next(self)
+        if not any(out is h for h in handed):
+            handed.append(out)
+            seen.append({k: v.clone() for k, v in out[0].items()})
+        return out
+
+    monkeypatch.setattr(DALIGenericIterator, "__next__", spy)
+    batches = list(_dali_val_loader(shards))
+    assert len(seen) >= len(batches) == 4  # 14 val samples in batches of 4: 4, 4, 4, 2
+    dtypes = dict(image=torch.float32, xy=torch.float32, kp=torch.float32, to_input=torch.float32,
+                  score=torch.float32, ids=torch.int64, aug=torch.float32)  # fmt: skip
+    for out in seen:
+        assert tuple(out) == OUTPUTS
+        assert {k: v.dtype for k, v in out.items()} == dtypes
+        assert all(v.device.type == "cpu" for v in out.values())
+    images = torch.cat([o["image"] for o in seen])
+    ids = torch.cat([o["ids"] for o in seen])
+    n = 0
+    for b in batches:
+        assert torch.equal(b.image, images[n : n + len(b)])
+        assert torch.equal(b.image_id, ids[n : n + len(b), 0]) and torch.equal(
+            b.ann_id, ids[n : n + len(b), 1]
+        )
+        n += len(b)
+
+
+def test_dali_cpu_outputs_reach_a_batch_on_another_device(shards):
+    """A GPU graph's keypoints/matrices/ids are CPU outputs that must reach the batch's device:
+    the same code moves a CPU graph's outputs to a stand-in device (meta) here."""
+    from pnfs.data.dali_loader import dali_available
+
+    if not dali_available()[0]:
+        pytest.skip(dali_available()[1])
+    ref = list(_dali_val_loader(shards))
+    got = list(_dali_val_loader(shards, device="meta"))
+    assert len(got) == len(ref)
+    for a, b in zip(ref, got):
+        for name in ("image", "keypoints", "affine", "image_id", "ann_id", "score"):
+            x, y = getattr(a, name), getattr(b, name)
+            assert x.device.type == "cpu" and y.device.type == "meta", name
+            assert (x.shape, x.dtype) == (y.shape, y.dtype), name
+
+
 def test_augmented_grid_png_and_flip_swaps_joints_with_the_pixels(shards, tmp_path):
     """Draws augmented samples with skeletons (look at augmented_grid.png) and checks flips.
 

@@ -13,16 +13,23 @@ them at integers, so the warp gets ``T(+0.5) · M · T(-0.5)``. Left/right joint
 flipped samples and the label weights are applied to the outputs in torch.
 
 Decoding runs on ``mixed`` (nvJPEG) with CUDA, else on the CPU (``device_id=None``: a
-CPU-only graph, what the tests run). Order: the reader's own (seeded per epoch when
-shuffling: ``random_shuffle`` with ``seed`` from (seed, epoch)); ranks read
-``shard_id=rank`` of ``num_shards=world``. Batch counts follow the plan (equal on every
-rank for train; val trims the padded last batch). Resuming at ``start_sample`` re-reads and
-discards those samples (DALI cannot seek); the torch and gpu loaders resume without reading.
+CPU-only graph, what the tests run). The graph's outputs become torch tensors through DALI's
+own PyTorch plugin (``DALIGenericIterator``), which puts each output where DALI produced it:
+a GPU graph's images on its GPU (on torch's current stream), the keypoints, matrices, ids and
+augmentation parameters (CPU operators in both graphs) on the CPU. The CPU and GPU graphs
+therefore share every line of the conversion; only the batch's final ``.to(device)`` differs.
+
+Order: the reader's own (seeded per epoch when shuffling: ``random_shuffle`` with ``seed``
+from (seed, epoch)); ranks read ``shard_id=rank`` of ``num_shards=world``. Batch counts follow
+the plan (equal on every rank for train; val trims the padded last batch). Resuming at
+``start_sample`` re-reads and discards those samples (DALI cannot seek); the torch and gpu
+loaders resume without reading.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -39,9 +46,10 @@ READER_EXTS = ["jpg", "kp.f32", "bbox.f32", "c2i.f32", "score.f32", "ids.i64"]
 def dali_available() -> tuple[bool, str]:
     """(usable, why not): DALI imports and can build a CPU graph here."""
     try:
-        import nvidia.dali  # noqa: F401
+        import nvidia.dali
+        import nvidia.dali.plugin.pytorch  # noqa: F401
     except Exception as e:  # ImportError, or a broken wheel raising at import
-        return False, f"nvidia.dali does not import: {e}"
+        return False, f"nvidia.dali (with its PyTorch plugin) does not import: {e}"
     return True, ""
 
 
@@ -150,19 +158,21 @@ class _AugFeed:
         return rows
 
 
-def _to_torch(tensor_list, device: torch.device) -> torch.Tensor:
-    """A DALI TensorList (dense) -> torch tensor on ``device``."""
-    if hasattr(tensor_list, "as_cpu") and device.type == "cuda":
-        from nvidia.dali.plugin.pytorch import feed_ndarray
+OUTPUTS = ("image", "xy", "kp", "to_input", "score", "ids", "aug")  # the graph's outputs, in order
 
-        dense = tensor_list.as_tensor()
-        dtype = {np.dtype("float32"): torch.float32, np.dtype("int64"): torch.int64}
-        out = torch.empty(dense.shape(), dtype=dtype.get(np.dtype(dense.dtype), torch.float32), device=device)
-        feed_ndarray(dense, out, cuda_stream=torch.cuda.current_stream(device))
-        return out
-    if hasattr(tensor_list, "as_cpu"):
-        tensor_list = tensor_list.as_cpu()
-    return torch.from_numpy(np.array(tensor_list.as_tensor()))
+
+def plugin_batches(pipe) -> Iterator[dict[str, torch.Tensor]]:
+    """The graph's batches as {name: tensor} through ``DALIGenericIterator`` (builds ``pipe``).
+
+    image [B, 3, H, W] float32, xy [B, K, 2] float32, kp [B, K, 3] float32, to_input [B, 2, 3]
+    float32, score [B, 1] float32, ids [B, 2] int64, aug [B, 3] float32 (scale, degrees, flip);
+    each on the device DALI produced it on. ``size=-1``: the iterator has no epoch end of its
+    own (the reader wraps around); the plan decides how many batches are taken.
+    """
+    from nvidia.dali.plugin.pytorch import DALIGenericIterator
+
+    for (outputs,) in DALIGenericIterator(pipe, list(OUTPUTS)):
+        yield outputs
 
 
 class DaliPoseLoader:
@@ -185,13 +195,18 @@ class DaliPoseLoader:
         margin: float,
         flip_perm: list[int],
         device_id: int | None = None,
+        device: torch.device | str | None = None,
     ):
+        """device_id: the GPU the graph runs on (None: the current CUDA device, or a CPU graph
+        without CUDA); device: where the batches go (default: that GPU, or the CPU)."""
         ok, why = dali_available()
         if not ok:
             raise RuntimeError(f"data.loader=dali: {why}")
         if device_id is None and torch.cuda.is_available():
             device_id = torch.cuda.current_device()
-        self.device = torch.device("cuda", device_id) if device_id is not None else torch.device("cpu")
+        if device is None:
+            device = torch.device("cuda", device_id) if device_id is not None else torch.device("cpu")
+        self.device = torch.device(device)
         self.plan, self.batch_size, self.start_sample = plan, batch_size, start_sample
         self.input_size, self.flip_perm = tuple(input_size), flip_perm
         nonempty = [i for i, n in enumerate(shards.counts) if n > 0]
@@ -226,23 +241,10 @@ class DaliPoseLoader:
             len(flip_perm),
             _AugFeed(aug, batch_size),
         )
-        self.pipe.build()
+        self.outputs = plugin_batches(self.pipe)
 
     def __len__(self) -> int:
         return len(self.plan)
-
-    def _run(self) -> dict[str, torch.Tensor]:
-        images, xy, kp, to_input, score, ids, aug = self.pipe.run()
-        dev = self.device
-        return {
-            "image": _to_torch(images, dev),
-            "xy": _to_torch(xy, dev).double(),
-            "kp": _to_torch(kp, dev).double(),
-            "to_input": _to_torch(to_input, dev).double(),
-            "score": _to_torch(score, dev).reshape(-1).float(),
-            "ids": _to_torch(ids, dev).reshape(-1, 2),
-            "flip": _to_torch(aug, dev)[:, 2] > 0.5,
-        }
 
     def __iter__(self):
         carry: dict[str, torch.Tensor] | None = None
@@ -250,7 +252,7 @@ class DaliPoseLoader:
         sizes = [len(b) for b in self.plan.batches]
         for size in sizes:
             while carry is None or len(carry["image"]) < size + skip:
-                out = self._run()
+                out = next(self.outputs)
                 carry = out if carry is None else {k: torch.cat([carry[k], out[k]]) for k in out}
             if skip:
                 carry = {k: v[skip:] for k, v in carry.items()}
@@ -260,16 +262,21 @@ class DaliPoseLoader:
             yield self._pose_batch(batch)
 
     def _pose_batch(self, b: dict[str, torch.Tensor]) -> PoseBatch:
-        labelled = b["kp"][..., 2] > 0
-        weight = labelled & inside_image(b["xy"], self.input_size)
-        xy = torch.where(labelled[..., None], b["xy"], torch.zeros_like(b["xy"]))
+        """Plugin outputs -> PoseBatch on ``self.device`` (keypoint bookkeeping where they are)."""
+        xy, kp = b["xy"].double(), b["kp"].double()
+        flip = b["aug"][:, 2] > 0.5
+        labelled = kp[..., 2] > 0
+        weight = labelled & inside_image(xy, self.input_size)
+        xy = torch.where(labelled[..., None], xy, torch.zeros_like(xy))
         keypoints = torch.cat([xy, weight[..., None].double()], -1)
-        keypoints = flip_joints(keypoints, self.flip_perm, b["flip"])
-        return PoseBatch(
+        keypoints = flip_joints(keypoints, self.flip_perm, flip)
+        ids = b["ids"].reshape(-1, 2)
+        batch = PoseBatch(
             image=b["image"],
             keypoints=keypoints.float(),
-            affine=invert(b["to_input"]).float(),
-            image_id=b["ids"][:, 0].long(),
-            ann_id=b["ids"][:, 1].long(),
-            score=b["score"],
+            affine=invert(b["to_input"].double()).float(),
+            image_id=ids[:, 0].long(),
+            ann_id=ids[:, 1].long(),
+            score=b["score"].reshape(-1).float(),
         )
+        return batch.to(self.device)
