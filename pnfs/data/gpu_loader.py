@@ -1,27 +1,76 @@
 """The GPU path without DALI: batched nvJPEG decode + one batched affine warp on the device.
 
-DataLoader workers only read bytes (no decoding); the main process decodes the batch's
-crops with ``torchvision.io.decode_jpeg(list, device="cuda")``, pads them into one tensor
-[N, 3, h_max, w_max] and warps all of them with one ``grid_sample`` whose sampling grid is
-the inverse of each sample's crop->input affine (same matrices as the other loaders).
-Without CUDA it runs on the CPU (decode + warp), which is what the tests exercise.
+DataLoader workers only read bytes (no decoding) and the DataLoader pins each item in
+page-locked host memory. A producer thread of the main process then, on a side CUDA stream,
+decodes the batch's crops with ``torchvision.io.decode_jpeg(list, device=...)`` (one nvJPEG
+batch), pads them into one tensor [N, 3, h_max, w_max] and warps all of them with one
+``affine_grid`` + ``grid_sample`` whose sampling matrix is the inverse of each sample's
+crop->input affine (the same matrices as the other loaders), while the training step of the
+previous batch runs on the consumer's stream. Handing a batch over, the consumer's stream
+waits on the event recorded after that batch's work, and every tensor of the batch is
+``record_stream``-ed on the consumer's stream so the allocator does not give its memory back
+to the side stream while the step still reads it. Host->device copies are asynchronous from
+pinned memory, so nothing on the side stream waits for the host.
+
+Without CUDA the same producer thread decodes and warps on the CPU (no streams): that is what
+the tests run, including the thread, the queue, the early stop and error propagation.
 """
 
 from __future__ import annotations
 
-import warnings
+import queue
+import threading
+from collections.abc import Iterator
+from contextlib import ExitStack
+from dataclasses import fields
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pnfs.data.assemble import normalise
-from pnfs.data.batch import PoseBatch
+from pnfs.data.batch import IMAGENET_MEAN, IMAGENET_STD, PoseBatch
 from pnfs.data.geometry import invert
 from pnfs.data.torch_loader import PlanReader, _worker_init, fork_safe_opencv
 
 
+def sampling_theta(
+    crop_to_input: np.ndarray, crop_size: tuple[int, int], input_size: tuple[int, int]
+) -> np.ndarray:
+    """``F.affine_grid`` matrices [N, 2, 3] (float64) for warping crops padded to ``crop_size``.
+
+    affine_grid maps normalised output coordinates to normalised input coordinates, with
+    (align_corners=False) pixel centre j of a side of n pixels at (2j + 1) / n - 1. So
+
+        theta = N_crop · inverse(crop_to_input) · N_input⁻¹,
+
+    N_crop(u) = (2u + 1) / (w_max, h_max) - 1 and N_input⁻¹(x_n) = ((x_n + 1) · (W, H) - 1) / 2:
+    output pixel (x, y) samples the crop at inverse(crop_to_input) · (x, y, 1), pixel centres
+    at integers, as cv2.warpAffine does.
+    """
+    h_max, w_max = crop_size
+    h, w = input_size
+    m = invert(np.asarray(crop_to_input, dtype=np.float64))  # input px -> crop px
+    theta = np.empty_like(m)
+    for row, side in ((0, w_max), (1, h_max)):
+        a, b, t = m[:, row, 0], m[:, row, 1], m[:, row, 2]
+        theta[:, row, 0] = a * w / side
+        theta[:, row, 1] = b * h / side
+        theta[:, row, 2] = (a * (w - 1) + b * (h - 1) + 2 * t + 1) / side - 1
+    return theta
+
+
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Host tensor -> ``device`` on the current stream; from page-locked memory when on CUDA,
+    so the copy is asynchronous (the caching host allocator keeps the source until it ends)."""
+    if device.type != "cuda":
+        return t.to(device)
+    if not t.is_pinned():
+        t = t.pin_memory()
+    return t.to(device, non_blocking=True)
+
+
 def warp_batch(
-    crops: list[torch.Tensor], crop_to_input: torch.Tensor, input_size: tuple[int, int]
+    crops: list[torch.Tensor], crop_to_input: np.ndarray | torch.Tensor, input_size: tuple[int, int]
 ) -> torch.Tensor:
     """Bilinear warp of crops ([3, h_i, w_i] uint8, one device) -> float [N, 3, H, W] in 0..255.
 
@@ -36,17 +85,9 @@ def warp_batch(
     for i, c in enumerate(crops):
         padded[i, :, : c.shape[1], : c.shape[2]] = c
     h, w = input_size
-    to_crop = invert(crop_to_input.to(device=device, dtype=torch.float64)).float()  # [N, 2, 3]
-    ys, xs = torch.meshgrid(
-        torch.arange(h, device=device, dtype=torch.float32),
-        torch.arange(w, device=device, dtype=torch.float32),
-        indexing="ij",
-    )
-    base = torch.stack([xs, ys, torch.ones_like(xs)], -1).view(1, h * w, 3)  # [1, HW, 3]
-    src = base @ to_crop.transpose(1, 2)  # [N, HW, 2] crop px
-    # align_corners=False: pixel centre j <-> (2j + 1) / size - 1
-    scale = torch.tensor([2.0 / w_max, 2.0 / h_max], device=device)
-    grid = (src * scale + scale / 2 - 1).view(n, h, w, 2)
+    theta = sampling_theta(np.asarray(crop_to_input), (h_max, w_max), (h, w))
+    theta = _to_device(torch.from_numpy(theta).float(), device)
+    grid = F.affine_grid(theta, [n, 3, h, w], align_corners=False)
     return F.grid_sample(padded, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
@@ -67,28 +108,54 @@ class PlanBytes(PlanReader):
 
 
 def decode_batch(jpegs: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
-    """Decode JPEG byte tensors to RGB uint8 [3, h, w] on ``device`` (one batched call on CUDA)."""
-    from torchvision.io import ImageReadMode, decode_jpeg
+    """Decode JPEG byte tensors (on the CPU) to RGB uint8 [3, h, w] on ``device``.
 
-    with warnings.catch_warnings():  # torchvision >= 0.29 points to torchcodec; nvJPEG batches stay here
-        warnings.filterwarnings("ignore", "The image decoding and encoding", DeprecationWarning)
-        if device.type == "cuda":
-            return decode_jpeg(jpegs, mode=ImageReadMode.RGB, device=device)
-        return [decode_jpeg(j, mode=ImageReadMode.RGB) for j in jpegs]
+    One ``torchvision.io.decode_jpeg(list, device=...)`` call: a batched nvJPEG decode on CUDA
+    (torchvision decodes on its own stream, makes the current stream wait for it and returns
+    when the decode is done), one libjpeg decode per crop on the CPU.
+    """
+    from torchvision.io import decode_jpeg
+
+    return decode_jpeg(jpegs, mode="RGB", device=device)
 
 
-def _as_is(item):
-    return item
+class _Normalise:
+    """(pixels - 255·mean) / (255·std) with the constants put on the device once."""
+
+    def __init__(self, device: torch.device):
+        self.mean = _to_device(torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) * 255.0, device)
+        self.std = _to_device(torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255.0, device)
+
+    def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
+        return (pixels - self.mean) / self.std
+
+
+_END = object()
 
 
 class GpuPoseLoader:
-    """Iterable of PoseBatch on ``device`` (CUDA when available), ``len()`` = batches."""
+    """Iterable of PoseBatch on ``device`` (CUDA when available), ``len()`` = batches.
 
-    def __init__(self, dataset: PlanBytes, num_workers: int, device: torch.device | str | None = None):
+    ``prefetch`` batches are decoded ahead of the consumer (on CUDA: on a side stream, while
+    the consumer's stream runs the step of the batch before).
+    """
+
+    def __init__(
+        self,
+        dataset: PlanBytes,
+        num_workers: int,
+        device: torch.device | str | None = None,
+        prefetch: int = 1,
+    ):
         self.dataset = dataset
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        if prefetch < 1:
+            raise ValueError(f"GpuPoseLoader: prefetch must be >= 1, got {prefetch}")
+        self.prefetch = prefetch
         if num_workers > 0:
             fork_safe_opencv()
         self.loader = torch.utils.data.DataLoader(
@@ -98,21 +165,87 @@ class GpuPoseLoader:
             num_workers=num_workers,
             worker_init_fn=_worker_init if num_workers > 0 else None,
             prefetch_factor=4 if num_workers > 0 else None,
+            pin_memory=self.device.type == "cuda",  # page-locked items: asynchronous copies
             collate_fn=_as_is,
         )
 
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __iter__(self):
-        for item in self.loader:
-            crops = decode_batch(item["jpg"], self.device)
-            pixels = warp_batch(crops, item["crop_to_input"], self.dataset.input_size)
-            yield PoseBatch(
-                image=normalise(pixels),
-                keypoints=item["keypoints"].to(self.device, non_blocking=True),
-                affine=item["affine"].to(self.device, non_blocking=True),
-                image_id=item["image_id"].to(self.device),
-                ann_id=item["ann_id"].to(self.device),
-                score=item["score"].to(self.device),
-            )
+    def assemble(self, item: dict, normalise: _Normalise) -> PoseBatch:
+        """One item of :class:`PlanBytes` -> PoseBatch on ``self.device`` (current stream)."""
+        crops = decode_batch(item["jpg"], self.device)
+        pixels = warp_batch(crops, item["crop_to_input"], self.dataset.input_size)
+        return PoseBatch(
+            image=normalise(pixels),
+            keypoints=_to_device(item["keypoints"], self.device),
+            affine=_to_device(item["affine"], self.device),
+            image_id=_to_device(item["image_id"], self.device),
+            ann_id=_to_device(item["ann_id"], self.device),
+            score=_to_device(item["score"], self.device),
+        )
+
+    def _produce(self, items: Iterator[dict], out: queue.Queue, stop: threading.Event) -> None:
+        """Producer thread: assemble each item (on a side stream on CUDA), queue (batch, event)."""
+
+        def put(x) -> bool:
+            while not stop.is_set():
+                try:
+                    out.put(x, timeout=0.05)
+                    return True
+                except queue.Full:
+                    pass
+            return False
+
+        try:
+            with ExitStack() as scope:
+                side = None
+                if self.device.type == "cuda":
+                    scope.enter_context(torch.cuda.device(self.device))
+                    side = torch.cuda.Stream(self.device)
+                    scope.enter_context(torch.cuda.stream(side))
+                normalise = _Normalise(self.device)
+                for item in items:
+                    if stop.is_set():
+                        return
+                    batch = self.assemble(item, normalise)
+                    ready = side.record_event() if side is not None else None
+                    if not put((batch, ready)):
+                        return
+            put(_END)
+        except BaseException as e:  # handed to the consumer, raised there
+            put(e)
+
+    def _hand_over(self, batch: PoseBatch, ready: torch.cuda.Event | None) -> PoseBatch:
+        """Make the consumer's current stream wait for the batch and own its memory."""
+        if ready is not None:
+            stream = torch.cuda.current_stream(self.device)
+            stream.wait_event(ready)
+            for f in fields(batch):
+                getattr(batch, f.name).record_stream(stream)
+        return batch
+
+    def __iter__(self) -> Iterator[PoseBatch]:
+        items = iter(self.loader)  # (workers start here, in the consumer's thread)
+        out: queue.Queue = queue.Queue(maxsize=self.prefetch)
+        stop = threading.Event()
+        producer = threading.Thread(
+            target=self._produce, args=(items, out, stop), name="pnfs-gpu-loader", daemon=True
+        )
+        producer.start()
+        try:
+            while True:
+                got = out.get()
+                if got is _END:
+                    return
+                if isinstance(got, BaseException):
+                    raise got
+                batch, got = self._hand_over(*got), None  # (the consumer alone holds the batch)
+                yield batch
+        finally:
+            stop.set()
+            producer.join()
+
+
+def _as_is(item):
+    return item
