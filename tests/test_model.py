@@ -20,6 +20,7 @@ from pnfs.model.backbones import (
     ResNet50Backbone,
     build_backbone,
     load_backbone_weights,
+    load_pretrained_backbone,
 )
 
 TINY = ["model.channels=2", "model.vector_dim=4", "data.input_size=[64, 64]"]
@@ -123,7 +124,9 @@ def test_backbone_weights_load_from_torchvision_keys(tmp_path):
     backbone = MobileNetV2Backbone()
     load_backbone_weights(backbone, path)
     torch.testing.assert_close(backbone.features[16].conv[0][0].weight, full.features[16].conv[0][0].weight)
-    model = build_model(load_config("mpii_mobilenetv2_p3_256", [*TINY, f"model.backbone.weights={path}"]))
+    cfg = load_config("mpii_mobilenetv2_p3_256", [*TINY, f"model.backbone.weights={path}"])
+    model = build_model(cfg)  # building never loads weights; training start does
+    load_pretrained_backbone(model.backbone, cfg.model.backbone)
     torch.testing.assert_close(
         model.backbone.features[3].conv[0][0].weight, full.features[3].conv[0][0].weight
     )

@@ -50,6 +50,7 @@ from pnfs.engine.schedule import learning_rate
 from pnfs.engine.strategies import build_optimizers, describe_optimizers, prepare_architecture, split_shards
 from pnfs.loss import pose_loss
 from pnfs.model import build_model
+from pnfs.model.backbones import load_pretrained_backbone
 
 
 @dataclass
@@ -189,7 +190,8 @@ class Trainer:
         checkpoint = self._find_checkpoint(resume)
         if checkpoint is not None:
             self._load(checkpoint)
-        else:
+        else:  # a fresh start: the backbone's pretrained weights (a resume has them in the checkpoint)
+            load_pretrained_backbone(model.backbone, cfg.model.backbone, self.log)
             torch.manual_seed(cfg.train.seed + 1000 * ctx.rank)
 
         if self.use_deepspeed:

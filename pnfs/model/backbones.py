@@ -10,13 +10,28 @@
   the last layer's four cells are the pyramid (F*4, F*8, F*16, F*32 ch).
 
 Every backbone has ``channels`` (the pyramid's channel counts) and ``unused_weight_prefixes``
-(keys of the full torchvision/timm checkpoints we do not build). Pretrained weights load
-only from a local file (:func:`load_backbone_weights`); nothing is ever downloaded.
+(keys of the full torchvision/timm checkpoints we do not build).
+
+Pretrained weights (``model.backbone.weights``) load when training starts, never when a model
+is only built (:func:`load_pretrained_backbone`, called by the trainer), so building, counting
+(``pnfs.summary``) and inference work offline on every preset:
+
+* ``imagenet``: torchvision's ``IMAGENET1K_V1`` weights (MobileNetV2, ResNet-50) through
+  ``torchvision.models.*_Weights.get_state_dict`` and its cache (``$TORCH_HOME/hub/checkpoints``),
+  timm's ``hrnet_w32.ms_in1k`` through ``timm.create_model(pretrained=True)`` and the Hugging
+  Face cache (``$HF_HOME/hub``); downloaded once where there is internet. Offline with no
+  cached file: :class:`PretrainedWeightsUnavailable` naming the file to place and where.
+* a path: a local state dict (:func:`load_backbone_weights`).
+* ``none``: from scratch on purpose; not set (``null``): from scratch too, with a warning for
+  the ImageNet backbones (the paper starts them from ImageNet).
 """
 
 from __future__ import annotations
 
+import logging
+import os
 from pathlib import Path
+from urllib.parse import urlparse
 
 import torch
 from torch import nn
@@ -139,7 +154,7 @@ class FabricBackbone(nn.Module):
 
 
 def build_backbone(cfg: BackboneConfig) -> nn.Module:
-    """The backbone named in ``cfg`` with ``cfg.weights`` (a local file) loaded when given."""
+    """The backbone named in ``cfg``, randomly initialised (see :func:`load_pretrained_backbone`)."""
     if cfg.name == "mobilenetv2":
         backbone: nn.Module = MobileNetV2Backbone()
     elif cfg.name == "resnet50":
@@ -152,8 +167,6 @@ def build_backbone(cfg: BackboneConfig) -> nn.Module:
         )
     else:
         raise ValueError(f"model.backbone.name: unknown backbone {cfg.name!r}")
-    if cfg.weights is not None:
-        load_backbone_weights(backbone, cfg.weights)
     return backbone
 
 
@@ -178,7 +191,12 @@ def load_backbone_weights(backbone: nn.Module, path: str | Path) -> None:
         raise ValueError(
             f"model.backbone.weights: {str(path)!r} is not a PyTorch state dict file: {err}"
         ) from None
-    state = _unwrap_state_dict(obj, str(path))
+    fit_backbone_state(backbone, _unwrap_state_dict(obj, str(path)), repr(str(path)))
+
+
+def fit_backbone_state(backbone: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Load a full torchvision/timm state dict (the keys of blocks we do not build ignored);
+    missing or unexpected keys or shape mismatches raise ValueError naming ``source`` and the keys."""
     state = {k: v for k, v in state.items() if not k.startswith(tuple(backbone.unused_weight_prefixes))}
     own = backbone.state_dict()
     # old checkpoints lack BN's num_batches_tracked counters; those keep their current value
@@ -191,9 +209,101 @@ def load_backbone_weights(backbone: nn.Module, path: str | Path) -> None:
     )
     if missing or unexpected or mismatched:
         raise ValueError(
-            f"model.backbone.weights: {str(path)!r} does not fit the {type(backbone).__name__}: "
+            f"model.backbone.weights: {source} does not fit the {type(backbone).__name__}: "
             f"missing keys {missing[:20]}{' ...' if len(missing) > 20 else ''} ({len(missing)}), "
             f"unexpected keys {unexpected[:20]}{' ...' if len(unexpected) > 20 else ''} ({len(unexpected)}), "
             f"shape mismatches {mismatched[:20]}"
         )
     backbone.load_state_dict(state, strict=False)
+
+
+# --------------------------------------------------------------------------- pretrained by name
+
+IMAGENET_BACKBONES = ("mobilenetv2", "resnet50", "hrnet_w32")
+TIMM_HRNET = "hrnet_w32.ms_in1k"  # timm's ImageNet HRNet-W32, on the Hugging Face hub as timm/<this>
+
+
+class PretrainedWeightsUnavailable(ValueError):
+    """ImageNet weights could not be fetched or read; the message names the file to place."""
+
+
+def torchvision_imagenet_weights(name: str):
+    """torchvision's ImageNet weights enum entry for ``mobilenetv2`` / ``resnet50`` (IMAGENET1K_V1)."""
+    from torchvision.models import MobileNet_V2_Weights, ResNet50_Weights
+
+    return {"mobilenetv2": MobileNet_V2_Weights, "resnet50": ResNet50_Weights}[name].IMAGENET1K_V1
+
+
+def torchvision_cache_file(weights) -> Path:
+    """Where ``torch.hub`` caches a torchvision weights file: $TORCH_HOME/hub/checkpoints/<url name>."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(weights.url).path)
+
+
+def hf_cache_folder(repo_id: str) -> Path:
+    """The Hugging Face cache folder of a model repo: $HF_HOME/hub/models--<org>--<name>."""
+    from huggingface_hub import constants
+
+    return Path(constants.HF_HUB_CACHE) / ("models--" + repo_id.replace("/", "--"))
+
+
+def imagenet_state_dict(name: str) -> dict[str, torch.Tensor]:
+    """The full ImageNet classification net's state dict of backbone ``name``, from the
+    library's cache (downloaded into it where the machine is online)."""
+    if name in ("mobilenetv2", "resnet50"):
+        weights = torchvision_imagenet_weights(name)
+        try:
+            return weights.get_state_dict(progress=False)
+        except Exception as err:  # offline (URLError), or a broken cached file
+            file = torchvision_cache_file(weights)
+            raise PretrainedWeightsUnavailable(
+                f"model.backbone.weights=imagenet: torchvision's {weights} could not be loaded "
+                f"({type(err).__name__}: {err}). Offline? Place {file.name} (from {weights.url}) at "
+                f"{file} (the folder follows $TORCH_HOME), or set model.backbone.weights to a local .pth"
+            ) from None
+    if name == "hrnet_w32":
+        import timm
+
+        try:
+            return timm.create_model(TIMM_HRNET, pretrained=True).state_dict()
+        except Exception as err:  # offline (LocalEntryNotFoundError), or a broken cached file
+            folder = hf_cache_folder(f"timm/{TIMM_HRNET}")
+            raise PretrainedWeightsUnavailable(
+                f"model.backbone.weights=imagenet: timm's {TIMM_HRNET} could not be loaded "
+                f"({type(err).__name__}: {err}). Offline? Place model.safetensors of the Hugging Face "
+                f"repo timm/{TIMM_HRNET} at {folder}/snapshots/<revision>/model.safetensors with "
+                f"{folder}/refs/main holding <revision> (what `hf download timm/{TIMM_HRNET} "
+                "model.safetensors` writes; the folder follows $HF_HOME), or set "
+                "model.backbone.weights to a local .pth"
+            ) from None
+    raise ValueError(
+        f"model.backbone.weights=imagenet: there are no ImageNet weights for the {name} backbone"
+    )
+
+
+def load_pretrained_backbone(
+    backbone: nn.Module, cfg: BackboneConfig, log: logging.Logger | None = None
+) -> str:
+    """Load ``cfg.weights`` into ``backbone`` (see the module docstring) and log what happened.
+
+    Called when training starts (not on resume: the checkpoint holds the weights). Returns
+    the logged line.
+    """
+    log = log or logging.getLogger(__name__)
+    if cfg.weights is None and cfg.name in IMAGENET_BACKBONES:
+        line = (
+            f"model.backbone.weights is not set: the {cfg.name} backbone starts from scratch, while the "
+            "paper starts it from ImageNet (weights: imagenet); write weights: none to train from "
+            "scratch on purpose"
+        )
+        log.warning(line)
+        return line
+    if cfg.weights in (None, "none"):
+        line = f"backbone {cfg.name} from scratch"
+    elif cfg.weights == "imagenet":
+        fit_backbone_state(backbone, imagenet_state_dict(cfg.name), f"ImageNet weights of {cfg.name}")
+        line = f"backbone {cfg.name}: ImageNet weights loaded"
+    else:
+        load_backbone_weights(backbone, cfg.weights)
+        line = f"backbone {cfg.name}: weights loaded from {cfg.weights}"
+    log.info(line)
+    return line
