@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pnfs.inference import HEATMAP_STRIDE, back_project, decode, predict_scores
 from pnfs.model.backbones import FabricBackbone
 from pnfs.model.cell import BETA_ORDER, Cell, Downsample, Upsample
 from pnfs.model.fabric import Fabric, cell_name
@@ -330,3 +331,35 @@ def output_change(reference: nn.Module, frozen: nn.Module, images: torch.Tensor)
     moved = (a.reshape(n, k, -1).argmax(-1) != b.reshape(n, k, -1).argmax(-1)).float().mean()
     delta = (a - b).abs()
     return {"max_abs": float(delta.max()), "mean_abs": float(delta.mean()), "argmax_moved": float(moved)}
+
+
+# --------------------------------------------------------------------------- export
+
+
+class DecodingModel(nn.Module):
+    """Images and person-crop affines in, keypoints in original-image pixels and scores out.
+
+    ``forward(images [N, 3, H, W], affine [N, 2, 3] input px -> image px)`` ->
+    ``(keypoints [N, K, 2] float32, scores [N, K] float32)``: the frozen network, the optional
+    flip test (:func:`pnfs.inference.predict_scores`), argmax with the quarter offset (or the
+    Gaussian refinement) and back-projection x_img = A [u s, v s, 1], as
+    :func:`pnfs.inference.predict` does, in one graph made of plain PyTorch ops.
+    """
+
+    def __init__(
+        self,
+        network: nn.Module,
+        flip_permutation: list[int] | None = None,
+        flip_shift: bool = False,
+        refine: str = "quarter",
+    ) -> None:
+        super().__init__()
+        self.network = network
+        self.flip_permutation = flip_permutation
+        self.flip_shift = flip_shift
+        self.refine = refine
+
+    def forward(self, images: torch.Tensor, affine: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        scores = predict_scores(self.network, images, self.flip_permutation, self.flip_shift)
+        coords, maxvals = decode(scores, self.refine)
+        return back_project(coords, affine.float(), HEATMAP_STRIDE), maxvals

@@ -1,0 +1,146 @@
+"""launch/export.py: ONNX (run with onnxruntime), ExportedProgram and TorchScript files that
+match pnfs.inference.predict on person crops of the real COCO sample photos."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pnfs.config import config_to_dict, load_config
+from pnfs.evaluate.loading import load_for_inference
+from pnfs.inference import person_inputs, predict, predict_scores
+from pnfs.keypoints import joint_set
+from pnfs.model import build_model
+from pnfs.visualize import read_rgb
+
+REPO = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("pnfs_launch_export", REPO / "launch" / "export.py")
+export_cli = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(export_cli)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    """The demo model with one part (a smaller graph, quicker to export), randomly initialised."""
+    cfg = load_config("demo", ["model.num_parts=1"])
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("export") / "demo.pt"
+    torch.save({"model": build_model(cfg).state_dict(), "config": config_to_dict(cfg)}, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def crops(shared_data, checkpoint) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every annotated person of the 4 COCO sample photos, cropped like the loaders: (images, affine)."""
+    folder = shared_data / "coco_sample"
+    annotations = json.loads((folder / "test_coco.json").read_text())
+    cfg = load_for_inference(checkpoint)[1]
+    images, affines = [], []
+    for image in annotations["images"]:
+        boxes = [a["bbox"] for a in annotations["annotations"] if a["image_id"] == image["id"]]
+        x, a = person_inputs(
+            read_rgb(folder / image["file_name"]), np.array(boxes), tuple(cfg.data.input_size)
+        )
+        images.append(x)
+        affines.append(a)
+    return torch.cat(images), torch.cat(affines)
+
+
+def _expected(checkpoint: Path, images, affine, flip: bool):
+    """pnfs.inference.predict with the training model in eval mode, and which joints have a clear
+    argmax (top-2 gap > 1e-5: where two pixels tie, either runtime may pick either)."""
+    model, cfg = load_for_inference(checkpoint)
+    perm = joint_set(cfg.data.dataset).flip_permutation() if flip else None
+    pred = predict(model, images, affine, flip_permutation=perm)
+    top2 = predict_scores(model, images, perm).flatten(2).topk(2, dim=-1).values
+    clear = (top2[..., 0] - top2[..., 1]) > 1e-5
+    assert clear.float().mean() > 0.8
+    return pred.keypoints.numpy(), pred.scores.numpy(), clear.numpy()
+
+
+def _check(keypoints, scores, expected) -> None:
+    want_keypoints, want_scores, clear = expected
+    assert keypoints.shape == want_keypoints.shape and scores.shape == want_scores.shape
+    np.testing.assert_allclose(scores, want_scores, rtol=0, atol=1e-4)
+    distance = np.abs(keypoints - want_keypoints).max(-1)
+    assert distance[clear].max() <= 0.5, f"keypoints off by up to {distance[clear].max():.2f} px"
+
+
+def _onnx_run(path: Path, images: torch.Tensor, affine: torch.Tensor):
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run(["keypoints", "scores"], {"images": images.numpy(), "affine": affine.numpy()})
+
+
+def test_onnx_with_decoding_and_flip_test_any_batch(checkpoint, crops, tmp_path):
+    out = tmp_path / "pose.onnx"
+    argv = ["--checkpoint", str(checkpoint), "--format", "onnx", "--out", str(out), "--decode", "--flip"]
+    assert export_cli.main([*argv, "--batch", "dynamic"]) == 0
+    images, affine = crops
+    for n in (len(images), 3):  # the batch is free
+        _check(
+            *_onnx_run(out, images[:n], affine[:n]), _expected(checkpoint, images[:n], affine[:n], flip=True)
+        )
+
+
+def test_onnx_with_decoding_at_a_fixed_batch(checkpoint, crops, tmp_path):
+    out = tmp_path / "pose4.onnx"
+    argv = [
+        "--checkpoint",
+        str(checkpoint),
+        "--format",
+        "onnx",
+        "--out",
+        str(out),
+        "--decode",
+        "--batch",
+        "4",
+    ]
+    assert export_cli.main(argv) == 0
+    images, affine = crops[0][:4], crops[1][:4]
+    _check(*_onnx_run(out, images, affine), _expected(checkpoint, images, affine, flip=False))
+    with pytest.raises(Exception, match=r"(?i)dimension|shape"):
+        _onnx_run(out, crops[0][:5], crops[1][:5])
+
+
+def test_torchscript_with_decoding(checkpoint, crops, tmp_path):
+    out = tmp_path / "pose.ts"
+    argv = [
+        "--checkpoint",
+        str(checkpoint),
+        "--format",
+        "torchscript",
+        "--out",
+        str(out),
+        "--decode",
+        "--flip",
+    ]
+    assert export_cli.main(argv) == 0
+    images, affine = crops
+    keypoints, scores = torch.jit.load(str(out))(images, affine)
+    _check(keypoints.numpy(), scores.numpy(), _expected(checkpoint, images, affine, flip=True))
+
+
+def test_exported_program_of_the_score_maps(checkpoint, crops, tmp_path):
+    out = tmp_path / "pose.pt2"
+    assert (
+        export_cli.main(["--checkpoint", str(checkpoint), "--format", "exported-program", "--out", str(out)])
+        == 0
+    )
+    model = load_for_inference(checkpoint)[0]
+    images = crops[0][:5]
+    with torch.no_grad():
+        got = torch.export.load(str(out)).module()(images)
+        torch.testing.assert_close(got, model(images), rtol=0, atol=1e-4)
+
+
+def test_flip_without_decode_is_refused(checkpoint, tmp_path, capsys):
+    argv = ["--checkpoint", str(checkpoint), "--format", "onnx", "--out", str(tmp_path / "x.onnx"), "--flip"]
+    assert export_cli.main(argv) == 2
+    assert "--flip needs --decode" in capsys.readouterr().err
