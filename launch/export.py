@@ -16,18 +16,15 @@ The custom kernels export through their PyTorch references (``PNFS_KERNELS=torch
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
 import torch
 
 from pnfs.config import ConfigError
-from pnfs.deploy import DecodingModel, count_ops, freeze, output_change
+from pnfs.deploy import EXPORT_FORMATS, DecodingModel, count_ops, export_file, freeze, output_change
 from pnfs.evaluate.loading import load_for_inference
 from pnfs.keypoints import joint_set
-
-FORMATS = ("onnx", "torchscript", "exported-program")
 
 
 def parse_batch(text: str) -> int | None:
@@ -46,7 +43,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--checkpoint", required=True, help="training checkpoint (.pt) or a bare state dict")
     p.add_argument("--config", default=None, help="config YAML or preset (default: the checkpoint's own)")
-    p.add_argument("--format", required=True, choices=FORMATS)
+    p.add_argument("--format", required=True, choices=EXPORT_FORMATS)
     p.add_argument("--out", required=True, help="output file (.onnx, .ts, .pt2)")
     p.add_argument("--decode", action="store_true", help="decode inside the graph: keypoints and scores")
     p.add_argument("--flip", action="store_true", help="flip test inside the graph (with --decode)")
@@ -58,32 +55,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def export(
-    module: torch.nn.Module,
-    inputs: tuple[torch.Tensor, ...],
-    names: list[str],
-    fmt: str,
-    out: Path,
-    dynamic: bool,
-) -> None:
-    """Write ``module`` traced on ``inputs`` to ``out`` in ``fmt``; dim 0 free when ``dynamic``."""
-    outputs = ["keypoints", "scores"] if len(inputs) == 2 else ["scores"]
-    batch = torch.export.Dim("batch", min=1, max=1024)
-    shapes = {name: {0: batch} for name in names} if dynamic else None
-    if fmt == "onnx":
-        torch.onnx.export(
-            module, inputs, str(out), input_names=names, output_names=outputs,
-            dynamic_shapes=shapes, dynamo=True, external_data=False,
-        )  # fmt: skip
-    elif fmt == "exported-program":
-        torch.export.save(torch.export.export(module, inputs, dynamic_shapes=shapes), str(out))
-    else:
-        torch.jit.save(torch.jit.trace(module, inputs, check_trace=False), str(out))
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    os.environ["PNFS_KERNELS"] = "torch"  # the graph holds the PyTorch references, not Triton calls
     try:
         if args.flip and not args.decode:
             raise ValueError("--flip needs --decode (the flip test averages score maps inside the graph)")
@@ -114,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         module, inputs, names = frozen, (images,), ["images"]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    export(module, inputs, names, args.format, out, dynamic=args.batch is None)
+    export_file(module, inputs, names, args.format, out, dynamic=args.batch is None)
     batch = "dynamic" if args.batch is None else str(args.batch)
     print(f"wrote {out} ({args.format}, inputs {names} of batch {batch}, {h}x{w}, decode={args.decode})")
     return 0

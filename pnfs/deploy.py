@@ -32,7 +32,9 @@ from __future__ import annotations
 
 import copy
 import itertools
+import os
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -363,3 +365,41 @@ class DecodingModel(nn.Module):
         scores = predict_scores(self.network, images, self.flip_permutation, self.flip_shift)
         coords, maxvals = decode(scores, self.refine)
         return back_project(coords, affine.float(), HEATMAP_STRIDE), maxvals
+
+
+EXPORT_FORMATS = ("onnx", "torchscript", "exported-program")
+
+
+def export_file(
+    module: torch.nn.Module,
+    inputs: tuple[torch.Tensor, ...],
+    names: list[str],
+    fmt: str,
+    out: Path,
+    dynamic: bool,
+) -> None:
+    """Write ``module`` traced on ``inputs`` (named ``names``) to ``out`` in ``fmt`` (one of
+    :data:`EXPORT_FORMATS`); dim 0 of every input is free when ``dynamic``. The custom kernels
+    are traced through their PyTorch references (``PNFS_KERNELS=torch`` while tracing)."""
+    if fmt not in EXPORT_FORMATS:
+        raise ValueError(f"--format {fmt!r}: expected one of {list(EXPORT_FORMATS)}")
+    outputs = ["keypoints", "scores"] if len(inputs) == 2 else ["scores"]
+    batch = torch.export.Dim("batch", min=1, max=1024)
+    shapes = {name: {0: batch} for name in names} if dynamic else None
+    previous = os.environ.get("PNFS_KERNELS")
+    os.environ["PNFS_KERNELS"] = "torch"
+    try:
+        if fmt == "onnx":
+            torch.onnx.export(
+                module, inputs, str(out), input_names=names, output_names=outputs,
+                dynamic_shapes=shapes, dynamo=True, external_data=False,
+            )  # fmt: skip
+        elif fmt == "exported-program":
+            torch.export.save(torch.export.export(module, inputs, dynamic_shapes=shapes), str(out))
+        else:
+            torch.jit.save(torch.jit.trace(module, inputs, check_trace=False), str(out))
+    finally:
+        if previous is None:
+            os.environ.pop("PNFS_KERNELS")
+        else:
+            os.environ["PNFS_KERNELS"] = previous
