@@ -230,7 +230,8 @@ def test_gpu_path_agrees_with_torch_loader(shards):
         assert diff.mean() < 1.5  # 0-255: different JPEG decoders + bilinear rounding
 
 
-def test_dali_cpu_graph_agrees_with_torch_loader(shards):
+def test_dali_graph_agrees_with_torch_loader(shards):
+    """The CPU graph without CUDA, the GPU graph (nvJPEG, GPU warp) with it."""
     from pnfs.data.dali_loader import dali_available
 
     ok, why = dali_available()
@@ -239,6 +240,7 @@ def test_dali_cpu_graph_agrees_with_torch_loader(shards):
     ref, got = _loader_outputs(shards, "torch"), _loader_outputs(shards, "dali")
     assert [len(b) for b in ref] == [len(b) for b in got]
     for a, b in zip(ref, got):
+        b = b.to("cpu")
         assert torch.equal(a.ann_id, b.ann_id) and torch.equal(a.image_id, b.image_id)
         assert (a.keypoints - b.keypoints).abs().max() <= 0.05
         (ta, wa), (tb, wb) = _targets(a), _targets(b)
@@ -304,7 +306,7 @@ def test_dali_batches_are_converted_by_the_plugin_iterator_on_the_cpu_graph_too(
         return out
 
     monkeypatch.setattr(DALIGenericIterator, "__next__", spy)
-    batches = list(_dali_val_loader(shards))
+    batches = list(_dali_val_loader(shards, device="cpu"))
     assert len(seen) >= len(batches) == 4  # 14 val samples in batches of 4: 4, 4, 4, 2
     dtypes = dict(image=torch.float32, xy=torch.float32, kp=torch.float32, to_input=torch.float32,
                   score=torch.float32, ids=torch.int64, aug=torch.float32)  # fmt: skip
@@ -330,7 +332,7 @@ def test_dali_cpu_outputs_reach_a_batch_on_another_device(shards):
 
     if not dali_available()[0]:
         pytest.skip(dali_available()[1])
-    ref = list(_dali_val_loader(shards))
+    ref = list(_dali_val_loader(shards, device="cpu"))
     got = list(_dali_val_loader(shards, device="meta"))
     assert len(got) == len(ref)
     for a, b in zip(ref, got):
@@ -338,6 +340,33 @@ def test_dali_cpu_outputs_reach_a_batch_on_another_device(shards):
             x, y = getattr(a, name), getattr(b, name)
             assert x.device.type == "cpu" and y.device.type == "meta", name
             assert (x.shape, x.dtype) == (y.shape, y.dtype), name
+
+
+@pytest.mark.gpu
+def test_dali_gpu_graph_puts_images_on_the_gpu_and_the_rest_on_the_cpu_then_all_on_cuda(shards, monkeypatch):
+    from pnfs.data.dali_loader import dali_available
+
+    if not dali_available()[0]:
+        pytest.skip(dali_available()[1])
+    from nvidia.dali.plugin.pytorch import DALIGenericIterator
+
+    devices: list[dict[str, str]] = []
+    plugin_next = DALIGenericIterator.__next__
+
+    def spy(self):
+        out = plugin_next(self)
+        devices.append({k: v.device.type for k, v in out[0].items()})
+        return out
+
+    monkeypatch.setattr(DALIGenericIterator, "__next__", spy)
+    got = list(_dali_val_loader(shards, device="cuda"))
+    ref = list(_dali_val_loader(shards, device="cpu"))
+    assert devices and all(d.pop("image") == "cuda" and set(d.values()) == {"cpu"} for d in devices)
+    for a, b in zip(ref, got, strict=True):
+        assert all(getattr(b, f).device.type == "cuda" for f in ("image", "keypoints", "affine", "score"))
+        b = b.to("cpu")
+        assert torch.equal(a.ann_id, b.ann_id) and (a.keypoints - b.keypoints).abs().max() <= 1e-4
+        assert (denormalise(a.image) - denormalise(b.image)).abs().mean() < 1.5  # nvJPEG vs libjpeg
 
 
 def test_augmented_grid_png_and_flip_swaps_joints_with_the_pixels(shards, tmp_path):

@@ -12,12 +12,13 @@ the keypoints (``fn.coord_transform``). DALI puts pixel centres at +0.5 whereas 
 them at integers, so the warp gets ``T(+0.5) · M · T(-0.5)``. Left/right joint swap of
 flipped samples and the label weights are applied to the outputs in torch.
 
-Decoding runs on ``mixed`` (nvJPEG) with CUDA, else on the CPU (``device_id=None``: a
-CPU-only graph, what the tests run). The graph's outputs become torch tensors through DALI's
-own PyTorch plugin (``DALIGenericIterator``), which puts each output where DALI produced it:
-a GPU graph's images on its GPU (on torch's current stream), the keypoints, matrices, ids and
-augmentation parameters (CPU operators in both graphs) on the CPU. The CPU and GPU graphs
-therefore share every line of the conversion; only the batch's final ``.to(device)`` differs.
+Decoding runs on ``mixed`` (nvJPEG) when the batches go to a CUDA device, else on the CPU
+(``device_id=None``: a CPU-only graph, what the tests run without CUDA). The graph's outputs
+become torch tensors through DALI's own PyTorch plugin (``DALIGenericIterator``), which puts
+each output where DALI produced it: a GPU graph's images on its GPU (on torch's current
+stream), the keypoints, matrices, ids and augmentation parameters (CPU operators in both
+graphs) on the CPU. The CPU and GPU graphs therefore share every line of the conversion;
+only the batch's final ``.to(device)`` differs.
 
 Order: the reader's own (seeded per epoch when shuffling: ``random_shuffle`` with ``seed``
 from (seed, epoch)); ranks read ``shard_id=rank`` of ``num_shards=world``. Batch counts follow
@@ -194,19 +195,19 @@ class DaliPoseLoader:
         input_size: tuple[int, int],
         margin: float,
         flip_perm: list[int],
-        device_id: int | None = None,
         device: torch.device | str | None = None,
     ):
-        """device_id: the GPU the graph runs on (None: the current CUDA device, or a CPU graph
-        without CUDA); device: where the batches go (default: that GPU, or the CPU)."""
+        """device: where the batches go (default: the current CUDA device, else the CPU). The
+        graph runs on that GPU when it is a CUDA device, else on the CPU."""
         ok, why = dali_available()
         if not ok:
             raise RuntimeError(f"data.loader=dali: {why}")
-        if device_id is None and torch.cuda.is_available():
-            device_id = torch.cuda.current_device()
         if device is None:
-            device = torch.device("cuda", device_id) if device_id is not None else torch.device("cpu")
+            device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        device_id = self.device.index if self.device.type == "cuda" else None
         self.plan, self.batch_size, self.start_sample = plan, batch_size, start_sample
         self.input_size, self.flip_perm = tuple(input_size), flip_perm
         nonempty = [i for i, n in enumerate(shards.counts) if n > 0]
