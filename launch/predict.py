@@ -1,11 +1,27 @@
-"""Poses on one image: skeletons drawn on it (PNG) and the keypoints as JSON.
+"""Poses on photos or video frames: skeletons drawn on them (PNG) and the keypoints as JSON.
 
-    python launch/predict.py --checkpoint CKPT --image photo.jpg [--box x,y,w,h ...] [--out DIR]
+    python launch/predict.py --checkpoint CKPT --image photo.jpg [--out DIR]
+    python launch/predict.py --checkpoint CKPT --image photos/ [--boxes detections.json]
+    python launch/predict.py --checkpoint CKPT --video clip.mp4 [--box x,y,w,h ...]
 
-Each --box is one person (x, y, width, height in image pixels); without any, the whole
-image is one box. Writes DIR/<image stem>_pose.png and DIR/<image stem>_pose.json with, per
-person, the box, the keypoints [[x, y, score], ...] in image pixels and the instance score
-(mean of the joint scores above eval.rescore_threshold).
+Person boxes, in this order of precedence:
+
+* ``--box x,y,w,h`` (repeatable): the same boxes on every image (image pixels);
+* ``--boxes file.json``: COCO detection results (a list of ``{"image_id", "bbox": [x, y, w, h],
+  "score", "category_id"}``; an entry may name its image by ``"file_name"`` instead). An
+  image's id is its file stem read as a number (``000000000785.jpg`` -> 785); entries with a
+  category other than 1 (person) or a score below ``--det-score`` are skipped;
+* otherwise a torchvision person detector (``--detector``, default
+  fasterrcnn_mobilenet_v3_large_fpn, COCO weights from torchvision's cache:
+  :mod:`pnfs.detector`) keeps the people scoring at least ``--det-score``;
+  ``--detector none`` makes the whole image one box.
+
+``--image`` takes a file or a folder (its .jpg/.jpeg/.png/.bmp files); ``--video`` reads the
+frames of a video file through OpenCV. Per image (per frame: ``<video stem>_<frame:06d>``)
+DIR gets ``<stem>_pose.png`` and ``<stem>_pose.json`` with, per person, the box, its detection
+score, the keypoints [[x, y, score], ...] in image pixels and the instance score (mean of the
+joint scores above eval.rescore_threshold). The network is the frozen model
+(:func:`pnfs.deploy.freeze`) under ``eval.amp``.
 """
 
 from __future__ import annotations
@@ -13,19 +29,24 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import cv2
 import numpy as np
 import torch
 
-from pnfs.config import ConfigError
+from pnfs.config import Config, ConfigError
 from pnfs.deploy import freeze
+from pnfs.detector import DEFAULT_DETECTOR, PersonDetector
 from pnfs.evaluate.coco import instance_scores
 from pnfs.evaluate.loading import load_for_inference
 from pnfs.inference import inference_amp, person_inputs, predict
 from pnfs.keypoints import joint_set
 from pnfs.visualize import draw_poses, read_rgb, save_rgb
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
+Boxes = tuple[np.ndarray, np.ndarray]  # [P, 4] x, y, w, h and [P] detection scores
 
 
 def parse_box(text: str) -> list[float]:
@@ -42,10 +63,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--checkpoint", required=True, help="training checkpoint (.pt) or a bare state dict")
     p.add_argument("--config", default=None, help="config YAML or preset (default: the checkpoint's own)")
-    p.add_argument("--image", required=True, help="an image file (JPEG, PNG, ...)")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--image", help="an image file (JPEG, PNG, ...) or a folder of them")
+    source.add_argument("--video", help="a video file (frames read through OpenCV)")
     p.add_argument(
         "--box", action="append", type=parse_box, default=[], help="person box x,y,w,h (repeatable)"
     )
+    p.add_argument("--boxes", default=None, help="COCO detection-result json with the person boxes")
+    p.add_argument(
+        "--detector",
+        default=DEFAULT_DETECTOR,
+        help=f"torchvision detection model for the boxes (default {DEFAULT_DETECTOR}); none: whole image",
+    )
+    p.add_argument("--det-score", type=float, default=0.5, help="keep detections scoring at least this")
     p.add_argument("--out", default="runs/predict", help="output folder (default runs/predict)")
     p.add_argument("--no-flip", action="store_true", help="no flip test")
     p.add_argument(
@@ -59,53 +89,167 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+# --------------------------------------------------------------------------- inputs and boxes
+
+
+def read_frames(args: argparse.Namespace) -> Iterator[tuple[str, str, np.ndarray]]:
+    """(stem, source, RGB uint8 image) for the --image file, the images of the --image folder,
+    or the frames of the --video file. Missing inputs raise here, before any frame is read."""
+    if args.video is None:
+        files = image_files(Path(args.image))
+        return ((path.stem, str(path), read_rgb(path)) for path in files)
+    capture = cv2.VideoCapture(str(args.video))
+    if not capture.isOpened():
+        raise ValueError(f"--video {args.video!r}: OpenCV cannot open it")
+
+    def frames() -> Iterator[tuple[str, str, np.ndarray]]:
+        stem, index = Path(args.video).stem, 0
+        try:
+            while True:
+                ok, bgr = capture.read()
+                if not ok:
+                    return
+                yield f"{stem}_{index:06d}", f"{args.video}#{index}", cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+                index += 1
+        finally:
+            capture.release()
+
+    return frames()
+
+
+def image_files(path: Path) -> list[Path]:
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            raise ValueError(f"--image {str(path)!r}: the folder holds no {'/'.join(IMAGE_SUFFIXES)} files")
+        return files
+    if not path.is_file():
+        raise ValueError(f"--image {str(path)!r}: no such file or folder")
+    return [path]
+
+
+def read_detections(path: str, min_score: float) -> dict[str, list[tuple[list[float], float]]]:
+    """COCO detection results -> {image key: [(bbox, score), ...]}; keys are ``id:<n>`` or
+    ``file:<name>``. Non-person and low-scoring entries are skipped."""
     try:
-        model, cfg = load_for_inference(args.checkpoint, args.config, args.overrides)
-        image = read_rgb(args.image)
-    except (ConfigError, ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    height, width = image.shape[:2]
-    boxes = np.asarray(args.box or [[0.0, 0.0, float(width), float(height)]], dtype=np.float64)
+        entries = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ValueError(f"--boxes {path!r}: cannot read it as JSON: {err}") from None
+    if not isinstance(entries, list):
+        raise ValueError(f"--boxes {path!r}: expected a list of COCO detection results")
+    found: dict[str, list[tuple[list[float], float]]] = {}
+    for i, entry in enumerate(entries):
+        bbox = entry.get("bbox") if isinstance(entry, dict) else None
+        if not (isinstance(bbox, list) and len(bbox) == 4 and bbox[2] > 0 and bbox[3] > 0):
+            raise ValueError(f"--boxes {path!r}: entry {i} has no bbox [x, y, w, h] with w, h > 0: {entry!r}")
+        score = float(entry.get("score", 1.0))
+        if entry.get("category_id", 1) != 1 or score < min_score:
+            continue
+        key = f"file:{entry['file_name']}" if "file_name" in entry else f"id:{int(entry['image_id'])}"
+        found.setdefault(key, []).append(([float(v) for v in bbox], score))
+    return found
+
+
+def box_source(args: argparse.Namespace) -> Callable[[str, np.ndarray], Boxes]:
+    """(stem, image) -> (boxes, scores) from --box, --boxes, the detector or the whole image."""
+    if args.box:
+        fixed = np.asarray(args.box, dtype=np.float64)
+        return lambda stem, image: (fixed, np.ones(len(fixed)))
+    if args.boxes is not None:
+        table = read_detections(args.boxes, args.det_score)
+        suffixes = {Path(p).stem: Path(p).name for p in ([args.image] if args.image else [])}
+
+        def from_table(stem: str, image: np.ndarray) -> Boxes:
+            keys = [f"id:{int(stem)}"] if stem.isdigit() else []
+            names = {suffixes.get(stem, stem)} | {stem + s for s in IMAGE_SUFFIXES}
+            keys += [f"file:{n}" for n in names]
+            rows = [row for k in keys for row in table.get(k, [])]
+            return np.asarray([b for b, _ in rows], np.float64).reshape(-1, 4), np.asarray(
+                [s for _, s in rows]
+            )
+
+        return from_table
+    if args.detector == "none":
+        return lambda stem, image: (
+            np.asarray([[0.0, 0.0, float(image.shape[1]), float(image.shape[0])]]),
+            np.ones(1),
+        )
+    detector = PersonDetector(args.detector, args.det_score, args.device)
+    return lambda stem, image: detector(image)
+
+
+# --------------------------------------------------------------------------- poses and outputs
+
+
+def write_poses(
+    model: torch.nn.Module,
+    cfg: Config,
+    args: argparse.Namespace,
+    stem: str,
+    source: str,
+    image: np.ndarray,
+    boxes: Boxes,
+    amp_dtype: torch.dtype | None,
+) -> int:
+    """Poses of the people in ``boxes`` on ``image`` -> DIR/<stem>_pose.png and .json; returns P."""
     joints = joint_set(cfg.data.dataset)
-    device = torch.device(args.device)
-    inputs, affine = person_inputs(image, boxes, tuple(cfg.data.input_size), cfg.data.margin)
-    amp_dtype, amp_line = inference_amp(cfg.eval.amp, device)
-    print(amp_line)
-    pred = predict(
-        freeze(model.to(device)),
-        inputs.to(device),
-        affine.to(device),
-        flip_permutation=None if args.no_flip else joints.flip_permutation(),
-        flip_shift=cfg.eval.flip_shift,
-        refine=cfg.eval.refine,
-        amp_dtype=amp_dtype,
-    )
-    keypoints, scores = pred.keypoints.cpu().numpy(), pred.scores.cpu().numpy()
-    people = instance_scores(np.ones(len(boxes)), scores, cfg.eval.rescore_threshold)
+    box_xywh, box_scores = boxes
+    k = joints.num_joints
+    keypoints, scores = np.zeros((0, k, 2)), np.zeros((0, k))
+    if len(box_xywh):
+        device = torch.device(args.device)
+        inputs, affine = person_inputs(image, box_xywh, tuple(cfg.data.input_size), cfg.data.margin)
+        pred = predict(
+            model,
+            inputs.to(device).contiguous(memory_format=torch.channels_last),
+            affine.to(device),
+            flip_permutation=None if args.no_flip else joints.flip_permutation(),
+            flip_shift=cfg.eval.flip_shift,
+            refine=cfg.eval.refine,
+            amp_dtype=amp_dtype,
+        )
+        keypoints, scores = pred.keypoints.cpu().numpy(), pred.scores.cpu().numpy()
+    people = instance_scores(box_scores, scores, cfg.eval.rescore_threshold)
     min_score = cfg.eval.rescore_threshold if args.min_score is None else args.min_score
-    picture = draw_poses(image, keypoints, joints, scores, min_score)
-    for x, y, w, h in boxes:
+    picture = draw_poses(image, keypoints, joints, scores, min_score) if len(box_xywh) else image.copy()
+    for x, y, w, h in box_xywh:
         cv2.rectangle(picture, (round(x), round(y)), (round(x + w), round(y + h)), (255, 255, 255), 1)
     out = Path(args.out)
-    stem = Path(args.image).stem
     save_rgb(out / f"{stem}_pose.png", picture)
     record = {
-        "image": str(args.image),
+        "image": source,
         "joints": list(joints.joints),
         "people": [
             {
                 "box": box.tolist(),
-                "keypoints": np.concatenate([k, s[:, None]], 1).round(3).tolist(),
+                "box_score": float(b),
+                "keypoints": np.concatenate([kp, s[:, None]], 1).round(3).tolist(),
                 "score": float(p),
             }
-            for box, k, s, p in zip(boxes, keypoints, scores, people)
+            for box, b, kp, s, p in zip(box_xywh, box_scores, keypoints, scores, people)
         ],
     }
     (out / f"{stem}_pose.json").write_text(json.dumps(record, indent=1))
-    print(f"{len(boxes)} people -> {out / f'{stem}_pose.png'}, {out / f'{stem}_pose.json'}")
+    return len(box_xywh)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        model, cfg = load_for_inference(args.checkpoint, args.config, args.overrides)
+        frames = read_frames(args)
+        boxes_of = box_source(args)
+        amp_dtype, amp_line = inference_amp(cfg.eval.amp, args.device)
+        print(amp_line)
+        network = freeze(model.to(args.device))
+        count = people = 0
+        for stem, source, image in frames:
+            people += write_poses(network, cfg, args, stem, source, image, boxes_of(stem, image), amp_dtype)
+            count += 1
+    except (ConfigError, ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"{people} people on {count} image(s) -> {Path(args.out)}/*_pose.png, *_pose.json")
     return 0
 
 
