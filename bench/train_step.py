@@ -2,7 +2,7 @@
 
     python bench/train_step.py [--config CFG] [--batch N] [--device cpu|cuda] [--json FILE]
 
-The step is the engine's (:func:`pnfs.engine.trainer.batch_loss`: the model in the memory
+The step is the engine's (:func:`pnfs.loss.batch_loss`: the model in the memory
 format of ``train.channels_last``, bf16 autocast on CUDA, Gaussian targets on the device,
 weighted MSE) plus backward and an Adam step over weights and alpha/beta (the synchronous
 search). Batches are random tensors of the config's input size, so data loading is not
@@ -61,8 +61,9 @@ def peak_memory_mb(device: torch.device) -> float:
 def measure(args: argparse.Namespace, kernels: str, compiled: bool) -> dict:
     """One case in this process (``PNFS_KERNELS`` is set by the parent before torch starts)."""
     from pnfs.config import load_config
+    from pnfs.engine.runtime import amp_dtype
     from pnfs.engine.strategies import build_optimizers
-    from pnfs.engine.trainer import amp_dtype, batch_loss
+    from pnfs.loss import batch_loss, loss_setup
     from pnfs.model import build_model
 
     device = torch.device(args.device)
@@ -76,9 +77,10 @@ def measure(args: argparse.Namespace, kernels: str, compiled: bool) -> dict:
     opt = build_optimizers(model, cfg).weights
     forward = torch.compile(model) if compiled else model
     dtype = amp_dtype(cfg, device)
+    setup = loss_setup(model, cfg.data.sigma, device, dtype, cfg.train.channels_last)
 
     def train_step() -> float:
-        loss = batch_loss(forward, batch, cfg, device, dtype)
+        loss = batch_loss(forward, batch, setup)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,9 @@ import torch
 from torch import nn
 
 from pnfs.config import Config, ConfigError
-from pnfs.engine.distributed import DistContext
+from pnfs.engine.distributed import DistContext, all_reduce_sum_
+from pnfs.engine.guard import StepRecord
+from pnfs.loss import LossSetup, batch_loss
 
 
 def load_deepspeed_config(path: str | Path, cfg: Config, ctx: DistContext) -> dict[str, Any]:
@@ -93,3 +96,24 @@ def initialize_deepspeed(
         kwargs["optimizer"] = optimizer
     engine, _, _, _ = deepspeed.initialize(**kwargs)
     return engine
+
+
+def deepspeed_step(
+    engine,
+    batch: Any,
+    setup: LossSetup,
+    record: StepRecord,
+    arch_params: list[nn.Parameter],
+    loss_fn: Callable,
+) -> None:
+    """One weight step through DeepSpeed. DeepSpeed owns backward and step and cannot skip a step
+    on the device, so this step asks on the host whether every rank's loss is finite (one
+    all-reduce, one sync) before it commits (docs/design.md §7)."""
+    loss = batch_loss(engine, batch, setup, loss_fn)
+    finite = torch.isfinite(all_reduce_sum_(loss.detach().float().reshape(1))[0])
+    if bool(finite):
+        engine.backward(loss)
+        engine.step()
+    for p in arch_params:
+        p.grad = None  # darts1: DeepSpeed leaves alone the grads of tensors it does not optimize
+    record.add(loss, finite)

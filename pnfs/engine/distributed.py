@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 DEFAULT_TIMEOUT_S = 600.0
 
@@ -148,3 +149,34 @@ def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(t)
     return t.tolist()
+
+
+def all_reduce_sum_(tensor: torch.Tensor) -> torch.Tensor:
+    """In-place sum over ranks of one tensor (a no-op without a process group); returns it."""
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(tensor)
+    return tensor
+
+
+def average_gradients(params: list[nn.Parameter], world_size: int) -> None:
+    """All-reduce mean of ``p.grad`` (the darts1 architecture step, which bypasses DDP)."""
+    if world_size == 1:
+        return
+    for p in params:
+        if p.grad is not None:
+            dist.all_reduce(p.grad)
+            p.grad.div_(world_size)
+
+
+def average_buffers(model: nn.Module, world_size: int) -> None:
+    """All-reduce mean of the floating-point buffers (BatchNorm running statistics).
+
+    DDP broadcasts rank 0's buffers at every forward, so between epochs the ranks' running
+    statistics differ by the last batch; averaging them at the end of each epoch gives every
+    rank (and the evaluation) the same model, with statistics from all ranks' data."""
+    if world_size == 1:
+        return
+    for buf in model.buffers():
+        if buf.is_floating_point():
+            dist.all_reduce(buf)
+            buf.div_(world_size)

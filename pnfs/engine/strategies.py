@@ -52,7 +52,7 @@ def prepare_architecture(model: nn.Module, cfg: Config) -> None:
 def weight_param_groups(model: nn.Module, cfg: Config) -> list[nn.Parameter]:
     """Parameters of the weight optimizer: weights, plus alpha/beta under ``sync``.
 
-    Parameters that do not require gradients are left out (DESIGN §6: no dead parameters).
+    Parameters that do not require gradients are left out (docs/design.md §6: no dead parameters).
     """
     weights = [p for p in model.weight_parameters() if p.requires_grad]
     if cfg.search.strategy == "sync":
@@ -60,23 +60,32 @@ def weight_param_groups(model: nn.Module, cfg: Config) -> list[nn.Parameter]:
     return weights
 
 
-def build_optimizers(model: nn.Module, cfg: Config) -> Optimizers:
+def build_optimizers(model: nn.Module, cfg: Config, fused_weights: bool = False) -> Optimizers:
     """Adam(lr=train.lr) over :func:`weight_param_groups`; darts1 adds Adam over alpha/beta.
 
     ``model`` is the bare module (not the DDP wrapper): parameters are the same tensors.
+    The architecture Adam, and the weight Adam with ``fused_weights`` (not handed to DeepSpeed),
+    are PyTorch's fused Adam, whose ``found_inf`` input skips a step on the device
+    (:func:`pnfs.engine.step.apply_if_finite`; docs/design.md §7).
     """
     arch = list(model.arch_parameters())
     arch_ids = _ids(arch)
     weights = weight_param_groups(model, cfg)
     if cfg.search.strategy != "sync":
         assert not (_ids(weights) & arch_ids), "alpha/beta must not be in the weight optimizer"
-    weight_opt = torch.optim.Adam(weights, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    weight_opt = torch.optim.Adam(
+        weights, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay, fused=fused_weights
+    )
     arch_opt = None
     if cfg.search.strategy == "darts1":
         if not arch:
             raise ConfigError("search.strategy: 'darts1' but the model has no architecture parameters")
         arch_opt = torch.optim.Adam(
-            arch, lr=cfg.search.arch_lr, betas=(0.5, 0.999), weight_decay=cfg.search.arch_weight_decay
+            arch,
+            lr=cfg.search.arch_lr,
+            betas=(0.5, 0.999),
+            weight_decay=cfg.search.arch_weight_decay,
+            fused=True,
         )
     return Optimizers(weight_opt, arch_opt)
 

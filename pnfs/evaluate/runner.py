@@ -1,7 +1,7 @@
 """Evaluate a model over a (sharded) validation loader: COCO AP or MPII PCKh.
 
 Every rank runs inference on its share of the loader; predictions are gathered on rank 0
-with ``torch.distributed.all_gather_object`` (when a process group is initialised),
+with :func:`pnfs.engine.distributed.all_gather_objects` (when a process group is initialised),
 de-duplicated by (image_id, ann_id) and sorted, so each sample counts exactly once and
 the metrics do not depend on the world size.
 """
@@ -19,6 +19,7 @@ import torch.distributed as dist
 from pnfs.config import Config
 from pnfs.data.batch import PoseBatch
 from pnfs.deploy import freeze
+from pnfs.engine.distributed import all_gather_objects
 from pnfs.evaluate.coco import coco_results, evaluate_keypoints, format_table
 from pnfs.evaluate.mpii import load_mpii_ground_truth, table_iv
 from pnfs.evaluate.oks import joint_sigmas
@@ -106,13 +107,9 @@ def _draw_crops(batch, input_keypoints, scores, joints: JointSet, out: Path, sta
 
 def gather_predictions(local: dict[str, np.ndarray], world_size: int) -> dict[str, np.ndarray] | None:
     """All ranks' predictions merged on rank 0: each (image_id, ann_id) once, sorted; None elsewhere."""
-    if world_size > 1 and dist.is_available() and dist.is_initialized():
-        shares: list = [None] * dist.get_world_size()
-        dist.all_gather_object(shares, local)
-        if dist.get_rank() != 0:
-            return None
-    else:
-        shares = [local]
+    shares = all_gather_objects(local) if world_size > 1 else [local]
+    if world_size > 1 and dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
+        return None
     merged = {name: np.concatenate([s[name] for s in shares]) for name in FIELDS}
     keys = np.stack([merged["image_id"], merged["ann_id"]], 1)
     _, first = np.unique(keys, axis=0, return_index=True)  # sorted by (image_id, ann_id)

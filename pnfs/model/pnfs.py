@@ -7,6 +7,11 @@ channels with its own 1x1 conv (skipped where the channels already match), runs 
 6-cell fabric (own alpha, own betas), and predicts J_p*d channels; the squashed scores of
 its joints are added into the K-joint map, so a joint in several parts (P=8) gets the sum
 of their scores (range [0, 2) there, [0, 1) otherwise).
+
+Training asks for the vectors instead, ``model(images, vectors=True)`` -> [N, sum_p J_p*d,
+H/4, W/4] (the parts' vectors in part order, joint ``vector_joints[i]`` in channels i*d ..
+i*d+d-1), when every joint is in exactly one part: the loss then squashes them itself
+(:mod:`pnfs.loss`, docs/design.md §2). The forward is the same up to the last step.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import torch
 from torch import nn
 
 from pnfs.config import Config
+from pnfs.kernels import squash_score
 from pnfs.keypoints import joint_set
 from pnfs.model.backbones import FabricBackbone, build_backbone
 from pnfs.model.cell import Cell
@@ -47,10 +53,14 @@ class PartNetwork(nn.Module):
         self.fabric = part_fabric(channels, hidden_nodes, ops)
         self.head = VectorHead(channels * SCALES[0], num_joints, vector_dim)
 
+    def vectors(self, pyramid: Sequence[torch.Tensor]) -> torch.Tensor:
+        """pyramid levels [N, c_s, H/s, W/s] -> vectors [N, J_p*d, H/4, W/4]."""
+        inputs = {s: adapt(x) for s, adapt, x in zip(SCALES, self.adapters, pyramid)}
+        return self.head.vectors(self.fabric(inputs)[SCALES[0]])
+
     def forward(self, pyramid: Sequence[torch.Tensor]) -> torch.Tensor:
         """pyramid levels [N, c_s, H/s, W/s] -> scores [N, J_p, H/4, W/4]."""
-        inputs = {s: adapt(x) for s, adapt, x in zip(SCALES, self.adapters, pyramid)}
-        return self.head(self.fabric(inputs)[SCALES[0]])
+        return squash_score(self.vectors(pyramid), self.head.vector_dim)
 
 
 class PoseNFS(nn.Module):
@@ -73,18 +83,28 @@ class PoseNFS(nn.Module):
         self.joint_names = list(joint_names)
         self.part_names = list(part_names)
         self.part_joints = [list(p) for p in parts]
+        self.vector_dim = vector_dim
+        order = [j for p in self.part_joints for j in p]
+        # the joint of each vector of forward(vectors=True); None when some joint is in several parts or none
+        self.vector_joints = order if sorted(order) == list(range(self.num_joints)) else None
         self.parts = nn.ModuleList(
             PartNetwork(backbone.channels, channels, hidden_nodes, ops, len(p), vector_dim) for p in parts
         )
         for k, joints in enumerate(self.part_joints):
             self.register_buffer(f"joint_index_{k}", torch.tensor(joints, dtype=torch.long), persistent=False)
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """images [N, 3, H, W] -> scores [N, K, H/4, W/4]; joints in several parts summed."""
+    def forward(self, images: torch.Tensor, vectors: bool = False) -> torch.Tensor:
+        """images [N, 3, H, W] -> scores [N, K, H/4, W/4], joints in several parts summed;
+        ``vectors``: the parts' vectors [N, K*d, H/4, W/4] (only where ``vector_joints`` is set)."""
+        if vectors and self.vector_joints is None:
+            raise ValueError("PoseNFS: vectors=True needs every joint in exactly one part (not P=8)")
         pyramid = self.backbone(images)
+        part_vectors = [part.vectors(pyramid) for part in self.parts]
+        if vectors:
+            return torch.cat(part_vectors, dim=1)
         scores = None
-        for k, part in enumerate(self.parts):
-            part_scores = part(pyramid)
+        for k, v in enumerate(part_vectors):
+            part_scores = squash_score(v, self.vector_dim)
             if scores is None:
                 n, _, h, w = part_scores.shape
                 scores = part_scores.new_zeros(n, self.num_joints, h, w)

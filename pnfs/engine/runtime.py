@@ -1,0 +1,39 @@
+"""Process-wide settings of a run: determinism, the autocast dtype, the weights' digest."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+
+import torch
+from torch import nn
+
+from pnfs.config import Config
+
+
+def set_determinism(cfg: Config) -> None:
+    """``train.deterministic``: deterministic kernels (bitwise resume); else cuDNN autotuning on GPU."""
+    if cfg.train.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    elif torch.cuda.is_available():
+        torch.backends.cudnn.benchmark = True
+
+
+def amp_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:
+    """bf16 autocast on CUDA (``train.amp`` auto or bf16); fp32 on CPU unless bf16 is asked for."""
+    if cfg.train.amp == "none":
+        return None
+    if cfg.train.amp == "bf16" or device.type == "cuda":
+        return torch.bfloat16
+    return None
+
+
+def model_digest(model: nn.Module) -> str:
+    """sha256 over every tensor of the state dict (names and bytes): equal iff bitwise equal."""
+    h = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        h.update(name.encode())
+        h.update(tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()

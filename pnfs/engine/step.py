@@ -1,0 +1,86 @@
+"""One training step, start to end on the device (docs/design.md §1, §7).
+
+    loss   = pose_loss(model(x), y, w)                 (pnfs.loss.batch_loss)
+    grads  = grad loss                                 (DDP all-reduces them in the backward)
+    norm   = ||grads||, clipped to train.grad_clip
+    finite = isfinite(norm)                            (the same on every rank)
+    Adam step with found_inf = not finite              (fused Adam: a skipped step changes nothing)
+
+Nothing here waits for the device: the loss and the flag go to a :class:`StepRecord` that the
+host reads once per log interval. A rank whose loss is not finite poisons one gradient element
+(``loss + 0 * loss * anchor``), so the all-reduce carries the flag to every rank and the norm is
+non-finite everywhere: no extra collective per step.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from pnfs.engine.distributed import average_gradients
+from pnfs.engine.guard import StepRecord
+from pnfs.loss import LossSetup, batch_loss, pose_loss
+
+
+@dataclass
+class StepParts:
+    """What one optimizer step touches. ``forward`` runs the batch (the bare model or its DDP /
+    compiled wrapper); ``module`` is the bare model; ``params`` are ``optimizer``'s tensors."""
+
+    forward: nn.Module
+    module: nn.Module
+    optimizer: torch.optim.Optimizer
+    params: list[nn.Parameter]
+    setup: LossSetup
+    record: StepRecord
+    max_norm: float  # train.grad_clip; 0: no clipping
+
+
+def poison_non_finite(loss: torch.Tensor, anchor: nn.Parameter) -> torch.Tensor:
+    """``loss`` with the same value and gradients, except that a non-finite loss makes the
+    gradient of one element of ``anchor`` NaN (0 * inf = NaN), which the all-reduce spreads."""
+    return loss + (loss.detach() * 0.0) * anchor.reshape(-1)[0]
+
+
+def clipped_norm(params: list[nn.Parameter], max_norm: float) -> torch.Tensor:
+    """Total 2-norm of the gradients before clipping them to ``max_norm`` (0: no clipping)."""
+    return torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else math.inf)
+
+
+def apply_if_finite(optimizer: torch.optim.Optimizer, finite: torch.Tensor) -> None:
+    """Fused Adam's ``found_inf`` path (as GradScaler drives it): parameters, moments and the
+    step count stay as they are when ``finite`` is False. No host sync."""
+    optimizer.found_inf = (~finite).to(torch.float32)
+    optimizer.step()
+
+
+def weight_step(s: StepParts, batch: Any, loss_fn: Callable[..., torch.Tensor] = pose_loss) -> None:
+    """One step of the weight optimizer on ``batch`` (alpha/beta included under ``sync``)."""
+    loss = batch_loss(s.forward, batch, s.setup, loss_fn)
+    poison_non_finite(loss, s.params[0]).backward()
+    finite = torch.isfinite(clipped_norm(s.params, s.max_norm))
+    apply_if_finite(s.optimizer, finite)
+    s.module.zero_grad(set_to_none=True)
+    s.record.add(loss, finite)
+
+
+def arch_step(
+    s: StepParts, batch: Any, world_size: int, loss_fn: Callable[..., torch.Tensor] = pose_loss
+) -> None:
+    """darts1: one Adam_arch step on grad_{alpha,beta} of the held-out batch's loss. Runs the bare
+    module (no DDP reduction of the weight gradients) and all-reduces only alpha/beta's."""
+    loss = batch_loss(s.module, batch, s.setup, loss_fn)
+    grads = torch.autograd.grad(poison_non_finite(loss, s.params[0]), s.params, allow_unused=True)
+    for p, g in zip(s.params, grads):
+        p.grad = g
+    average_gradients(s.params, world_size)
+    finite = torch.isfinite(clipped_norm(s.params, s.max_norm))
+    apply_if_finite(s.optimizer, finite)
+    for p in s.params:
+        p.grad = None
+    s.record.add_flag(finite)

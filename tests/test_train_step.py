@@ -1,0 +1,163 @@
+"""The lean training step (issue 12): the fused loss equals the score path, a non-finite step
+changes nothing and is counted, and no step talks to the host between log reads."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from pnfs.config import load_config
+from pnfs.data.batch import PoseBatch
+from pnfs.data.targets import gaussian_targets
+from pnfs.engine.guard import NonFiniteGuard, NonFiniteLossError, StepRecord
+from pnfs.engine.step import StepParts, weight_step
+from pnfs.engine.strategies import build_optimizers
+from pnfs.loss import batch_loss, loss_setup, pose_loss
+from pnfs.model import build_model
+
+# a few thousand parameters at 64x64 (as the engine tests' TINY_OVERRIDES)
+TINY = [
+    "data.dataset=coco",
+    "data.input_size=[64,64]",
+    "model.backbone.name=fabric",
+    "model.backbone.fabric_channels=2",
+    "model.backbone.fabric_layers=3",
+    "model.channels=2",
+    "train.device=cpu",
+]
+
+
+def tiny(*overrides: str):
+    cfg = load_config(None, [*TINY, *overrides])
+    torch.manual_seed(0)
+    return cfg, build_model(cfg)
+
+
+def random_batch(cfg, n: int = 3, seed: int = 0) -> PoseBatch:
+    h, w = cfg.data.input_size
+    g = torch.Generator().manual_seed(seed)
+    kp = torch.rand(n, cfg.num_joints, 3, generator=g)
+    kp[..., 0] *= w - 1
+    kp[..., 1] *= h - 1
+    kp[..., 2] = (kp[..., 2] > 0.2).float()  # some joints unlabelled
+    return PoseBatch(
+        image=torch.randn(n, 3, h, w, generator=g),
+        keypoints=kp,
+        affine=torch.eye(2, 3).expand(n, 2, 3).clone(),
+        image_id=torch.arange(n),
+        ann_id=torch.arange(n),
+        score=torch.ones(n),
+    )
+
+
+def loss_and_grads(model, loss):
+    model.zero_grad(set_to_none=True)
+    loss.backward()
+    return loss.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+
+@pytest.mark.parametrize("d", [1, 4, 8])
+@pytest.mark.parametrize("parts", [1, 3, 5, 8])
+def test_fused_loss_equals_the_score_path(parts, d):
+    cfg, model = tiny(f"model.num_parts={parts}", f"model.vector_dim={d}")
+    batch = random_batch(cfg)
+    scores = model(batch.image)
+    targets, weights = gaussian_targets(batch.keypoints, tuple(scores.shape[-2:]), cfg.data.sigma)
+    want, want_grads = loss_and_grads(model, pose_loss(scores.float(), targets, weights))
+
+    setup = loss_setup(model, cfg.data.sigma, torch.device("cpu"), None, False)
+    assert (setup.vector_joints is None) == (parts == 8)  # P=8 shares joints: the score path
+    got, got_grads = loss_and_grads(model, batch_loss(model, batch, setup))
+    assert got.dtype == torch.float32
+    assert abs(got - want) <= 1e-6 * want
+    assert len(got_grads) == len(want_grads) > 0
+    for g, w in zip(got_grads, want_grads):
+        assert (g - w).norm() <= 1e-6 * w.norm() + 1e-12
+
+
+def step_parts(cfg, model, max_bad_steps: int = 3, forward=None) -> StepParts:
+    opt = build_optimizers(model, cfg, fused_weights=True).weights
+    params = [p for g in opt.param_groups for p in g["params"]]
+    setup = loss_setup(model, cfg.data.sigma, torch.device("cpu"), None, False)
+    record = StepRecord(NonFiniteGuard(max_bad_steps), torch.device("cpu"))
+    return StepParts(forward or model, model, opt, params, setup, record, cfg.train.grad_clip)
+
+
+def snapshot(s: StepParts) -> list[torch.Tensor]:
+    state = [t for st in s.optimizer.state.values() for t in st.values()]
+    return [t.detach().clone() for t in [*s.module.state_dict().values(), *state]]
+
+
+def test_a_non_finite_step_changes_nothing_and_aborts_after_max_bad_steps():
+    cfg, model = tiny("model.num_parts=3")
+    s = step_parts(cfg, model, max_bad_steps=3)
+    batch = random_batch(cfg)
+    weight_step(s, batch)  # a good step: Adam's state exists, the weights moved
+    before = snapshot(s)
+    model.eval()  # BN running statistics would move in the forward; the step's update is what counts here
+    nan_loss = lambda *a: pose_loss(*a) * float("nan")
+    weight_step(s, batch, nan_loss)
+    after = snapshot(s)
+    assert all(torch.equal(a, b) for a, b in zip(before, after)), "a skipped step moved a tensor"
+    weight_step(s, batch)
+    assert not all(torch.equal(a, b) for a, b in zip(after, snapshot(s))), "a good step moved nothing"
+
+    weight_step(s, batch, nan_loss)
+    weight_step(s, batch, nan_loss)
+    mean = s.record.read(step=5, lr=1e-3, world_size=1)  # a streak of 2 < 3: no abort
+    assert mean != mean  # the window's mean loss includes the NaN steps, as logged
+    assert s.record.guard.total == 3 and s.record.guard.consecutive == 2
+    weight_step(s, batch, lambda *a: pose_loss(*a) * float("inf"))
+    weight_step(s, batch)  # a good step after the third bad one: the abort comes at the read
+    with pytest.raises(NonFiniteLossError, match="3 consecutive steps"):
+        s.record.read(step=7, lr=1e-3, world_size=1)
+    assert s.record.guard.total == 4 and s.record.guard.consecutive == 0
+
+
+SYNCS = ("item", "tolist", "__bool__", "__float__", "__int__")
+COLLECTIVES = (
+    "all_reduce",
+    "all_gather",
+    "all_gather_object",
+    "broadcast",
+    "broadcast_object_list",
+    "barrier",
+)
+
+
+@pytest.fixture
+def single_rank_group(tmp_path):
+    """A gloo process group of one rank, so that DDP and the collectives really run."""
+    store = dist.FileStore(str(tmp_path / "store"), 1)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def test_no_host_sync_between_log_reads(monkeypatch, single_rank_group):
+    cfg, model = tiny("model.num_parts=3")
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    s = step_parts(cfg, model, forward=ddp)
+    batch = random_batch(cfg)
+    weight_step(s, batch)  # the first step builds Adam's state
+    calls: list[str] = []
+
+    def counting(owner, name):
+        real = getattr(owner, name)
+
+        def wrapper(*args, **kwargs):
+            calls.append(name)
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(owner, name, wrapper)
+
+    for name in SYNCS:
+        counting(torch.Tensor, name)
+    for name in COLLECTIVES:
+        counting(dist, name)
+    for _ in range(4):
+        weight_step(s, batch)
+    assert calls == [], f"host syncs or collectives inside the steps: {calls}"
+    loss = s.record.read(step=5, lr=1e-3, world_size=1)
+    assert loss > 0 and "tolist" in calls and "all_reduce" in calls  # the read is seen (the wrappers work)
