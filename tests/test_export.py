@@ -144,3 +144,23 @@ def test_flip_without_decode_is_refused(checkpoint, tmp_path, capsys):
     argv = ["--checkpoint", str(checkpoint), "--format", "onnx", "--out", str(tmp_path / "x.onnx"), "--flip"]
     assert export_cli.main(argv) == 2
     assert "--flip needs --decode" in capsys.readouterr().err
+
+
+def test_pruned_export_reports_the_score_change(checkpoint, tmp_path, capsys):
+    out = tmp_path / "pruned.ts"
+    argv = [
+        "--checkpoint",
+        str(checkpoint),
+        "--format",
+        "torchscript",
+        "--out",
+        str(out),
+        "--prune-below",
+        "0.3",
+    ]
+    assert export_cli.main(argv) == 0
+    printed = capsys.readouterr().out
+    # the untrained model's alpha is uniform (1/4 per op, zero included): each edge keeps one op
+    assert "pruned below 0.3:" in printed and "score change on random inputs: max" in printed
+    kept, total = (int(v) for v in printed.split("pruned below 0.3: ")[1].split(" ops kept")[0].split(" of "))
+    assert kept < total
