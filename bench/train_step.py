@@ -1,22 +1,34 @@
-"""Images/s and peak memory of one PNFS training step, four ways in one run.
+"""Images/s, peak memory and operators per PNFS training step: the step as it was and the
+lean step of docs/design.md §7, in one run.
 
     python bench/train_step.py [--config CFG] [--batch N] [--device cpu|cuda] [--json FILE]
+                               [--steps N] [--block N] [--no-compile] [--baseline] [overrides]
 
-The step is the engine's (:func:`pnfs.loss.batch_loss`: the model in the memory
-format of ``train.channels_last``, bf16 autocast on CUDA, Gaussian targets on the device,
-weighted MSE) plus backward and an Adam step over weights and alpha/beta (the synchronous
-search). Batches are random tensors of the config's input size, so data loading is not
-measured. Cases: ``PNFS_KERNELS=torch`` (PyTorch references) and ``auto`` (Triton on CUDA;
-on CPU ``auto`` also runs the references), each eager and under ``torch.compile``. Each case
-runs in its own process, so its peak memory (``torch.cuda.max_memory_allocated`` on CUDA,
-the process's peak RSS on CPU) and its compile caches are its own. One line per case with
-its ratio to the baseline, kernels=torch eager, measured in the same run. On a shared CPU the
-process CPU time per step (``cpu_ms_per_step``) is the figure that load does not inflate.
+Steps (``--step``, each case in its own process, so its peak memory and compile caches are its own):
+
+* ``baseline``: the step before issue 12 -- scores, then the eager loss over them; two host
+  syncs per step (``loss.item()`` for the finite check, ``bool(isfinite(norm))``) and
+  PyTorch's default (unfused) Adam stepped on the host's decision.
+* ``lean``: :func:`pnfs.engine.step.weight_step` -- the fused squash-MSE loss straight from the
+  vectors where parts map one-to-one onto joints, no host sync, the skip decision inside fused
+  Adam; the host reads the :class:`~pnfs.engine.guard.StepRecord` once per block.
+
+Cases: baseline and lean with ``PNFS_KERNELS=torch`` (PyTorch references), lean with ``auto``
+(Triton on CUDA; on CPU ``auto`` is the references again), and, unless ``--no-compile``, the
+model under ``torch.compile`` for both steps. ``--baseline`` runs only the baseline case. Steps
+run in blocks of ``--block`` (the log interval); a block ends with one read (and a device sync),
+the median block time / block is the step time. ``ops_per_step`` counts the ``aten::`` events
+the torch profiler records in one step (every operator dispatched, nested ones included): the
+proxy for kernel launches on a GPU. Batches are random tensors of the config's input size
+(data loading is not measured). One line per case with its ratio to the baseline of the same
+run. On a shared CPU the process CPU time per step (``cpu_ms_per_step``) is the figure that
+load inflates least.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -29,7 +41,14 @@ from pathlib import Path
 
 import torch
 
-CASES = (("torch", False), ("auto", False), ("torch", True), ("auto", True))
+# (step, PNFS_KERNELS, compiled)
+CASES = (
+    ("baseline", "torch", False),
+    ("lean", "torch", False),
+    ("lean", "auto", False),
+    ("baseline", "torch", True),
+    ("lean", "torch", True),
+)
 
 
 def random_batch(n: int, num_joints: int, size: tuple[int, int], device: torch.device):
@@ -58,12 +77,37 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-def measure(args: argparse.Namespace, kernels: str, compiled: bool) -> dict:
+def baseline_step(model, batch, cfg, device, dtype, opt, params):
+    """The step as it was before issue 12 (pnfs.engine.trainer of commit f106563), host syncs included."""
+    import math
+
+    from pnfs.data.targets import gaussian_targets
+    from pnfs.loss import pose_loss
+
+    images = batch.image.to(device, non_blocking=True)
+    if cfg.train.channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    with torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext():
+        scores = model(images)
+    targets, weights = gaussian_targets(batch.keypoints.to(device), tuple(scores.shape[-2:]), cfg.data.sigma)
+    loss = pose_loss(scores.float(), targets, weights)
+    finite = math.isfinite(loss.detach().float().item())  # sync 1 (and an all-reduce under DDP)
+    loss.backward()
+    max_norm = cfg.train.grad_clip if cfg.train.grad_clip > 0 else math.inf
+    norm = torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], max_norm)
+    if finite and bool(torch.isfinite(norm)):  # sync 2
+        opt.step()
+    model.zero_grad(set_to_none=True)
+
+
+def measure(args: argparse.Namespace, step: str, kernels: str, compiled: bool) -> dict:
     """One case in this process (``PNFS_KERNELS`` is set by the parent before torch starts)."""
     from pnfs.config import load_config
+    from pnfs.engine.guard import NonFiniteGuard, StepRecord
     from pnfs.engine.runtime import amp_dtype
+    from pnfs.engine.step import StepParts, weight_step
     from pnfs.engine.strategies import build_optimizers
-    from pnfs.loss import batch_loss, loss_setup
+    from pnfs.loss import loss_setup
     from pnfs.model import build_model
 
     device = torch.device(args.device)
@@ -74,38 +118,54 @@ def measure(args: argparse.Namespace, kernels: str, compiled: bool) -> dict:
     model = build_model(cfg).to(device)
     if cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    opt = build_optimizers(model, cfg).weights
+    opt = build_optimizers(model, cfg, fused_weights=step == "lean").weights
+    params = [p for g in opt.param_groups for p in g["params"]]
     forward = torch.compile(model) if compiled else model
     dtype = amp_dtype(cfg, device)
+    record = StepRecord(NonFiniteGuard(cfg.train.max_bad_steps), device)
     setup = loss_setup(model, cfg.data.sigma, device, dtype, cfg.train.channels_last)
+    parts = StepParts(forward, model, opt, params, setup, record, cfg.train.grad_clip)
 
-    def train_step() -> float:
-        loss = batch_loss(forward, batch, setup)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return loss.item()  # synchronises
+    def one_step() -> None:
+        if step == "baseline":
+            baseline_step(forward, batch, cfg, device, dtype, opt, params)
+        else:
+            weight_step(parts, batch)
+
+    def block() -> None:
+        for _ in range(args.block):
+            one_step()
+        record.read(step=0, lr=cfg.train.lr, world_size=1)  # the log read (a no-op record for baseline)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
 
     t0 = time.perf_counter()
     for _ in range(args.warmup):
-        train_step()
+        one_step()
+    block()
     warm_s = time.perf_counter() - t0
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        one_step()
+    ops = sum(1 for e in prof.events() if e.name.startswith("aten::"))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     times, cpu_times = [], []
-    for _ in range(args.steps):
+    for _ in range(max(1, args.steps // args.block)):
         t, c = time.perf_counter(), time.process_time()
-        train_step()
-        times.append(time.perf_counter() - t)
-        cpu_times.append(time.process_time() - c)
+        block()
+        times.append((time.perf_counter() - t) / args.block)
+        cpu_times.append((time.process_time() - c) / args.block)
     median = statistics.median(times)
     return {
+        "step": step,
         "kernels": kernels,
         "compiled": compiled,
         "batch": n,
         "img_per_s": n / median,
         "step_ms": 1000 * median,
         "cpu_ms_per_step": 1000 * statistics.median(cpu_times),
+        "ops_per_step": ops,
+        "fused_loss": setup.vector_joints is not None,
         "peak_memory_mb": peak_memory_mb(device),
         "warmup_s": warm_s,
         "dtype": str(dtype or torch.float32),
@@ -113,9 +173,9 @@ def measure(args: argparse.Namespace, kernels: str, compiled: bool) -> dict:
     }
 
 
-def run_case(argv: list[str], kernels: str, compiled: bool) -> dict:
+def run_case(argv: list[str], step: str, kernels: str, compiled: bool) -> dict:
     """``measure`` in a child process; its last stdout line is the row as JSON."""
-    case = f"{kernels}:{'compiled' if compiled else 'eager'}"
+    case = f"{step}:{kernels}:{'compiled' if compiled else 'eager'}"
     env = {**os.environ, "PNFS_KERNELS": kernels}
     proc = subprocess.run(
         [sys.executable, __file__, *argv, "--case", case], env=env, capture_output=True, text=True
@@ -132,7 +192,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu"
     )
-    p.add_argument("--steps", type=int, default=10, help="timed steps per case (the median is reported)")
+    p.add_argument("--steps", type=int, default=20, help="timed steps per case (in blocks, see --block)")
+    p.add_argument(
+        "--block", type=int, default=5, help="steps between two reads of the device (a log interval)"
+    )
+    p.add_argument("--baseline", action="store_true", help="run only the step as it was before issue 12")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps (compilation happens here)")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile cases")
     p.add_argument("--json", type=Path, help="write the rows here")
@@ -147,22 +211,29 @@ def main(argv: list[str] | None = None) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: CUDA is not available here")
     if args.case:
-        kernels, mode = args.case.split(":")
-        print(json.dumps(measure(args, kernels, mode == "compiled")))
+        step, kernels, mode = args.case.split(":")
+        print(json.dumps(measure(args, step, kernels, mode == "compiled")))
         return 0
 
     rows = []
-    for kernels, compiled in CASES:
-        if compiled and args.no_compile:
+    for step, kernels, compiled in CASES:
+        if (compiled and args.no_compile) or (args.baseline and step != "baseline"):
             continue
-        row = run_case(argv, kernels, compiled)
-        row["ratio_vs_torch_eager"] = row["img_per_s"] / rows[0]["img_per_s"] if rows else 1.0
+        row = run_case(argv, step, kernels, compiled)
+        base = next(
+            (r for r in rows if r["step"] == "baseline" and r["compiled"] == compiled),
+            rows[0] if rows else row,
+        )
+        row["ratio_vs_baseline"] = row["img_per_s"] / base["img_per_s"]
+        row["cpu_ratio_vs_baseline"] = base["cpu_ms_per_step"] / row["cpu_ms_per_step"]
         rows.append(row)
         mode = "compiled" if compiled else "eager"
         print(
-            f"kernels={kernels:5s} {mode:8s} {row['img_per_s']:9.1f} img/s {row['step_ms']:9.1f} ms/step"
-            f" (CPU {row['cpu_ms_per_step']:9.1f} ms)  peak {row['peak_memory_mb']:8.0f} MB"
-            f"  x{row['ratio_vs_torch_eager']:.2f} vs torch/eager",
+            f"{step:8s} kernels={kernels:5s} {mode:8s} {row['img_per_s']:8.1f} img/s"
+            f" {row['step_ms']:8.1f} ms/step"
+            f" (CPU {row['cpu_ms_per_step']:8.1f} ms) {row['ops_per_step']:6d} ops/step"
+            f" peak {row['peak_memory_mb']:6.0f} MB  x{row['ratio_vs_baseline']:.2f} vs baseline {mode}"
+            f" (CPU time x{row['cpu_ratio_vs_baseline']:.2f})",
             flush=True,
         )
     device = torch.device(args.device)
@@ -178,6 +249,7 @@ def main(argv: list[str] | None = None) -> int:
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "steps": args.steps,
+        "block": args.block,
         "rows": rows,
     }
     if args.json:

@@ -161,3 +161,21 @@ def test_no_host_sync_between_log_reads(monkeypatch, single_rank_group):
     assert calls == [], f"host syncs or collectives inside the steps: {calls}"
     loss = s.record.read(step=5, lr=1e-3, world_size=1)
     assert loss > 0 and "tolist" in calls and "all_reduce" in calls  # the read is seen (the wrappers work)
+
+
+@pytest.mark.skipif(
+    not hasattr(torch._dynamo.config, "trace_autograd_ops"), reason="Dynamo cannot trace backward here"
+)
+def test_a_whole_training_step_of_the_demo_model_traces_without_graph_breaks(monkeypatch):
+    """forward, fused loss, backward, clipping, the fused Adam update and the record: one graph."""
+    monkeypatch.setenv("PNFS_KERNELS", "torch")
+    cfg = load_config("demo", ["train.device=cpu"])
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    s = step_parts(cfg, model)
+    batch = random_batch(cfg, n=2)
+    weight_step(s, batch)  # Adam's state exists from here on
+    with torch._dynamo.config.patch(trace_autograd_ops=True):
+        explained = torch._dynamo.explain(weight_step)(s, batch)
+    assert explained.graph_break_count == 0, [b.reason for b in explained.break_reasons]
+    assert explained.graph_count == 1

@@ -1,4 +1,4 @@
-"""The parts of a training/search run (docs/design.md §4, §5): the model on its device, the
+"""The parts of a training/search run (docs/design.md §4): the model on its device, the
 optimizers of the strategy, the DDP or DeepSpeed wrapper, checkpoints (find, load, save),
 loaders, evaluation and the architecture exports. The loop is :mod:`pnfs.engine.trainer`.
 """

@@ -55,18 +55,56 @@ def clipped_norm(params: list[nn.Parameter], max_norm: float) -> torch.Tensor:
 def apply_if_finite(optimizer: torch.optim.Optimizer, finite: torch.Tensor) -> None:
     """Fused Adam's ``found_inf`` path (as GradScaler drives it): parameters, moments and the
     step count stay as they are when ``finite`` is False. No host sync."""
-    optimizer.found_inf = (~finite).to(torch.float32)
-    optimizer.step()
+    found_inf = (~finite).to(torch.float32)
+    if len(optimizer.state) == sum(len(g["params"]) for g in optimizer.param_groups):
+        fused_adam_update(optimizer, found_inf)
+    else:  # the first step builds Adam's state
+        optimizer.found_inf = found_inf
+        optimizer.step()
+
+
+def fused_adam_update(optimizer: torch.optim.Optimizer, found_inf: torch.Tensor) -> None:
+    """What ``optimizer.step()`` of a fused ``torch.optim.Adam`` with its state built runs: per
+    group ``step += 1``, the fused kernel (which does nothing when ``found_inf`` is 1) and
+    ``step -= found_inf``. Called directly because ``Optimizer.step`` breaks Dynamo graphs on
+    purpose, so that a whole step traces as one graph (docs/design.md §8). One device, one dtype."""
+    for group in optimizer.param_groups:
+        params = [p for p in group["params"] if p.grad is not None]
+        if not params:
+            continue
+        state = [optimizer.state[p] for p in params]
+        steps = [st["step"] for st in state]
+        beta1, beta2 = group["betas"]
+        torch._foreach_add_(steps, 1)
+        torch._fused_adam_(
+            params,
+            [p.grad for p in params],
+            [st["exp_avg"] for st in state],
+            [st["exp_avg_sq"] for st in state],
+            [st["max_exp_avg_sq"] for st in state] if group["amsgrad"] else [],
+            steps,
+            amsgrad=group["amsgrad"],
+            lr=group["lr"],
+            beta1=beta1,
+            beta2=beta2,
+            weight_decay=group["weight_decay"],
+            eps=group["eps"],
+            maximize=group["maximize"],
+            grad_scale=None,
+            found_inf=found_inf,
+        )
+        torch._foreach_sub_(steps, [found_inf] * len(steps))
 
 
 def weight_step(s: StepParts, batch: Any, loss_fn: Callable[..., torch.Tensor] = pose_loss) -> None:
     """One step of the weight optimizer on ``batch`` (alpha/beta included under ``sync``)."""
     loss = batch_loss(s.forward, batch, s.setup, loss_fn)
+    logged = loss.detach()
     poison_non_finite(loss, s.params[0]).backward()
     finite = torch.isfinite(clipped_norm(s.params, s.max_norm))
     apply_if_finite(s.optimizer, finite)
     s.module.zero_grad(set_to_none=True)
-    s.record.add(loss, finite)
+    s.record.add(logged, finite)
 
 
 def arch_step(
