@@ -29,7 +29,11 @@ TINY_OVERRIDES = [
     "eval.batch_size=8",
 ]
 
-DIGEST = re.compile(r"\[rank (\d+)\] (finished|stopped): global_step=(\d+) .*weights_sha256=([0-9a-f]{64})")
+# Each field spelled out (no ".*"): a greedy gap would run on into a second rank's line that
+# shares the same output line, take that rank's digest and hide its line from the set of ranks.
+DIGEST = re.compile(
+    r"\[rank (\d+)\] (finished|stopped): global_step=(\d+) epoch=\d+ weights_sha256=([0-9a-f]{64})"
+)
 
 
 def make_tiny_dataset(root: Path, train: int = 48, val: int = 12, shard_size: int = 8, seed: int = 3) -> dict:
@@ -140,6 +144,10 @@ def test_tiny_dataset_feeds_the_loader(tmp_path_factory):
     assert tuple(batches[0].keypoints.shape) == (4, 17, 3)
 
 
-def test_digest_lines_are_parsed():
-    line = "[rank 1] finished: global_step=12 epoch=2 weights_sha256=" + "ab" * 32 + " skipped_steps=0"
-    assert digests(line) == {1: ("finished", 12, "ab" * 32)}
+def test_two_ranks_lines_run_together_are_both_read_with_their_own_digests():
+    """The "both workers must report" and "same weights" checks of the distributed tests rest on
+    this parser: two ranks' lines on one output line (the ranks share torchrun's stdout) must give
+    two ranks, each with its own digest, or a missing rank and a wrong digest would hide."""
+    line = "[rank {}] finished: global_step=12 epoch=2 weights_sha256={} skipped_steps=0"
+    together = line.format(0, "ab" * 32) + line.format(1, "cd" * 32) + "\n\n"
+    assert digests(together) == {0: ("finished", 12, "ab" * 32), 1: ("finished", 12, "cd" * 32)}

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from typing import Any
 
@@ -112,12 +113,14 @@ class Trainer(Run):
         if not stopped:
             self.export_final_architecture()
         digest = model_digest(self.model)
-        # every rank prints this line: tests compare the ranks' weights through it
-        print(
+        # Every rank prints this line: tests compare the ranks' weights through it. One write of
+        # line and newline together: the ranks share torchrun's stdout, and print() under
+        # PYTHONUNBUFFERED=1 writes the newline separately, so two ranks' lines could run together.
+        sys.stdout.write(
             f"[rank {ctx.rank}] {'stopped' if stopped else 'finished'}: global_step={pos.global_step} "
-            f"epoch={pos.epoch} weights_sha256={digest} skipped_steps={self.guard.total}",
-            flush=True,
+            f"epoch={pos.epoch} weights_sha256={digest} skipped_steps={self.guard.total}\n"
         )
+        sys.stdout.flush()
         result = {
             "global_step": pos.global_step,
             "epoch": pos.epoch,
