@@ -251,8 +251,18 @@ def test_detections_keep_persons_above_the_score_threshold(shared_data, tmp_path
         load_detections(broken)
 
 
+# The published COCO keypoint sigmas (cocoeval.py, Ronchi & Perona), written out here in COCO's
+# joint order so that a wrong value in the product's table cannot hide behind the table itself.
+PUBLISHED_COCO_SIGMAS = [
+    0.26, 0.25, 0.25, 0.35, 0.35, 0.79, 0.79, 0.72, 0.72, 0.62, 0.62, 1.07, 1.07, 0.87, 0.87, 0.89, 0.89,
+]  # fmt: skip
+
+
 def test_sigmas_for_custom_joint_sets():
-    np.testing.assert_allclose(joint_sigmas(COCO), SIGMAS)
+    from pycocotools.cocoeval import Params
+
+    np.testing.assert_allclose(joint_sigmas(COCO), np.array(PUBLISHED_COCO_SIGMAS) / 10.0, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(joint_sigmas(COCO), Params(iouType="keypoints").kpt_oks_sigmas, atol=1e-12)
     custom = [0.05] * MPII.num_joints
     np.testing.assert_allclose(joint_sigmas(MPII, custom), custom)
     with pytest.raises(ValueError, match=r"eval\.sigmas"):

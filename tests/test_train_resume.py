@@ -69,7 +69,6 @@ def test_non_finite_losses_are_skipped_then_abort(tmp_path, tmp_path_factory, mo
         config(tmp_path_factory, tmp_path / "once", "train.epochs=1", "train.max_steps_per_epoch=4")
     )
     assert result["skipped_steps"] == 1 and result["global_step"] == 4
-    assert torch.isfinite(torch.tensor(float(result["skipped_steps"])))
 
     monkeypatch.setattr(trainer_module, "pose_loss", lambda s, t, w: real_loss(s, t, w) * float("inf"))
     with pytest.raises(NonFiniteLossError, match="3 consecutive steps"):
