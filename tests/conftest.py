@@ -3,7 +3,10 @@
 * ``interpret`` tests run only with ``TRITON_INTERPRET=1`` set before triton was imported
   (``make test-interpret`` does that in its own pytest process).
 * ``gpu`` tests are skipped without CUDA.
-* Tests that read real samples take ``shared_data`` and skip when ``../shared/data`` is absent.
+* Tests that read real samples take ``shared_data`` and skip when ``../shared/data`` is absent,
+  except in CI (``CI`` set, as ``.ci/run`` does) or with ``PNFS_REQUIRE_DATA=1``: there a missing
+  folder ends the run at its start with one line naming it, so a checkout that lost its real
+  samples cannot go green. ``-ra`` (pyproject addopts) lists every skip with its reason.
 """
 
 from __future__ import annotations
@@ -16,6 +19,20 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("PNFS_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+
+def data_required() -> bool:
+    """True in CI (``CI`` set to anything but "", "0", "false") or with ``PNFS_REQUIRE_DATA=1``."""
+    ci = os.environ.get("CI", "").strip().lower()
+    return ci not in ("", "0", "false") or os.environ.get("PNFS_REQUIRE_DATA") == "1"
+
+
+def pytest_sessionstart(session):
+    if data_required() and not SHARED_DATA.is_dir():
+        raise pytest.UsageError(
+            f"real samples missing: {SHARED_DATA} is not a folder (CI or PNFS_REQUIRE_DATA=1 needs "
+            "../shared/data beside the checkout, or PNFS_SHARED_DATA)"
+        )
 
 
 def pytest_collection_modifyitems(config, items):
