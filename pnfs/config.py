@@ -74,6 +74,7 @@ class DataConfig:
     margin: float = 1.25  # box enlargement around the person
     loader: Literal["torch", "dali", "gpu"] = "torch"
     num_workers: int = 4
+    cache_dir: str = ""  # local folder for shards named by URL (one download per node); "": a temp folder
 
 
 @dataclass

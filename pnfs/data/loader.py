@@ -16,8 +16,8 @@ from __future__ import annotations
 
 from pnfs.config import Config
 from pnfs.data.plan import EpochPlan, train_plan, val_plan
+from pnfs.data.shard_urls import is_url
 from pnfs.data.shards import ShardSet, expand_shards
-from pnfs.keypoints import joint_set
 
 
 def shard_paths(cfg: Config, split: str, shards=None) -> list[str]:
@@ -69,6 +69,8 @@ def _check_coverage(cfg: Config, paths: list[str]) -> None:
     import warnings
     from pathlib import Path
 
+    if is_url(paths[0]):
+        return  # a remote manifest is not fetched just for this warning
     manifest = Path(paths[0]).parent / "manifest.json"
     if not manifest.exists():
         return
@@ -97,7 +99,7 @@ def _check_joints(shards: ShardSet, num_joints: int, dataset: str) -> None:
             found = len(kp) // 12
             if found != num_joints:
                 raise ValueError(
-                    f"{shards.paths[s]}: samples have {found} joints "
+                    f"{shards.urls[s]}: samples have {found} joints "
                     f"but data.dataset={dataset!r} has {num_joints}"
                 )
             return
@@ -129,9 +131,15 @@ def build_loader(
     batch_size = batch_size or (cfg.train.batch_size if split == "train" else cfg.eval.batch_size)
     augment = (split == "train") if augment is None else augment
     paths = shard_paths(cfg, split, shards)
+    if d.loader == "dali" and any(is_url(p) for p in paths) and not d.cache_dir:
+        raise ValueError(
+            f"data.loader=dali reads local files only, but data.{split}_shards names URLs "
+            f"({paths[0]}): set data.cache_dir to a local folder (the shards are copied there "
+            "once per node) or use data.loader=torch"
+        )
     _check_coverage(cfg, paths)
-    shard_set = ShardSet.open(paths)
-    joints = joint_set(d.dataset)
+    shard_set = ShardSet.open(paths, d.cache_dir or None)
+    joints = cfg.joints
     _check_joints(shard_set, joints.num_joints, d.dataset)
     plan = make_plan(
         cfg,

@@ -1,7 +1,8 @@
 """Finding shards and reading samples out of them by index (no full-tar scans on the hot path).
 
 A shard is a WebDataset tar written by :mod:`pnfs.data.sharding`, with its DALI index
-(``.idx``) beside it; without an index the tar's headers are scanned once.
+(``.idx``) beside it; without an index the tar's headers are scanned once. Shards named by
+URL are read from a local copy (:mod:`pnfs.data.shard_urls`).
 """
 
 from __future__ import annotations
@@ -13,20 +14,27 @@ from pathlib import Path
 
 import numpy as np
 
+from pnfs.data.shard_urls import expand_urls, is_url, local_copy
 from pnfs.data.sharding import read_index
 
 
 def expand_shards(spec: str | os.PathLike | list, split: str | None = None) -> list[str]:
-    """Shard paths of a brace pattern (``train-{000000..000009}.tar``), a glob, a folder
-    (its ``<split>-*.tar``, or every tar) or a list of those; sorted, existing files only."""
+    """Shards of a brace pattern (``train-{000000..000009}.tar``), a glob, a folder (its
+    ``<split>-*.tar``, or every tar), a URL pattern (``http://host/train-{000000..000009}.tar``,
+    ``pipe:...``; see :mod:`pnfs.data.shard_urls`) or a list of those.
+
+    Paths are sorted and must exist; URLs keep their pattern's order (a remote listing is not
+    possible, so nothing is checked until a shard is read)."""
     if isinstance(spec, (list, tuple)):
         out: list[str] = []
         for s in spec:
             out.extend(expand_shards(s, split))
-        return sorted(dict.fromkeys(out))
+        return list(dict.fromkeys(out)) if any(is_url(u) for u in out) else sorted(dict.fromkeys(out))
     spec = str(spec)
     if not spec:
         raise ValueError("no shards given (data.train_shards / data.val_shards is empty)")
+    if is_url(spec):
+        return expand_urls(spec)
     path = Path(spec)
     if path.is_dir():
         found = sorted(glob.glob(str(path / f"{split}-*.tar"))) if split else []
@@ -62,25 +70,38 @@ class SampleMeta:
 
 @dataclass
 class ShardSet:
-    """Shard paths with their indexes; reads samples by (shard, position)."""
+    """Shard paths with their indexes; reads samples by (shard, position).
+
+    ``paths`` are local files (cached copies for URLs), ``urls`` what the configuration named
+    (the same as ``paths`` for local shards): messages name the URL."""
 
     paths: list[str]
     index: list[list[tuple[str, dict[str, tuple[int, int]]]]]
+    urls: list[str] = field(default_factory=list)
     _files: dict[int, int] = field(default_factory=dict, repr=False)
 
+    def __post_init__(self):
+        self.urls = list(self.urls) or list(self.paths)
+
     @staticmethod
-    def open(paths: list[str]) -> ShardSet:
-        return ShardSet(list(paths), [read_index(Path(p)) for p in paths])
+    def open(urls: list[str], cache_dir: str | os.PathLike | None = None) -> ShardSet:
+        """Index the shards ``urls`` (paths or URLs; URLs are copied into ``cache_dir`` first)."""
+        paths = [str(local_copy(u, cache_dir)) for u in urls]
+        return ShardSet(paths, [read_index(Path(p)) for p in paths], list(urls))
+
+    @property
+    def remote(self) -> bool:
+        return self.urls != self.paths
 
     @property
     def counts(self) -> list[int]:
         return [len(ix) for ix in self.index]
 
     def __getstate__(self):  # file descriptors do not travel to worker processes
-        return {"paths": self.paths, "index": self.index}
+        return {"paths": self.paths, "index": self.index, "urls": self.urls}
 
     def __setstate__(self, state):
-        self.paths, self.index, self._files = state["paths"], state["index"], {}
+        self.paths, self.index, self.urls, self._files = state["paths"], state["index"], state["urls"], {}
 
     def _fd(self, shard: int) -> int:
         fd = self._files.get(shard)
@@ -97,7 +118,7 @@ class ShardSet:
         try:
             spans = [comps[e] for e in exts]
         except KeyError as e:
-            raise KeyError(f"{self.paths[shard]}: sample {key} has no component {e}") from None
+            raise KeyError(f"{self.urls[shard]}: sample {key} has no component {e}") from None
         lo = min(o for o, _ in spans)
         hi = max(o + s for o, s in spans)
         blob = os.pread(self._fd(shard), hi - lo, lo)
