@@ -110,7 +110,7 @@ def deepspeed_step(
     on the device, so this step asks on the host whether every rank's loss is finite (one
     all-reduce, one sync) before it commits (docs/design.md §7)."""
     loss = batch_loss(engine, batch, setup, loss_fn)
-    finite = torch.isfinite(all_reduce_sum_(loss.detach().float().reshape(1))[0])
+    finite = torch.isfinite(all_reduce_sum_(loss.detach().float().reshape(1).clone())[0])
     if bool(finite):
         engine.backward(loss)
         engine.step()

@@ -143,14 +143,6 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     return box[0]
 
 
-def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
-    """Element-wise sum over ranks of a short list of floats (float64 on the wire)."""
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(t)
-    return t.tolist()
-
-
 def all_reduce_sum_(tensor: torch.Tensor) -> torch.Tensor:
     """In-place sum over ranks of one tensor (a no-op without a process group); returns it."""
     if dist.is_available() and dist.is_initialized():
