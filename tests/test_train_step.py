@@ -11,7 +11,7 @@ from pnfs.config import load_config
 from pnfs.data.batch import PoseBatch
 from pnfs.data.targets import gaussian_targets
 from pnfs.engine.guard import NonFiniteGuard, NonFiniteLossError, StepRecord
-from pnfs.engine.step import StepParts, weight_step
+from pnfs.engine.step import StepParts, apply_if_finite, poison_non_finite, weight_step
 from pnfs.engine.strategies import build_optimizers
 from pnfs.loss import batch_loss, loss_setup, pose_loss
 from pnfs.model import build_model
@@ -113,6 +113,37 @@ def test_a_non_finite_step_changes_nothing_and_aborts_after_max_bad_steps():
     with pytest.raises(NonFiniteLossError, match="3 consecutive steps"):
         s.record.read(step=7, lr=1e-3, world_size=1)
     assert s.record.guard.total == 4 and s.record.guard.consecutive == 0
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_non_finite_loss_poisons_one_gradient_and_a_finite_one_changes_nothing(bad):
+    anchor = torch.nn.Parameter(torch.tensor([[1.5, -2.0], [0.5, 3.0]]))
+    other = torch.nn.Parameter(torch.tensor([0.25, 4.0]))
+    loss = (anchor.square().sum() + other.sum()) * 0.1
+    poisoned = poison_non_finite(loss, anchor)
+    assert torch.equal(poisoned, loss)
+    poisoned.backward()
+    assert torch.equal(anchor.grad, 0.2 * anchor.detach()) and torch.equal(other.grad, torch.full((2,), 0.1))
+    anchor.grad = other.grad = None
+    poison_non_finite(loss.detach() * bad + anchor.sum() * 0.0, anchor).backward()
+    assert torch.isnan(anchor.grad).sum() == 1  # what the all-reduce carries to every rank
+
+
+def test_the_fused_update_is_bitwise_adams_own_step():
+    cfg, model = tiny("model.num_parts=3", "train.weight_decay=1e-4")
+    _, twin = tiny("model.num_parts=3", "train.weight_decay=1e-4")
+    ours, theirs = step_parts(cfg, model), step_parts(cfg, twin)
+    batch = random_batch(cfg)
+    finite = torch.tensor(True)
+    for _ in range(3):  # the first step builds the state through Adam.step, the others do not
+        for m, s in ((model, ours), (twin, theirs)):
+            batch_loss(m, batch, s.setup).backward()
+        apply_if_finite(ours.optimizer, finite)
+        theirs.optimizer.step()
+        model.zero_grad(set_to_none=True)
+        twin.zero_grad(set_to_none=True)
+    assert all(torch.equal(a, b) for a, b in zip(snapshot(ours), snapshot(theirs)))
+    assert int(ours.optimizer.state[ours.params[0]]["step"]) == 3
 
 
 SYNCS = ("item", "tolist", "__bool__", "__float__", "__int__")
