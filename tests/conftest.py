@@ -67,3 +67,12 @@ def shared_data() -> Path:
 def _seed_everything():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(scope="session")
+def known_checkpoint(shared_data, tmp_path_factory):
+    """A tiny model trained on the shared COCO sample, and the same model at initialisation
+    (see ``tests/known_model.py``); made once per session."""
+    from known_model import make_known_checkpoint
+
+    return make_known_checkpoint(shared_data, tmp_path_factory.mktemp("known-checkpoint"))
