@@ -75,6 +75,9 @@ class DataConfig:
     loader: Literal["torch", "dali", "gpu"] = "torch"
     num_workers: int = 4
     cache_dir: str = ""  # local folder for shards named by URL (one download per node); "": a temp folder
+    on_error: Literal["skip", "raise"] = "skip"  # a bad sample (JPEG, arrays, truncated shard)
+    max_bad_samples: int = -1  # stop past this many bad samples per rank and epoch; -1: 0.1% of the epoch
+    verify_shards: bool = False  # check every shard's sha256 against manifest.json at start (sizes always)
 
 
 @dataclass

@@ -14,7 +14,10 @@ resampling, exact resumption; val: every sample once over all ranks, last batch 
 
 from __future__ import annotations
 
+import logging
+
 from pnfs.config import Config
+from pnfs.data.bad_samples import BadSampleError, BadSampleReport, default_limit
 from pnfs.data.plan import EpochPlan, train_plan, val_plan
 from pnfs.data.shard_urls import is_url
 from pnfs.data.shards import ShardSet, expand_shards
@@ -92,6 +95,39 @@ def _check_coverage(cfg: Config, paths: list[str]) -> None:
         )
 
 
+def check_manifest(paths: list[str], verify: bool) -> list[str]:
+    """Problems of local shards against the ``manifest.json`` beside them: sample counts and
+    sizes always (``bytes``, in manifests written since it was added), sha256 when ``verify``.
+    URLs are not checked (their manifest is not fetched)."""
+    import json
+    from pathlib import Path
+
+    from pnfs.data.sharding import read_index, sha256_file
+
+    problems = []
+    for folder in dict.fromkeys(Path(p).parent for p in paths if not is_url(p)):
+        manifest = folder / "manifest.json"
+        try:
+            splits = json.loads(manifest.read_text()).get("splits", {})
+        except (OSError, ValueError):
+            continue
+        listed = {e["file"]: e for split in splits.values() for e in split.get("shards", [])}
+        for path in (Path(p) for p in paths if not is_url(p) and Path(p).parent == folder):
+            entry = listed.get(path.name)
+            if entry is None:
+                continue
+            size = path.stat().st_size
+            if "bytes" in entry and entry["bytes"] != size:
+                problems.append(f"{path}: {size} bytes, {manifest} lists {entry['bytes']}")
+            elif "samples" in entry and len(read_index(path)) != entry["samples"]:
+                problems.append(
+                    f"{path}: {len(read_index(path))} samples, {manifest} lists {entry['samples']}"
+                )
+            if verify and "sha256" in entry and sha256_file(path) != entry["sha256"]:
+                problems.append(f"{path}: sha256 differs from {manifest}")
+    return problems
+
+
 def _check_joints(shards: ShardSet, num_joints: int, dataset: str) -> None:
     for s, n in enumerate(shards.counts):
         if n:
@@ -138,6 +174,9 @@ def build_loader(
             "once per node) or use data.loader=torch"
         )
     _check_coverage(cfg, paths)
+    log = logging.getLogger("pnfs.train")
+    for problem in check_manifest(paths, d.verify_shards):
+        log.warning("shard does not match its manifest: %s", problem)
     shard_set = ShardSet.open(paths, d.cache_dir or None)
     joints = cfg.joints
     _check_joints(shard_set, joints.num_joints, d.dataset)
@@ -153,6 +192,12 @@ def build_loader(
         augment=augment,
     )
     geometry = dict(input_size=tuple(d.input_size), margin=d.margin, flip_perm=joints.flip_permutation())
+    bad = BadSampleReport(d.max_bad_samples if d.max_bad_samples >= 0 else default_limit(plan.num_samples))
+    for sample in shard_set.dropped:
+        if d.on_error == "raise":
+            raise BadSampleError(f"{sample} (data.on_error=raise; skip drops such samples)")
+        log.warning("bad sample dropped: %s", sample)
+        bad.add(sample)
     if d.loader == "torch":
         import torch
 
@@ -160,7 +205,10 @@ def build_loader(
 
         # page-locked batches let the trainer's .to(device, non_blocking=True) overlap the copy
         return PoseLoader(
-            PlanBatches(shard_set, plan, **geometry), d.num_workers, pin_memory=torch.cuda.is_available()
+            PlanBatches(shard_set, plan, **geometry, on_error=d.on_error),
+            d.num_workers,
+            pin_memory=torch.cuda.is_available(),
+            bad_samples=bad,
         )
     if d.loader == "gpu":
         from pnfs.data.gpu_loader import GpuPoseLoader, PlanBytes
@@ -168,6 +216,12 @@ def build_loader(
         return GpuPoseLoader(PlanBytes(shard_set, plan, **geometry), d.num_workers)
     if d.loader == "dali":
         from pnfs.data.dali_loader import DaliPoseLoader
+
+        if shard_set.dropped:
+            raise BadSampleError(
+                f"data.loader=dali reads every sample its .idx lists and cannot drop "
+                f"{shard_set.dropped[0]}; re-copy the shard or use data.loader=torch"
+            )
 
         return DaliPoseLoader(
             shard_set,

@@ -283,6 +283,7 @@ def write_shard(task: tuple[int, list[PersonRecord], Path, ShardOptions]) -> dic
         "samples": count,
         "records": len(records),
         "sha256": sha256_file(tmp),
+        "bytes": tmp.stat().st_size,
         "skipped": skipped.to_dict(),
     }
     tmp_stats = stats_path.with_name(f".{stats_path.name}.tmp")
@@ -365,7 +366,13 @@ def write_shards(
         "skipped": skipped.to_dict(),
         "filtered": filtered.to_dict(),
         "shards": [
-            {"file": s["file"], "samples": s["samples"], "sha256": s["sha256"], "reused": s["reused"]}
+            {
+                "file": s["file"],
+                "samples": s["samples"],
+                "bytes": s.get("bytes", (opts.out / s["file"]).stat().st_size),
+                "sha256": s["sha256"],
+                "reused": s["reused"],
+            }
             for s in results
         ],
         "options": {

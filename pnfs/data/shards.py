@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pnfs.data.bad_samples import TRUNCATED_SHARD, BadSample
 from pnfs.data.shard_urls import expand_urls, is_url, local_copy
 from pnfs.data.sharding import read_index
 
@@ -68,6 +69,29 @@ class SampleMeta:
     ids: np.ndarray
 
 
+def whole_samples(
+    index: list[tuple[str, dict[str, tuple[int, int]]]], file_size: int
+) -> tuple[list[tuple[str, dict[str, tuple[int, int]]]], list[tuple[str, str]]]:
+    """(the samples of ``index`` wholly inside a file of ``file_size`` bytes, [(key, why)] of the rest)."""
+    kept, cut = [], []
+    members = set(index[0][1]) if index else set()
+    for i, (key, comps) in enumerate(index):
+        past = [e for e, (o, n) in comps.items() if o + n > file_size]
+        if past:
+            o, n = comps[past[0]]
+            cut.append(
+                (
+                    key,
+                    f"the shard ends at byte {file_size}, inside member {key}.{past[0]} (bytes {o}..{o + n})",
+                )
+            )
+        elif i == len(index) - 1 and len(index) > 1 and set(comps) < members:
+            cut.append((key, f"the shard ends after members {sorted(comps)} of its last sample"))
+        else:
+            kept.append((key, comps))
+    return kept, cut
+
+
 @dataclass
 class ShardSet:
     """Shard paths with their indexes; reads samples by (shard, position).
@@ -78,6 +102,7 @@ class ShardSet:
     paths: list[str]
     index: list[list[tuple[str, dict[str, tuple[int, int]]]]]
     urls: list[str] = field(default_factory=list)
+    dropped: list[BadSample] = field(default_factory=list)  # truncated samples left out of ``index``
     _files: dict[int, int] = field(default_factory=dict, repr=False)
 
     def __post_init__(self):
@@ -85,9 +110,18 @@ class ShardSet:
 
     @staticmethod
     def open(urls: list[str], cache_dir: str | os.PathLike | None = None) -> ShardSet:
-        """Index the shards ``urls`` (paths or URLs; URLs are copied into ``cache_dir`` first)."""
+        """Index the shards ``urls`` (paths or URLs; URLs are copied into ``cache_dir`` first).
+
+        Samples a truncated shard cuts (a member running past the end of the file, or the
+        shard's last sample missing members the others have) are left out and listed in
+        ``dropped``: every rank opens the same shards, so every rank plans the same samples."""
         paths = [str(local_copy(u, cache_dir)) for u in urls]
-        return ShardSet(paths, [read_index(Path(p)) for p in paths], list(urls))
+        index, dropped = [], []
+        for url, path in zip(urls, paths):
+            kept, cut = whole_samples(read_index(Path(path)), os.path.getsize(path))
+            index.append(kept)
+            dropped += [BadSample(TRUNCATED_SHARD, str(url), key, why) for key, why in cut]
+        return ShardSet(paths, index, list(urls), dropped=dropped)
 
     @property
     def remote(self) -> bool:
@@ -98,10 +132,11 @@ class ShardSet:
         return [len(ix) for ix in self.index]
 
     def __getstate__(self):  # file descriptors do not travel to worker processes
-        return {"paths": self.paths, "index": self.index, "urls": self.urls}
+        return {"paths": self.paths, "index": self.index, "urls": self.urls, "dropped": self.dropped}
 
     def __setstate__(self, state):
         self.paths, self.index, self.urls, self._files = state["paths"], state["index"], state["urls"], {}
+        self.dropped = state["dropped"]
 
     def _fd(self, shard: int) -> int:
         fd = self._files.get(shard)
@@ -123,6 +158,17 @@ class ShardSet:
         hi = max(o + s for o, s in spans)
         blob = os.pread(self._fd(shard), hi - lo, lo)
         return {e: blob[o - lo : o - lo + s] for e, (o, s) in zip(exts, spans)}
+
+    def read_present(self, shard: int, pos: int, exts: tuple[str, ...]) -> dict[str, bytes]:
+        """The components of ``exts`` the sample has (missing ones left out), one pread each."""
+        comps = self.index[shard][pos][1]
+        spans = {e: comps[e] for e in exts if e in comps}
+        if not spans:
+            return {}
+        lo = min(o for o, _ in spans.values())
+        hi = max(o + n for o, n in spans.values())
+        blob = os.pread(self._fd(shard), hi - lo, lo)
+        return {e: blob[o - lo : o - lo + n] for e, (o, n) in spans.items()}
 
     def close(self) -> None:
         for fd in self._files.values():

@@ -13,6 +13,7 @@ decode, and it averages pixel blocks where a bilinear warp of the full crop woul
 
 from __future__ import annotations
 
+import logging
 import math
 
 import cv2
@@ -21,6 +22,14 @@ import simplejpeg
 import torch
 
 from pnfs.data.assemble import batch_geometry, normalise_hwc
+from pnfs.data.bad_samples import (
+    BAD_ARRAYS,
+    BAD_JPEG,
+    BadSample,
+    BadSampleError,
+    BadSampleReport,
+    array_problem,
+)
 from pnfs.data.batch import PoseBatch
 from pnfs.data.geometry import compose
 from pnfs.data.plan import EpochPlan
@@ -103,14 +112,77 @@ class PlanReader(torch.utils.data.Dataset):
 
 
 class PlanBatches(PlanReader):
-    """Item b = batch b of the plan, decoded and augmented (runs in a worker)."""
+    """Item b = (batch b of the plan decoded and augmented, the bad samples met) (in a worker).
 
-    def __getitem__(self, b: int) -> PoseBatch:
-        blobs, meta, crop_to_input, input_to_image, keypoints = self.read(b)
-        decoded = [decode_for_input(x["jpg"], m) for x, m in zip(blobs, crop_to_input)]
+    A sample whose raw arrays or JPEG are bad (:mod:`pnfs.data.bad_samples`) is replaced by
+    the next good sample of the rank's epoch after batch b (wrapping round), with slot i's
+    augmentation: batch shapes and the per-rank batch count stay the plan's, so ranks stay
+    in step whichever of them meets bad data. ``on_error="raise"`` raises instead.
+    """
+
+    def __init__(self, *args, on_error: str = "skip", **kwargs):
+        super().__init__(*args, **kwargs)
+        if on_error not in ("skip", "raise"):
+            raise ValueError(f"data.on_error must be 'skip' or 'raise', got {on_error!r}")
+        self.on_error = on_error
+
+    def _spares(self, b: int):
+        """The plan's samples after batch b, wrapping round: replacements for bad ones."""
+        rest = self.plan.batches[b + 1 :] + self.plan.batches[: b + 1]
+        yield from (tuple(int(v) for v in pair) for batch in rest for pair in batch)
+
+    def _bad(self, reason: str, shard: int, pos: int, error: str) -> BadSample:
+        bad = BadSample(reason, self.shards.urls[shard], self.shards.key(shard, pos), error)
+        if self.on_error == "raise":
+            raise BadSampleError(f"{bad} (data.on_error=raise; skip drops such samples)")
+        return bad
+
+    def _good_arrays(
+        self, pair: tuple[int, int], spares, bad: list[BadSample]
+    ) -> tuple[tuple[int, int], dict[str, bytes]]:
+        """(pair, its blobs) of ``pair``, or of the next spare whose raw arrays are sound."""
+        num_joints = len(self.flip_perm)
+        while True:
+            s, p = pair
+            blobs = self.shards.read_present(s, p, SAMPLE_EXTS)
+            problem = array_problem(blobs, num_joints) or (None if "jpg" in blobs else "no jpg")
+            if problem is None:
+                return pair, blobs
+            bad.append(self._bad(BAD_ARRAYS, s, p, problem))
+            pair = self._next_spare(spares)
+
+    @staticmethod
+    def _next_spare(spares) -> tuple[int, int]:
+        try:
+            return next(spares)
+        except StopIteration:
+            raise BadSampleError("every sample of this rank's epoch is bad") from None
+
+    def __getitem__(self, b: int) -> tuple[PoseBatch, list[BadSample]]:
+        bad: list[BadSample] = []
+        spares = self._spares(b)
+        pairs = [tuple(int(v) for v in pair) for pair in self.plan.batches[b]]
+        pairs, blobs = map(list, zip(*(self._good_arrays(pair, spares, bad) for pair in pairs)))
+        aug = self.plan.augment[b]
+        decoded: list = [None] * len(blobs)
+        todo = list(range(len(blobs)))
+        while todo:  # geometry is per sample: a replaced slot leaves the others' unchanged
+            meta = parse_meta(blobs)
+            crop_to_input, input_to_image, keypoints = batch_geometry(
+                meta, aug, self.input_size, self.margin, self.flip_perm
+            )
+            failed = []
+            for i in todo:
+                try:
+                    decoded[i] = decode_for_input(blobs[i]["jpg"], crop_to_input[i])
+                except ValueError as e:
+                    bad.append(self._bad(BAD_JPEG, *pairs[i], str(e)))
+                    pairs[i], blobs[i] = self._good_arrays(self._next_spare(spares), spares, bad)
+                    failed.append(i)
+            todo = failed
         crops = [image for image, _ in decoded]
         pixels = warp_crops(crops, np.stack([m for _, m in decoded]), self.input_size)
-        return PoseBatch(
+        batch = PoseBatch(
             image=normalise_hwc(pixels),
             keypoints=torch.from_numpy(keypoints).float(),
             affine=torch.from_numpy(input_to_image).float(),
@@ -118,6 +190,7 @@ class PlanBatches(PlanReader):
             ann_id=torch.from_numpy(meta.ids[:, 1].copy()),
             score=torch.from_numpy(meta.score.copy()).float(),
         )
+        return batch, bad
 
 
 def _worker_init(_: int) -> None:
@@ -137,11 +210,21 @@ def fork_safe_opencv() -> None:
 
 
 class PoseLoader:
-    """An iterable of PoseBatch with ``len()`` = batches of this rank's (remaining) epoch."""
+    """An iterable of PoseBatch with ``len()`` = batches of this rank's (remaining) epoch.
 
-    def __init__(self, dataset: torch.utils.data.Dataset, num_workers: int, pin_memory: bool = False):
+    Items that come as (PoseBatch, [BadSample]) (:class:`PlanBatches`) are unpacked: the bad
+    samples go into ``bad_samples`` (which raises past its limit) and the run log."""
+
+    def __init__(
+        self,
+        dataset: torch.utils.data.Dataset,
+        num_workers: int,
+        pin_memory: bool = False,
+        bad_samples: BadSampleReport | None = None,
+    ):
         self.dataset = dataset
         self.num_workers = num_workers
+        self.bad_samples = bad_samples if bad_samples is not None else BadSampleReport(limit=0)
         if num_workers > 0:
             fork_safe_opencv()
         self.loader = torch.utils.data.DataLoader(
@@ -159,4 +242,11 @@ class PoseLoader:
         return len(self.dataset)
 
     def __iter__(self):
-        return iter(self.loader)
+        log = logging.getLogger("pnfs.train")
+        for item in self.loader:
+            if isinstance(item, (tuple, list)) and len(item) == 2 and isinstance(item[0], PoseBatch):
+                item, bad = item
+                for sample in bad:
+                    log.warning("bad sample dropped: %s", sample)
+                    self.bad_samples.add(sample)
+            yield item
