@@ -208,8 +208,13 @@ def test_real_model_predicts_on_its_device():
     affine = torch.tensor([[[2.0, 0, 10], [0, 2.0, 5]]]).expand(2, 2, 3)
     pred = predict(model, images, affine, flip_permutation=PERM)
     assert pred.keypoints.shape == (2, 17, 2) and pred.scores.shape == (2, 17)
-    assert torch.isfinite(pred.keypoints).all()
-    assert (pred.input_keypoints[..., 0] <= cfg.data.input_size[1]).all()
+    # values: the decoded flip-test maps of this very model, back-projected through x -> 2x + (10, 5)
+    coords, maxvals = decode(predict_scores(model, images, PERM))
+    torch.testing.assert_close(pred.input_keypoints, coords * STRIDE, atol=1e-5, rtol=0)
+    torch.testing.assert_close(pred.scores, maxvals, atol=1e-6, rtol=0)
+    torch.testing.assert_close(
+        pred.keypoints, 2.0 * coords * STRIDE + torch.tensor([10.0, 5.0]), atol=1e-4, rtol=0
+    )
 
 
 @pytest.mark.gpu
