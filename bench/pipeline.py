@@ -16,7 +16,11 @@ with weights.
 * ``torch``/``dali``/``gpu``: WebDataset crops through :func:`pnfs.data.loader.build_loader`,
   targets from :func:`pnfs.data.targets.gaussian_targets` on the batch. ``dali`` runs its
   CPU graph without CUDA; ``gpu`` (nvJPEG + batched grid_sample) is timed only with CUDA
-  unless named in ``--loaders``.
+  unless named in ``--loaders``;
+* ``torch_http``: the ``torch`` loader on the same shards streamed from a local HTTP server
+  (``http://127.0.0.1:PORT/train-{000000..N}.tar``, ``http.server`` in this process), with a
+  fresh ``data.cache_dir`` every epoch, so each epoch pays the whole download: the cost of
+  streaming against ``torch`` reading the local folder (``x local`` in the output).
 
 Prints samples/s (wall clock, median of interleaved rounds) and CPU milliseconds per sample
 (main process + reaped DataLoader workers + DALI threads), each with its ratio to the
@@ -116,6 +120,33 @@ def _worker_init(_):
     cv2.setNumThreads(1)
 
 
+class ShardServer:
+    """``http.server`` serving a shard folder on 127.0.0.1 at a free port, in a daemon thread."""
+
+    def __init__(self, folder: Path):
+        import functools
+        import http.server
+        import threading
+
+        class Quiet(http.server.SimpleHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+        handler = functools.partial(Quiet, directory=str(folder))
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def pattern(self, names: list[str]) -> str:
+        """The brace pattern of ``train-000000.tar`` .. ``train-<n-1>.tar`` on this server."""
+        return f"{self.url}/train-{{000000..{len(names) - 1:06d}}}.tar"
+
+    def stop(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
 def cpu_seconds() -> float:
     """User + system CPU time of this process (all threads) and of its reaped children."""
     me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -192,7 +223,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--input-size", type=int, nargs=2, default=[256, 192], metavar=("H", "W"))
     p.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds")
     p.add_argument("--passes", type=int, default=1, help="epochs per round (small data sets)")
-    p.add_argument("--loaders", default=None, help="comma-separated pnfs loaders (default torch,dali[,gpu])")
+    p.add_argument(
+        "--loaders", default=None, help="comma-separated pnfs loaders (default torch,torch_http,dali[,gpu])"
+    )
     p.add_argument("--json", default="runs/bench/pipeline.json")
     args = p.parse_args(argv)
     torch.set_num_threads(1)  # the DataLoader workers own the cores
@@ -224,21 +257,28 @@ def main(argv: list[str] | None = None) -> int:
             )
 
         contenders = {"hrnet_baseline": (baseline_batches, None)}
-        kinds = args.loaders or ("torch,dali,gpu" if torch.cuda.is_available() else "torch,dali")
+        kinds = args.loaders or ("torch,torch_http,dali" + (",gpu" if torch.cuda.is_available() else ""))
+        server = None
         for kind in [k for k in kinds.split(",") if k]:
+            shards = str(shard_dir)
+            if kind == "torch_http":
+                server = server or ShardServer(shard_dir)
+                shards = server.pattern(sorted(p.name for p in shard_dir.glob("train-*.tar")))
             cfg = load_config(
                 None,
                 [
-                    f"data.train_shards={shard_dir}",
-                    f"data.loader={kind}",
+                    f"data.train_shards={shards}",
+                    f"data.loader={kind.removesuffix('_http')}",
                     f"data.num_workers={args.workers}",
                     f"data.input_size=[{h}, {w}]",
                     f"train.batch_size={args.batch_size}",
                 ],
             )
 
-            def batches(cfg=cfg, epoch=[0]):  # noqa: B006 - a counter across calls
+            def batches(cfg=cfg, epoch=[0], cold=kind == "torch_http"):  # noqa: B006 - a counter across calls
                 epoch[0] += 1
+                if cold:  # a new cache folder: this epoch downloads every shard
+                    cfg.data.cache_dir = str(work / f"cache-{epoch[0]}")
                 return build_loader(cfg, "train", epoch=epoch[0])
 
             def targets(batch, hw=(h // 4, w // 4)):
@@ -259,6 +299,8 @@ def main(argv: list[str] | None = None) -> int:
         for name, r in runs.items():
             if name not in results:
                 results[name] = summarise(r)
+        if server is not None:
+            server.stop()
     base_rate = results["hrnet_baseline"]["samples_per_s"]
     base_cpu = results["hrnet_baseline"]["cpu_ms_per_sample"]
     print(f"{'loader':16s} {'samples/s':>10s} {'x baseline':>11s} {'CPU ms/sample':>14s} {'x baseline':>11s}")
@@ -268,9 +310,15 @@ def main(argv: list[str] | None = None) -> int:
             continue
         r["ratio_to_baseline"] = round(r["samples_per_s"] / base_rate, 2)
         r["cpu_efficiency_ratio_to_baseline"] = round(base_cpu / r["cpu_ms_per_sample"], 2)
+        local = ""
+        if name.endswith("_http") and "samples_per_s" in results.get(name.removesuffix("_http"), {}):
+            r["ratio_to_local"] = round(
+                r["samples_per_s"] / results[name.removesuffix("_http")]["samples_per_s"], 2
+            )
+            local = f"  ({r['ratio_to_local']:.2f}x local)"
         print(
             f"{name:16s} {r['samples_per_s']:10.1f} {r['ratio_to_baseline']:10.2f}x "
-            f"{r['cpu_ms_per_sample']:14.2f} {r['cpu_efficiency_ratio_to_baseline']:10.2f}x"
+            f"{r['cpu_ms_per_sample']:14.2f} {r['cpu_efficiency_ratio_to_baseline']:10.2f}x{local}"
         )
     report = {
         "config": {
