@@ -15,7 +15,9 @@ Steps (``--step``, each case in its own process, so its peak memory and compile 
 
 Cases: baseline and lean with ``PNFS_KERNELS=torch`` (PyTorch references), lean with ``auto``
 (Triton on CUDA; on CPU ``auto`` is the references again), and, unless ``--no-compile``, the
-model under ``torch.compile`` for both steps. ``--baseline`` runs only the baseline case. Steps
+model under ``torch.compile`` for both steps; last, baseline and lean (torch, eager) once more in
+one process with their blocks interleaved, the ratio least moved by a changing load.
+``--baseline`` runs only the baseline case. Steps
 run in blocks of ``--block`` (the log interval); a block ends with one read (and a device sync),
 the median block time / block is the step time. ``ops_per_step`` counts the ``aten::`` events
 the torch profiler records in one step (every operator dispatched, nested ones included): the
@@ -100,8 +102,8 @@ def baseline_step(model, batch, cfg, device, dtype, opt, params):
     model.zero_grad(set_to_none=True)
 
 
-def measure(args: argparse.Namespace, step: str, kernels: str, compiled: bool) -> dict:
-    """One case in this process (``PNFS_KERNELS`` is set by the parent before torch starts)."""
+def build_case(args: argparse.Namespace, step: str, compiled: bool):
+    """(one_step, block, setup, cfg, batch size, autocast dtype) of one case, in this process."""
     from pnfs.config import load_config
     from pnfs.engine.guard import NonFiniteGuard, StepRecord
     from pnfs.engine.runtime import amp_dtype
@@ -139,6 +141,13 @@ def measure(args: argparse.Namespace, step: str, kernels: str, compiled: bool) -
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
+    return one_step, block, setup, cfg, n, dtype
+
+
+def measure(args: argparse.Namespace, step: str, kernels: str, compiled: bool) -> dict:
+    """One case in this process (``PNFS_KERNELS`` is set by the parent before torch starts)."""
+    device = torch.device(args.device)
+    one_step, block, setup, cfg, n, dtype = build_case(args, step, compiled)
     t0 = time.perf_counter()
     for _ in range(args.warmup):
         one_step()
@@ -171,6 +180,27 @@ def measure(args: argparse.Namespace, step: str, kernels: str, compiled: bool) -
         "dtype": str(dtype or torch.float32),
         "input_size": cfg.data.input_size,
     }
+
+
+def measure_interleaved(args: argparse.Namespace) -> dict:
+    """Baseline and lean step (eager) in one process, their blocks alternating (the order flips
+    every round), so that a load that changes over the run hits both alike: the median over
+    rounds of the per-round time ratio."""
+    cases = {step: build_case(args, step, compiled=False) for step in ("baseline", "lean")}
+    for one_step, block, *_ in cases.values():
+        for _ in range(args.warmup):
+            one_step()
+        block()
+    wall, cpu = [], []
+    for r in range(max(2, args.steps // args.block)):
+        spent = {}
+        for step in ("baseline", "lean") if r % 2 == 0 else ("lean", "baseline"):
+            t, c = time.perf_counter(), time.process_time()
+            cases[step][1]()
+            spent[step] = (time.perf_counter() - t, time.process_time() - c)
+        wall.append(spent["baseline"][0] / spent["lean"][0])
+        cpu.append(spent["baseline"][1] / spent["lean"][1])
+    return {"rounds": len(wall), "wall_ratio": statistics.median(wall), "cpu_ratio": statistics.median(cpu)}
 
 
 def run_case(argv: list[str], step: str, kernels: str, compiled: bool) -> dict:
@@ -212,7 +242,12 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("--device cuda: CUDA is not available here")
     if args.case:
         step, kernels, mode = args.case.split(":")
-        print(json.dumps(measure(args, step, kernels, mode == "compiled")))
+        row = (
+            measure_interleaved(args)
+            if step == "interleaved"
+            else measure(args, step, kernels, mode == "compiled")
+        )
+        print(json.dumps(row))
         return 0
 
     rows = []
@@ -236,6 +271,15 @@ def main(argv: list[str] | None = None) -> int:
             f" (CPU time x{row['cpu_ratio_vs_baseline']:.2f})",
             flush=True,
         )
+    interleaved = None
+    if not args.baseline:
+        interleaved = run_case(argv, "interleaved", "torch", False)
+        print(
+            f"lean vs baseline, kernels=torch eager, interleaved in one process"
+            f" ({interleaved['rounds']} rounds):"
+            f" x{interleaved['wall_ratio']:.2f} wall, x{interleaved['cpu_ratio']:.2f} CPU time",
+            flush=True,
+        )
     device = torch.device(args.device)
     report = {
         "config": str(args.config),
@@ -251,6 +295,7 @@ def main(argv: list[str] | None = None) -> int:
         "steps": args.steps,
         "block": args.block,
         "rows": rows,
+        "interleaved": interleaved,
     }
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
