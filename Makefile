@@ -1,5 +1,6 @@
 # make demo   install, build the synthetic demo set, run a real search with torchrun, evaluate, plot
 # make test   install if needed, lint, run the suite (interpreter-run Triton tests in their own pass)
+# make mutation  mutmut over the numeric core (not in CI; up to an hour on two cores, docs/testing.md)
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
@@ -9,7 +10,7 @@ STAMP := $(VENV)/.stamp-install
 export OMP_NUM_THREADS ?= 2
 export PYTHONHASHSEED := 0
 
-.PHONY: install test test-fast test-interpret test-slow lint format demo bench clean
+.PHONY: install test test-fast test-interpret test-slow lint format demo bench clean mutation
 
 install: $(STAMP)
 
@@ -40,6 +41,12 @@ test: lint test-fast test-interpret
 
 test-slow: install
 	$(PY) -m pytest -m slow $(PYTEST_ARGS)
+
+# Mutation testing (config: [tool.mutmut] in pyproject.toml); mutants and results in mutants/.
+# Survivors: $(VENV)/bin/mutmut results, one diff: $(VENV)/bin/mutmut show NAME.
+mutation: install
+	$(VENV)/bin/mutmut run --max-children $${MUTATION_JOBS:-2}
+	$(VENV)/bin/mutmut results
 
 demo: install
 	$(PY) launch/demo.py
