@@ -130,5 +130,10 @@ def test_two_processes_only_one_meets_the_bad_sample_and_both_finish_together(da
     assert set(found) == {0, 1} and found[0] == found[1], found
     ranks = {line.split("[rank ")[1][0] for line in output.splitlines() if keys["bad_jpeg"][0] in line}
     assert len(ranks) == 1, output[-3000:]  # only one rank met the garbled JPEG
-    metrics = json.loads((tmp_path / "result.json").read_text())
-    assert metrics["global_step"] == found[0][1]
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert result["global_step"] == found[0][1]
+    (epoch,) = result["bad_samples"]  # both ranks' reports in one, the truncated shard once
+    assert epoch["epoch"] == 0 and epoch["counts"] == {reason: len(k) for reason, k in keys.items()}
+    named = {(s["reason"], Path(s["shard"]).name, s["key"]) for s in epoch["samples"]}
+    assert ("bad_jpeg", GARBLED[0], keys["bad_jpeg"][0]) in named
+    assert "bad samples dropped over all ranks" in (tmp_path / "train.log").read_text()

@@ -92,3 +92,25 @@ class BadSampleReport:
             "counts": dict(self.counts),
             "samples": [asdict(s) for s in self.samples],
         }
+
+
+def merge_rank_reports(reports: list[dict | None]) -> dict:
+    """One report (:meth:`BadSampleReport.to_dict` layout) of every rank's epoch.
+
+    A truncated shard is seen by every rank (each opens all shards), so its samples count
+    once; a bad JPEG or array is met by the one rank that reads it, so those counts add up.
+    """
+    counts: dict[str, int] = {}
+    samples: list[dict] = []
+    seen: set[tuple[str, str, str]] = set()
+    for report in (r for r in reports if r):
+        for reason, n in report["counts"].items():
+            counts[reason] = (
+                max(counts.get(reason, 0), n) if reason == TRUNCATED_SHARD else counts.get(reason, 0) + n
+            )
+        for s in report["samples"]:
+            ident = (s["reason"], s["shard"], s["key"])
+            if ident not in seen:
+                seen.add(ident)
+                samples.append(s)
+    return {"total": sum(counts.values()), "counts": counts, "samples": samples}

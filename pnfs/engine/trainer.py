@@ -27,8 +27,10 @@ import time
 from typing import Any
 
 from pnfs.config import Config
+from pnfs.data.bad_samples import merge_rank_reports
 from pnfs.engine.distributed import (
     DistContext,
+    all_gather_objects,
     average_buffers,
     init_distributed,
     shutdown,
@@ -78,6 +80,7 @@ class Trainer(Run):
         cfg, ctx, pos = self.cfg, self.ctx, self.state.position
         t = cfg.train
         self.model.train()
+        self.bad_samples: list[dict] = []  # per epoch with any: pnfs.data.bad_samples.merge_rank_reports
         self.log.info(
             f"training {self.out_dir} on {ctx.world_size} process(es), device {ctx.device}, strategy "
             f"{cfg.search.strategy}, engine {self._engine_name()}, from epoch {pos.epoch} step "
@@ -129,6 +132,7 @@ class Trainer(Run):
             "skipped_steps": self.guard.total,
             "metrics": self.state.last_metrics,
             "best_score": self.state.best_score,
+            "bad_samples": self.bad_samples,
         }
         if ctx.is_main:
             (self.out_dir / "result.json").write_text(json.dumps(result, indent=1))
@@ -181,6 +185,13 @@ class Trainer(Run):
             self._read_window(window, lr, bar)
         if bar is not None:
             bar.close()
+        own = loader.bad_samples.to_dict() if hasattr(loader, "bad_samples") else None
+        bad = merge_rank_reports(all_gather_objects(own))  # every rank reaches this line
+        if bad["total"]:
+            self.bad_samples.append({"epoch": pos.epoch, **bad})
+            self.log.warning(
+                "epoch %d: %d bad samples dropped over all ranks %s", pos.epoch, bad["total"], bad["counts"]
+            )
         return False
 
     def _read_window(self, window: Window, lr: float, bar) -> None:
