@@ -13,7 +13,7 @@ reproduces their 0.11 to compare with numbers from that lineage, including the p
 Command line (predictions in our joint order, 0-based original-image pixels, as
 ``launch/evaluate.py`` writes them)::
 
-    python -m pnfs.evaluate.mpii --annotations valid.json --head-sizes heads.json \
+    python -m pnfs.evaluate.mpii --annotations valid.json --head-sizes gt_valid.mat \
         --predictions mpii_results.json [--hrnet-compat] [--json]
 """
 
@@ -49,6 +49,43 @@ def head_size_from_box(head_box: np.ndarray) -> np.ndarray:
     """0.6 × diagonal of head boxes [N, 4] (x1, y1, x2, y2) -> [N]."""
     box = np.asarray(head_box, dtype=np.float64)
     return HEAD_SIZE_FACTOR * np.linalg.norm(box[:, 2:] - box[:, :2], axis=1)
+
+
+def head_sizes_from_gt_mat(path: str | Path, num_persons: int | None = None) -> np.ndarray:
+    """Head sizes [N] from HRNet's ``annot/gt_valid.mat`` (the MPII validation ground truth).
+
+    The file holds ``headboxes_src`` [2, 2, N] (corner: top-left, bottom-right; x, y;
+    person), ``jnt_missing`` [16, N] and ``pos_gt_src`` [16, 2, N]. The head size is the
+    standard MPII evaluation's (``evalPCKh.m`` of the MPII benchmark, reproduced in HRNet's
+    ``lib/dataset/mpii.py`` as ``SC_BIAS * norm(headboxes_src[1] - headboxes_src[0])``)::
+
+        head_size = 0.6 * ‖(x2, y2) − (x1, y1)‖
+
+    Persons are in the order of ``valid.json``; ``num_persons`` checks the count.
+    """
+    import scipy.io
+
+    path = Path(path)
+    try:
+        mat = scipy.io.loadmat(str(path))
+    except (OSError, ValueError, scipy.io.matlab.MatReadError) as err:
+        raise ValueError(f"data.val_head_sizes: {str(path)!r} cannot be read as a .mat file: {err}") from None
+    boxes = mat.get("headboxes_src")
+    if boxes is None:
+        raise ValueError(
+            f"data.val_head_sizes: {str(path)!r} has no 'headboxes_src' (HRNet's annot/gt_valid.mat has it)"
+        )
+    boxes = np.asarray(boxes, dtype=np.float64)
+    if boxes.ndim != 3 or boxes.shape[:2] != (2, 2):
+        raise ValueError(
+            f"data.val_head_sizes: {str(path)!r}: headboxes_src must be [2, 2, N], got {list(boxes.shape)}"
+        )
+    if num_persons is not None and boxes.shape[2] != num_persons:
+        raise ValueError(
+            f"data.val_head_sizes: {str(path)!r} has {boxes.shape[2]} head boxes, the annotations "
+            f"{num_persons} persons; use the gt_valid.mat that belongs to this valid.json"
+        )
+    return HEAD_SIZE_FACTOR * np.linalg.norm(boxes[1] - boxes[0], axis=0)
 
 
 def pckh(
@@ -148,7 +185,8 @@ def load_mpii_ground_truth(annotations: str | Path, head_sizes: str | Path | Non
     """Read an HRNet-style ``valid.json`` (raw MPII joint order, 1-based MATLAB pixels).
 
     Head sizes come from ``head_sizes`` (a json list, one ``{"image", "head_size"}`` per
-    person in the same order) or from a ``headbox`` [x1, y1, x2, y2] in each annotation.
+    person in the same order, or HRNet's ``annot/gt_valid.mat``, see
+    :func:`head_sizes_from_gt_mat`) or from a ``headbox`` [x1, y1, x2, y2] in each annotation.
     Joints and visibility are re-ordered together with :data:`pnfs.keypoints.MPII_FROM_RAW`.
     """
     path = Path(annotations)
@@ -174,7 +212,9 @@ def load_mpii_ground_truth(annotations: str | Path, head_sizes: str | Path | Non
         joints.append(j[order] - 1.0)  # MATLAB 1-based -> our 0-based pixel centres
         visible.append(v[order])
         boxes.append(e.get("headbox"))
-    if head_sizes is not None:
+    if head_sizes is not None and Path(head_sizes).suffix.lower() == ".mat":
+        size = head_sizes_from_gt_mat(head_sizes, len(entries))
+    elif head_sizes is not None:
         hpath = Path(head_sizes)
         try:
             heads = json.loads(hpath.read_text())
@@ -202,7 +242,11 @@ def load_mpii_ground_truth(annotations: str | Path, head_sizes: str | Path | Non
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pnfs.evaluate.mpii", description=__doc__.split("\n")[0])
     parser.add_argument("--annotations", required=True, help="HRNet-style valid.json")
-    parser.add_argument("--head-sizes", default=None, help="json list of {image, head_size} per person")
+    parser.add_argument(
+        "--head-sizes",
+        default=None,
+        help="json list of {image, head_size} per person, or HRNet's gt_valid.mat",
+    )
     parser.add_argument(
         "--predictions", required=True, help="json list of {ann_id, keypoints [[x, y, s]*16]}"
     )
