@@ -97,5 +97,5 @@ def test_a_mat_of_another_split_or_without_head_boxes_is_named(sample, tmp_path)
     with pytest.raises(ValueError, match="no 'headboxes_src'"):
         load_mpii_ground_truth(annotations, tmp_path / "none.mat")
     (tmp_path / "bad.mat").write_text("not a mat")
-    with pytest.raises(ValueError, match="cannot be read as a .mat"):
+    with pytest.raises(ValueError, match=r"cannot be read as a \.mat"):
         load_mpii_ground_truth(annotations, tmp_path / "bad.mat")
