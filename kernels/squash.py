@@ -24,7 +24,8 @@ from pnfs.kernels._compat import CUSTOM_OP, block_size, cdiv, jit, next_power_of
 from pnfs.kernels._reduce import sum_rows
 from pnfs.kernels.backend import use_triton
 
-BLOCK_P = block_size(compiled=256, interpreted=1024)
+BLOCK_P_COMPILED = 256  # pixels per program on a GPU
+BLOCK_P = block_size(compiled=BLOCK_P_COMPILED, interpreted=1024)
 
 
 def _accumulation_dtype(x: torch.Tensor) -> torch.Tensor:

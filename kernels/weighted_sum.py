@@ -32,7 +32,8 @@ from pnfs.kernels._reduce import sum_rows
 from pnfs.kernels.backend import use_triton
 
 MAX_INPUTS = 12
-BLOCK = block_size(compiled=1024, interpreted=4096)
+BLOCK_COMPILED = 1024  # elements per program on a GPU
+BLOCK = block_size(compiled=BLOCK_COMPILED, interpreted=4096)
 
 
 def weighted_sum_reference(

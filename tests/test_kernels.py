@@ -329,6 +329,23 @@ def test_squash_and_loss_on_gpu_match_reference(monkeypatch, dtype):
 
 
 @pytest.mark.gpu
+def test_weighted_sum_weight_gradient_is_bitwise_reproducible_on_gpu(monkeypatch):
+    """Programs run concurrently on a GPU: the two-pass dw reduction must give the same bits every run
+    (the interpreter runs programs one after another, so only CUDA can show this)."""
+    monkeypatch.setenv("PNFS_KERNELS", "triton")
+    xs = [torch.randn(4, 40, 64, 48, device="cuda", requires_grad=True) for _ in range(3)]
+    w = torch.rand(3, device="cuda", requires_grad=True)
+    g = torch.randn(4, 40, 64, 48, device="cuda")
+    runs = [torch.autograd.grad(weighted_sum(xs, w, relu=True), w, g)[0] for _ in range(5)]
+    loss = [
+        squash_mse_loss(xs[0][:, :34], 2, xs[1][:, :17].detach().sigmoid(), w.new_ones(4, 17))
+        for _ in range(5)
+    ]
+    assert all(torch.equal(runs[0], r) for r in runs[1:])
+    assert all(torch.equal(loss[0], x) for x in loss[1:])
+
+
+@pytest.mark.gpu
 def test_argmax_decode_on_gpu_matches_reference(monkeypatch):
     monkeypatch.setenv("PNFS_KERNELS", "triton")
     maps, expected_xy, peak = decode_batch()

@@ -14,8 +14,14 @@ The interpreter is ~2000x slower than compiled kernels, so the shapes are small.
 
 from __future__ import annotations
 
+import contextlib
+import importlib
+from unittest import mock
+
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from kernel_cases import assert_decoded, decode_batch, vector_batch
 
 from pnfs.kernels import (
@@ -114,15 +120,6 @@ def test_weighted_sum_keeps_channels_last():
 def test_weighted_sum_relu_keeps_nan_like_torch():
     x = torch.tensor([[-1.0, float("nan"), 2.0]])
     torch.testing.assert_close(weighted_sum([x], torch.ones(1), relu=True), torch.relu(x), equal_nan=True)
-
-
-def test_weighted_sum_weight_gradient_is_bitwise_reproducible():
-    xs = [_leaf(torch.randn(2, 40, 16, 12)) for _ in range(3)]
-    w = _leaf(torch.rand(3))
-    g = torch.randn(2, 40, 16, 12)
-    first = torch.autograd.grad(weighted_sum(xs, w, relu=True), w, g)[0]
-    second = torch.autograd.grad(weighted_sum(xs, w, relu=True), w, g)[0]
-    assert torch.equal(first, second)
 
 
 def test_weighted_sum_takes_an_expanded_gradient_and_inputs_without_grad():
@@ -357,3 +354,203 @@ def test_fvcore_counts_the_custom_ops_like_their_reference(monkeypatch):
     elementwise = count("triton", fvcore_handles(elementwise=True))
     # + 3 * numel(out) for the weighted sum, + numel(vectors) for n^2
     assert elementwise.total() == 8 * 3 * 16 + 3 * 8 * 16 + 8 * 16
+
+
+# ----------------------------------------------------------------------------- the GPU's tiles, many tiles
+#
+# The cases above run the interpreter's large tiles (fewer programs, a faster interpreter). The
+# tests below run the tile sizes the compiled GPU path uses (``*_COMPILED``), at shapes spanning
+# several tiles in every grid dimension with a ragged last tile, so the multi-tile indexing a GPU
+# runs is run here too.
+
+_SQUASH = importlib.import_module("pnfs.kernels.squash")
+_WEIGHTED_SUM = importlib.import_module("pnfs.kernels.weighted_sum")
+_REDUCE = importlib.import_module("pnfs.kernels._reduce")
+
+
+@contextlib.contextmanager
+def gpu_tiles():
+    """The compiled path's block sizes, for the duration of the block (hypothesis-safe)."""
+    with (
+        mock.patch.object(_SQUASH, "BLOCK_P", _SQUASH.BLOCK_P_COMPILED),
+        mock.patch.object(_WEIGHTED_SUM, "BLOCK", _WEIGHTED_SUM.BLOCK_COMPILED),
+    ):
+        yield
+
+
+MULTI_TILE_PIXELS = [(40, 30), (64, 48)]  # 1200 and 3072 px: 5 and 12 tiles of 256, ragged / full+ragged W
+
+
+def _check_squash(v: torch.Tensor, d: int) -> None:
+    v = _leaf(v)
+    scores = squash_score(v, d)
+    g = torch.randn(scores.shape).to(v.dtype)
+    (dv,) = torch.autograd.grad(scores, v, g)
+    v64 = _leaf(v.double())
+    ref = squash_score_reference(v64, d)
+    (ref_dv,) = torch.autograd.grad(ref, v64, g.double())
+    torch.testing.assert_close(scores.double(), ref, **TOL[v.dtype])
+    torch.testing.assert_close(dv.double(), ref_dv, **TOL[v.dtype])
+
+
+def _check_loss(v: torch.Tensor, d: int) -> None:
+    n, c, h, w = v.shape
+    v = _leaf(v)
+    targets = torch.rand(n, c // d, h, w)
+    weights = (torch.rand(n, c // d) > 0.3).float()
+    loss = squash_mse_loss(v, d, targets, weights)
+    (dv,) = torch.autograd.grad(loss, v)
+    v64 = _leaf(v.double())
+    ref = squash_mse_loss_reference(v64, d, targets, weights)
+    (ref_dv,) = torch.autograd.grad(ref, v64)
+    torch.testing.assert_close(loss.double(), ref, **FP32)
+    scale = max(ref_dv.abs().max().item(), 1e-30)
+    torch.testing.assert_close(dv.double() / scale, ref_dv / scale, **TOL[v.dtype])
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "strided"])
+@pytest.mark.parametrize("hw", MULTI_TILE_PIXELS)
+def test_squash_at_gpu_tiles_over_many_tiles(hw, layout):
+    with gpu_tiles():
+        v = _layout(torch.randn(2, 3 * 4, *hw), layout)
+        v[1, -4:, -1, -1] = 3.0  # the very last pixel of the last tile of the last (n, j)
+        _check_squash(v, 4)
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "strided"])
+@pytest.mark.parametrize("hw", MULTI_TILE_PIXELS)
+def test_squash_mse_loss_at_gpu_tiles_over_many_tiles(hw, layout):
+    with gpu_tiles():
+        _check_loss(_layout(torch.randn(2, 3 * 4, *hw) * 0.7, layout), 4)
+
+
+def test_squash_mse_loss_with_more_than_one_block_of_partials_per_row():
+    """2 x 48 joints x 12 tiles of 256 px = 1152 partials: the second pass needs two blocks of 1024."""
+    with gpu_tiles():
+        n, j, d, (h, w) = 2, 48, 2, MULTI_TILE_PIXELS[1]
+        assert n * j * -(-(h * w) // _SQUASH.BLOCK_P) > _REDUCE.BLOCK
+        _check_loss(torch.randn(n, j * d, h, w) * 0.7, d)
+
+
+@pytest.mark.parametrize("cols", [1, 1023, 1025, 4100])
+def test_sum_rows_over_thousands_of_columns(cols):
+    partials = torch.randn(3, cols)
+    got = _REDUCE.sum_rows(partials, 0.5)
+    torch.testing.assert_close(got.double(), 0.5 * partials.double().sum(dim=1), **FP32)
+
+
+@pytest.mark.parametrize("hw", MULTI_TILE_PIXELS)
+@pytest.mark.parametrize("where", ["first", "middle", "last"])
+def test_argmax_decode_over_many_blocks_with_the_peak_anywhere(hw, where):
+    h, w = hw
+    scores = torch.rand(2, 3, h, w) * 0.5
+    y, x = {"first": (0, 1), "middle": (h // 2, w // 2), "last": (h - 1, w - 2)}[where]
+    scores[1, 2, y, x] = 1.0  # in the last block of 1024 px for "last"
+    scores[1, 2, y, x + 1] = 0.9
+    for row in (y - 1, y + 1):  # equal upper and lower neighbours: no y offset
+        if 0 <= row < h:
+            scores[1, 2, row, x] = 0.3
+    coords, maxvals = argmax_decode(scores)
+    ref_coords, ref_maxvals = argmax_decode_reference(scores)
+    torch.testing.assert_close(coords, ref_coords, rtol=0, atol=0)
+    torch.testing.assert_close(maxvals, ref_maxvals, rtol=0, atol=0)
+    assert coords[1, 2].tolist() == [x + 0.25, float(y)]
+
+
+@pytest.mark.parametrize("hw", MULTI_TILE_PIXELS)
+def test_argmax_decode_vectors_over_many_blocks(hw):
+    vectors = torch.randn(2, 3 * 2, *hw)
+    vectors[0, 4:, -1, -3] = 9.0
+    coords, maxvals = argmax_decode_vectors(vectors, 2)
+    ref_coords, ref_maxvals = argmax_decode_vectors_reference(vectors, 2)
+    torch.testing.assert_close(coords, ref_coords, rtol=0, atol=0)
+    torch.testing.assert_close(maxvals, ref_maxvals, **FP32)
+    assert coords[0, 2].tolist()[1] == hw[0] - 1
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "strided"])
+@pytest.mark.parametrize("relu", [False, True])
+def test_weighted_sum_at_gpu_tiles_over_more_than_two_tiles(layout, relu):
+    """2 x 5 x 40 x 30 = 12000 elements: 12 tiles of 1024, the last ragged; dw sums 12 partials."""
+    with gpu_tiles():
+        shape = (2, 5, 40, 30)
+        xs = [_leaf(_layout(torch.randn(shape), layout)) for _ in range(3)]
+        w = _leaf(torch.randn(3))
+        out = weighted_sum(xs, w, relu)
+        g = torch.randn(shape)
+        grads = torch.autograd.grad(out, [*xs, w], g)
+        xs64 = [_leaf(x.double()) for x in xs]
+        w64 = _leaf(w.double())
+        ref = weighted_sum_reference(xs64, w64, relu)
+        ref_grads = torch.autograd.grad(ref, [*xs64, w64], g.double())
+        torch.testing.assert_close(out.double(), ref, **FP32)
+        for got, want in zip(grads, ref_grads):
+            torch.testing.assert_close(got.double(), want, **FP32)
+
+
+# ----------------------------------------------------------------------------- drawn shapes, layouts, dtypes
+
+_DTYPES = st.sampled_from([torch.float32, torch.bfloat16, torch.float16])
+_LAYOUTS = st.sampled_from(["nchw", "channels_last", "strided", "sliced"])
+_DRAWN = settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def _drawn_layout(x: torch.Tensor, layout: str) -> torch.Tensor:
+    if layout == "sliced":  # a channel and row window of a larger tensor
+        n, c, h, w = x.shape
+        big = torch.zeros(n, c + 3, h + 2, w, dtype=x.dtype)
+        big[:, 2 : 2 + c, 1 : 1 + h] = x
+        return big[:, 2 : 2 + c, 1 : 1 + h]
+    return _layout(x, layout)
+
+
+@_DRAWN
+@given(
+    n=st.integers(1, 2), j=st.integers(1, 3), d=st.sampled_from([1, 2, 3, 8]),
+    h=st.integers(1, 40), w=st.integers(1, 33), dtype=_DTYPES, layout=_LAYOUTS, seed=st.integers(0, 2**16),
+)  # fmt: skip
+def test_squash_and_loss_on_drawn_shapes(n, j, d, h, w, dtype, layout, seed):
+    torch.manual_seed(seed)
+    with gpu_tiles():
+        v = _drawn_layout(torch.randn(n, j * d, h, w).to(dtype), layout)
+        _check_squash(v, d)
+        _check_loss(v, d)
+
+
+@_DRAWN
+@given(
+    n=st.integers(1, 2), j=st.integers(1, 3), h=st.integers(1, 40), w=st.integers(1, 40),
+    dtype=_DTYPES, layout=_LAYOUTS, seed=st.integers(0, 2**16),
+)  # fmt: skip
+def test_argmax_decode_on_drawn_shapes(n, j, h, w, dtype, layout, seed):
+    torch.manual_seed(seed)
+    scores = _drawn_layout(torch.rand(n, j, h, w).to(dtype), layout)
+    coords, maxvals = argmax_decode(scores)
+    ref_coords, ref_maxvals = argmax_decode_reference(scores)
+    torch.testing.assert_close(coords, ref_coords, rtol=0, atol=0)
+    torch.testing.assert_close(maxvals, ref_maxvals, rtol=0, atol=0)
+
+
+@_DRAWN
+@given(
+    k=st.integers(1, 12), relu=st.booleans(), n=st.integers(1, 2), c=st.integers(1, 6),
+    h=st.integers(1, 24), w=st.integers(1, 24), dtype=_DTYPES, layout=_LAYOUTS, seed=st.integers(0, 2**16),
+)  # fmt: skip
+def test_weighted_sum_on_drawn_shapes(k, relu, n, c, h, w, dtype, layout, seed):
+    torch.manual_seed(seed)
+    with gpu_tiles():
+        shape = (n, c, h, w)
+        xs = [_leaf(_drawn_layout(torch.randn(shape).to(dtype), layout)) for _ in range(k)]
+        wts = _leaf(torch.randn(k))
+        out = weighted_sum(xs, wts, relu)
+        g = torch.randn(shape).to(dtype)
+        grads = torch.autograd.grad(out, [*xs, wts], g)
+        xs64 = [_leaf(x.double()) for x in xs]
+        w64 = _leaf(wts.double())
+        ref = weighted_sum_reference(xs64, w64, relu)
+        ref_grads = torch.autograd.grad(ref, [*xs64, w64], g.double())
+        # k bf16 products summed in fp32 then rounded once: the tolerance grows with the magnitude
+        torch.testing.assert_close(out.double(), ref, **TOL[dtype])
+        for got, want in zip(grads[:-1], ref_grads[:-1]):
+            torch.testing.assert_close(got.double(), want, **TOL[dtype])
+        torch.testing.assert_close(grads[-1].double(), ref_grads[-1], atol=1e-4, rtol=1e-5)

@@ -106,17 +106,6 @@ def test_custom_parts_name_their_parts():
     assert model.architecture()["parts"][1]["joints"] == list(MPII.joints[8:])
 
 
-def test_reference_and_default_kernels_agree(monkeypatch):
-    model = build_model(load_config("demo")).eval()
-    images = torch.randn(2, 3, 128, 96)
-    with torch.no_grad():
-        monkeypatch.setenv("PNFS_KERNELS", "auto")
-        default = model(images)
-        monkeypatch.setenv("PNFS_KERNELS", "torch")
-        reference = model(images)
-    assert torch.equal(default, reference)
-
-
 def test_backbone_weights_load_from_torchvision_keys(tmp_path):
     full = mobilenet_v2(weights=None)  # the whole torchvision net, incl. block 17 and classifier
     path = tmp_path / "mobilenet_v2.pth"

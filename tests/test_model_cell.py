@@ -112,11 +112,21 @@ def test_each_node_is_one_weighted_sum_call(monkeypatch):
     assert calls == [(3, True), (3, False), (6, False), (9, False)]
 
 
-def test_many_terms_are_summed_in_chunks():
-    """H=3 over six ops gives 15 terms into h3, more than one kernel call takes."""
+@pytest.mark.parametrize("relu", [False, True])
+def test_many_terms_are_summed_in_chunks(relu):
+    """H=3 over six ops gives 15 terms into h3 (3 edges x 5 non-zero ops), more than one kernel
+    call takes: the chunked sum equals the unchunked float64 sum."""
+    nonzero = [op for op in ALL_OPS if op != "zero"]
+    n_terms = 3 * len(nonzero)
+    assert n_terms == 15 > cell_module.MAX_INPUTS
+    terms = [torch.randn(2, C, 8, 6) for _ in range(n_terms)]
+    weights = torch.randn(n_terms)
+    expected = sum(w * t for w, t in zip(weights.double(), (t.double() for t in terms)))
+    expected = torch.relu(expected) if relu else expected
+    got = cell_module._weighted_sum(terms, weights, relu=relu)
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)
     cell = Cell(C, 3, ALL_OPS, True, True, True).eval()
-    out = cell(*_inputs(), torch.zeros(6, len(ALL_OPS)))
-    assert out.shape == (2, C, 8, 6)
+    assert cell(*_inputs(), torch.zeros(6, len(ALL_OPS))).shape == (2, C, 8, 6)
 
 
 def test_transforms_follow_design():
