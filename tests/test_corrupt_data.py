@@ -111,6 +111,8 @@ def test_more_bad_samples_than_the_limit_stop_the_run(data, corrupt):
         list(build_loader(_cfg(data, "data.max_bad_samples=-1"), "train", shards=str(folder)))
 
 
+@pytest.mark.distributed
+@pytest.mark.timeout(300)
 def test_two_processes_only_one_meets_the_bad_sample_and_both_finish_together(data, corrupt, tmp_path):
     """DDP on two CPU processes: the garbled JPEG sits in one shard, so one rank meets it; the
     ranks must still take the same number of steps (a hang would time out) and end equal."""
