@@ -278,3 +278,53 @@ def test_custom_sigmas_reach_cocoeval(shared_data):
     default = evaluate_keypoints(gt_path, results, verbose=False)["AP"]
     wider = evaluate_keypoints(gt_path, results, sigmas=SIGMAS * 3, verbose=False)["AP"]
     assert wider > default
+
+
+def test_oks_of_people_without_labelled_joints_equals_pycocotools_near_a_non_square_box():
+    """COCO's rule for a person with no labelled joint: distances to the box doubled around
+    itself (x - w .. x + 2w, y - h .. y + 2h), zero inside it. A tall box and predictions on
+    every side of it, so that a swapped w/h or a wrong sign in the distance shows."""
+    from pycocotools.cocoeval import COCOeval
+
+    rng = np.random.default_rng(4)
+    box = [100.0, 50.0, 30.0, 90.0]  # x, y, w, h: the doubled box is x 70..160, y -40..230
+    unlabelled = {"keypoints": [0] * 51, "bbox": box, "area": 2000.0, "num_keypoints": 0}
+    labelled_kp = np.concatenate([rng.uniform(60, 170, (17, 2)), np.full((17, 1), 2.0)], 1)
+    labelled = {"keypoints": labelled_kp.ravel().tolist(), "bbox": box, "area": 2700.0, "num_keypoints": 17}
+    # joints left/right/above/below the doubled box and inside it, by a few tens of px
+    preds = [
+        np.stack([rng.uniform(lo_x, hi_x, 17), rng.uniform(lo_y, hi_y, 17)], 1)
+        for lo_x, hi_x, lo_y, hi_y in [(40, 70, 0, 100), (160, 200, 0, 100), (80, 150, -80, -40),
+                                       (80, 150, 230, 270), (75, 155, -30, 220), (30, 210, -90, 280)]
+    ]  # fmt: skip
+    dts = [{"keypoints": np.concatenate([p, np.ones((17, 1))], 1).ravel().tolist(), "score": 1.0 - 0.1 * i}
+           for i, p in enumerate(preds)]  # fmt: skip
+    ev = COCOeval(iouType="keypoints")
+    ev._gts = {(1, 1): [unlabelled, labelled]}
+    ev._dts = {(1, 1): dts}
+    want = ev.computeOks(1, 1)
+    got = oks(
+        np.array(preds), np.array([np.zeros((17, 3)), labelled_kp]), np.array([2000.0, 2700.0]), SIGMAS,
+        gt_box=np.array([box, box]),
+    )  # fmt: skip
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-15)
+    assert 0.05 < got[:4, 0].max() < 0.95 and got[4, 0] == 1.0  # outside: partial; inside: all zero distances
+
+
+def test_oks_nms_of_nothing_and_its_default_threshold():
+    none = oks_nms(np.zeros((0, 17, 2)), np.zeros(0), np.zeros(0), SIGMAS)
+    assert none.shape == (0,) and none.dtype == np.int64  # indices, even of nothing
+    rng = np.random.default_rng(0)
+    person = rng.uniform(0, 100, (1, 17, 2))
+    # two near-duplicates (OKS ~0.95 > 0.9) and one clearly apart (OKS ~0.6)
+    kp = np.concatenate([person, person + 1.0, person + 8.0])
+    areas = np.full(3, 5000.0)
+    pair = pairwise_oks(kp, areas, SIGMAS)
+    assert pair[0, 1] > 0.9 > 0.8 > pair[0, 2]
+    assert oks_nms(kp, np.array([0.9, 0.8, 0.7]), areas, SIGMAS).tolist() == [0, 2]
+
+
+def test_a_zero_or_negative_sigma_is_refused_by_name():
+    for bad in (0.0, -0.05):
+        with pytest.raises(ValueError, match=r"eval\.sigmas: every sigma must be > 0"):
+            joint_sigmas(MPII, [0.05] * (MPII.num_joints - 1) + [bad])
