@@ -19,7 +19,7 @@ setup(
     python_requires=">=3.10",
     packages=packages,
     package_dir={"pnfs": "pnfs", "pnfs.kernels": "kernels"},
-    package_data={"pnfs": ["configs/*.yaml"]},
+    package_data={"pnfs": ["configs/*.yaml", "keypoint_sets/*.yaml"]},
     install_requires=[
         "torch>=2.4",
         "torchvision>=0.19",

@@ -24,7 +24,6 @@ from pnfs.evaluate import evaluate_model
 from pnfs.evaluate.boxes import BoxLoader, image_files
 from pnfs.evaluate.coco import load_detections
 from pnfs.evaluate.loading import load_for_inference
-from pnfs.keypoints import joint_set
 from pnfs.visualize import draw_results_on_images
 
 
@@ -59,7 +58,7 @@ def draw_on_originals(cfg, out: Path, images: str) -> list[Path]:
         names = image_files(cfg.data.val_annotations)
     else:  # MPII results carry the file name
         names = {int(r["image_id"]): r["image"] for r in results}
-    joints = joint_set(cfg.data.dataset)
+    joints = cfg.joints
     return draw_results_on_images(
         results, joints, images, names, out / "images", cfg.eval.overlays, cfg.eval.rescore_threshold
     )
@@ -99,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
                 args.images,
                 tuple(cfg.data.input_size),
                 cfg.eval.batch_size,
-                joint_set(cfg.data.dataset).num_joints,
+                cfg.joints.num_joints,
                 cfg.data.margin,
                 rank=ctx.rank,
                 world_size=ctx.world_size,

@@ -24,7 +24,6 @@ import torch
 from pnfs.config import ConfigError
 from pnfs.deploy import EXPORT_FORMATS, DecodingModel, count_ops, export_file, freeze, output_change
 from pnfs.evaluate.loading import load_for_inference
-from pnfs.keypoints import joint_set
 
 
 def parse_batch(text: str) -> int | None:
@@ -77,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
             f"argmax moved for {100 * change['argmax_moved']:.1f}% of the joints"
         )
     if args.decode:
-        joints = joint_set(cfg.data.dataset)
+        joints = cfg.joints
         module = DecodingModel(
             frozen, joints.flip_permutation() if args.flip else None, cfg.eval.flip_shift, cfg.eval.refine
         ).eval()

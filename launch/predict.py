@@ -42,7 +42,6 @@ from pnfs.detector import DEFAULT_DETECTOR, PersonDetector
 from pnfs.evaluate.coco import instance_scores
 from pnfs.evaluate.loading import load_for_inference
 from pnfs.inference import inference_amp, person_inputs, predict
-from pnfs.keypoints import joint_set
 from pnfs.visualize import draw_poses, read_rgb, save_rgb
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
@@ -192,7 +191,7 @@ def write_poses(
     amp_dtype: torch.dtype | None,
 ) -> int:
     """Poses of the people in ``boxes`` on ``image`` -> DIR/<stem>_pose.png and .json; returns P."""
-    joints = joint_set(cfg.data.dataset)
+    joints = cfg.joints
     box_xywh, box_scores = boxes
     k = joints.num_joints
     keypoints, scores = np.zeros((0, k, 2)), np.zeros((0, k))

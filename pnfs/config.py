@@ -61,7 +61,8 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    dataset: DatasetName = "coco"
+    dataset: DatasetName = "coco"  # the annotation format and protocol (COCO AP / MPII PCKh)
+    keypoints: str | None = None  # keypoint set: coco|mpii|crowdpose or a YAML path; None: the dataset's
     train_shards: str = ""  # brace pattern of WebDataset shards, e.g. data/coco/train-{000000..000099}.tar
     val_shards: str = ""
     val_annotations: str = ""  # COCO: ground-truth json; MPII: annot/valid.json
@@ -140,19 +141,33 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     @property
-    def num_joints(self) -> int:
-        from pnfs.keypoints import joint_set
+    def joints(self):
+        """The keypoint set (:class:`pnfs.keypoints.JointSet`) of ``data.keypoints`` or the dataset."""
+        from pnfs.keypoints import load_keypoint_set
 
-        return joint_set(self.data.dataset).num_joints
+        return load_keypoint_set(self.data.keypoints or self.data.dataset)
+
+    @property
+    def num_joints(self) -> int:
+        return self.joints.num_joints
 
     @property
     def parts(self) -> tuple[tuple[int, ...], ...]:
-        """The grouping in use: ``model.custom_parts`` or Table I for (dataset, P)."""
+        """The grouping in use: ``model.custom_parts`` or the keypoint set's for P (Table I)."""
         from pnfs.parts import part_grouping
 
         if self.model.custom_parts is not None:
             return tuple(tuple(p) for p in self.model.custom_parts)
-        return part_grouping(self.data.dataset, self.model.num_parts)
+        return part_grouping(self.joints, self.model.num_parts)
+
+    @property
+    def part_names(self) -> tuple[str, ...]:
+        """One name per part: the keypoint set's for P, ``part<k>`` for ``model.custom_parts``."""
+        from pnfs.parts import part_names
+
+        if self.model.custom_parts is not None:
+            return tuple(f"part{k}" for k in range(len(self.model.custom_parts)))
+        return part_names(self.joints, self.model.num_parts)
 
 
 # --------------------------------------------------------------------------- parsing
@@ -310,16 +325,21 @@ def _require(ok: bool, key: str, value: Any, why: str) -> None:
 def validate(cfg: Config) -> None:
     """Rules that span fields or bound values; types were checked while parsing."""
     m, d, t, s, e = cfg.model, cfg.data, cfg.train, cfg.search, cfg.eval
-    from pnfs.keypoints import joint_set
+    from pnfs.keypoints import KeypointSetError
     from pnfs.parts import validate_grouping
 
-    num_joints = joint_set(d.dataset).num_joints
+    try:
+        joints = cfg.joints
+    except KeypointSetError as err:
+        raise ConfigError(f"data.keypoints: {d.keypoints!r}: {err}") from None
+    num_joints = joints.num_joints
     if m.custom_parts is None:
         _require(
-            m.num_parts in (1, 3, 5, 8),
+            m.num_parts in joints.groupings,
             "model.num_parts",
             m.num_parts,
-            "has no Table I grouping (1, 3, 5 or 8); give model.custom_parts for another",
+            f"has no grouping in keypoint set {joints.name!r} (P in {sorted(joints.groupings)}); "
+            "give model.custom_parts for another",
         )
     else:
         try:

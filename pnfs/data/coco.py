@@ -1,9 +1,11 @@
 """COCO person-keypoint annotations (and detector boxes) -> :class:`PersonRecord` s.
 
-Filter (the usual top-down protocol): ``iscrowd == 0``, ``area > 0`` and at least one
-labelled keypoint (v > 0). The box is widened to cover every labelled keypoint. Bad
-annotations (malformed, wrong keypoint count, NaN/negative numbers, zero-area box) are
-skipped and counted by reason in a :class:`SkipReport`, never raised.
+Any keypoint set in COCO format reads the same way (``joints``: COCO's 17 by default, CrowdPose's
+14, a custom set's K). Filter (the usual top-down protocol): ``iscrowd == 0``, ``area > 0`` and at
+least one labelled keypoint (v > 0); an annotation without ``area`` (CrowdPose's) gets the box's
+w × h, the area the CrowdPose toolkit scores such people with. The box is widened to cover
+every labelled keypoint. Bad annotations (malformed, wrong keypoint count, NaN/negative
+numbers, zero-area box) are skipped and counted by reason in a :class:`SkipReport`, never raised.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import numpy as np
 
 from pnfs.data import records as R
 from pnfs.data.records import PersonRecord, SkipReport
-from pnfs.keypoints import COCO
+from pnfs.keypoints import COCO, JointSet
 
 PERSON_CATEGORY = 1
 
@@ -57,14 +59,14 @@ def image_table(data: dict) -> dict[int, dict]:
 
 
 def read_coco_persons(
-    annotations: str | Path | dict, skipped: SkipReport, filtered: SkipReport
+    annotations: str | Path | dict, skipped: SkipReport, filtered: SkipReport, joints: JointSet = COCO
 ) -> list[PersonRecord]:
-    """Ground-truth persons of a COCO keypoints json, in annotation order."""
+    """Ground-truth persons of a COCO-format keypoints json of ``joints``, in annotation order."""
     data = load_json(annotations) if not isinstance(annotations, dict) else annotations
     if not isinstance(data, dict) or not isinstance(data.get("annotations"), list):
         raise ValueError(f"{annotations}: not a COCO annotation file (no 'annotations' list)")
     images = image_table(data)
-    num_joints = COCO.num_joints
+    num_joints = joints.num_joints
     out = []
     for i, ann in enumerate(data["annotations"]):
         ident = ann.get("id", f"#{i}") if isinstance(ann, dict) else f"#{i}"
@@ -128,6 +130,7 @@ def read_coco_detections(
     skipped: SkipReport,
     filtered: SkipReport,
     score_threshold: float = 0.0,
+    joints: JointSet = COCO,
 ) -> list[PersonRecord]:
     """Person boxes of a COCO detection-result list; ``ann_id`` is the index in that list.
 
@@ -168,7 +171,7 @@ def read_coco_detections(
                 image_id=image_id,
                 ann_id=i,
                 bbox=np.asarray(bbox, dtype=np.float64),
-                keypoints=np.zeros((COCO.num_joints, 3)),
+                keypoints=np.zeros((joints.num_joints, 3)),
                 area=bbox[2] * bbox[3],
                 score=score,
             )

@@ -12,6 +12,12 @@ Pipeline for top-down predictions (one per person box, GT or a detector's):
 Command line, for a results file written by anyone::
 
     python -m pnfs.evaluate.coco --annotations person_keypoints_val2017.json --results res.json [--json]
+    python -m pnfs.evaluate.coco --annotations crowdpose_test.json --results res.json \
+        --keypoints crowdpose --json
+
+``--keypoints`` (default ``coco``) takes the OKS sigmas from a keypoint set (a built-in name or a
+YAML path, :mod:`pnfs.keypoints`). CrowdPose reports AP, AP50, AP75, AR and its crowd split
+AP_easy / AP_medium / AP_hard (:func:`crowd_split_stats`) instead of the area split.
 """
 
 from __future__ import annotations
@@ -25,9 +31,18 @@ from pathlib import Path
 
 import numpy as np
 
-from pnfs.evaluate.oks import oks_nms
+from pnfs.evaluate.oks import joint_sigmas, oks_nms
+from pnfs.keypoints import load_keypoint_set
 
 STAT_KEYS: tuple[str, ...] = ("AP", "AP50", "AP75", "APm", "APl", "AR", "AR50", "AR75", "ARm", "ARl")
+CROWD_KEYS: tuple[str, ...] = ("AP", "AP50", "AP75", "AR", "AP_easy", "AP_medium", "AP_hard")
+# CrowdPose's split of images by their crowd index (Li et al., CVPR 2019: easy 0-0.1,
+# medium 0.1-0.8, hard 0.8-1), read from ``crowdIndex`` in the image entries.
+CROWD_BINS: tuple[tuple[str, float, float], ...] = (
+    ("easy", 0.0, 0.1),
+    ("medium", 0.1, 0.8),
+    ("hard", 0.8, float("inf")),
+)
 PERSON_CATEGORY = 1
 
 
@@ -180,19 +195,68 @@ def evaluate_keypoints(
     return {k: float(v) for k, v in zip(STAT_KEYS, evaluator.stats)}
 
 
+def crowd_bins(annotations) -> dict[str, list[int]]:
+    """Image ids per CrowdPose bin (easy/medium/hard) by each image's ``crowdIndex``.
+
+    An image without a numeric ``crowdIndex`` raises naming it: the split needs every one.
+    """
+    gt = load_ground_truth(annotations)
+    bins: dict[str, list[int]] = {name: [] for name, _, _ in CROWD_BINS}
+    for image_id, image in gt.imgs.items():
+        index = image.get("crowdIndex")
+        if isinstance(index, bool) or not isinstance(index, (int, float)):
+            raise ValueError(
+                f"image {image_id}: no numeric crowdIndex ({index!r}); the crowd split needs one"
+            )
+        for name, low, high in CROWD_BINS:
+            if low <= index < high or (name == "medium" and index == high):
+                bins[name].append(int(image_id))
+                break
+    return bins
+
+
+def crowd_split_stats(
+    annotations, results: Sequence[dict] | str | Path, sigmas: np.ndarray, *, verbose: bool = True
+) -> dict[str, float]:
+    """CrowdPose numbers: AP, AP50, AP75, AR over all images, AP_easy/medium/hard per bin.
+
+    Each bin's AP is COCOeval's AP restricted to that bin's images (an empty bin gives NaN).
+    """
+    gt = load_ground_truth(annotations)
+    overall = evaluate_keypoints(gt, results, sigmas=sigmas, verbose=verbose)
+    stats = {k: overall[k] for k in ("AP", "AP50", "AP75", "AR")}
+    for name, image_ids in crowd_bins(gt).items():
+        ap = float("nan")
+        if image_ids:
+            ap = evaluate_keypoints(gt, results, sigmas=sigmas, image_ids=image_ids, verbose=False)["AP"]
+        stats[f"AP_{name}"] = ap
+    return stats
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pnfs.evaluate.coco", description=__doc__.split("\n")[0])
     parser.add_argument("--annotations", required=True, help="COCO ground-truth json")
     parser.add_argument("--results", required=True, help="COCO keypoint results json")
-    parser.add_argument("--json", action="store_true", help="print only the ten stats as one JSON object")
+    parser.add_argument("--json", action="store_true", help="print only the stats as one JSON object")
+    parser.add_argument(
+        "--keypoints", default="coco", help="keypoint set whose OKS sigmas score: coco, crowdpose or a YAML"
+    )
     args = parser.parse_args(argv)
     try:
-        stats = evaluate_keypoints(args.annotations, args.results, verbose=not args.json)
+        joints = load_keypoint_set(args.keypoints)
+        sigmas = joint_sigmas(joints)
+        if joints.name == "crowdpose":
+            stats = crowd_split_stats(args.annotations, args.results, sigmas, verbose=not args.json)
+        else:
+            stats = evaluate_keypoints(args.annotations, args.results, sigmas=sigmas, verbose=not args.json)
     except (OSError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     if args.json:
         print(json.dumps(stats))
+    elif joints.name == "crowdpose":
+        print(" ".join(f"{k:>9}" for k in CROWD_KEYS))
+        print(" ".join(f"{stats[k]:9.4f}" for k in CROWD_KEYS))
     else:
         print(format_table(stats))
     return 0

@@ -24,7 +24,7 @@ from pnfs.evaluate.coco import coco_results, evaluate_keypoints, format_table
 from pnfs.evaluate.mpii import load_mpii_ground_truth, table_iv
 from pnfs.evaluate.oks import joint_sigmas
 from pnfs.inference import inference_amp, predict
-from pnfs.keypoints import JointSet, joint_set
+from pnfs.keypoints import JointSet
 from pnfs.model.pnfs import PoseNFS
 from pnfs.visualize import denormalize, draw_poses, save_rgb
 
@@ -41,7 +41,7 @@ def collect_predictions(
     below ``eval.det_score_threshold`` are dropped. The first ``eval.overlays`` crops get a
     PNG with the predicted pose when ``overlay_dir`` is given.
     """
-    joints = joint_set(cfg.data.dataset)
+    joints = cfg.joints
     perm = joints.flip_permutation() if cfg.eval.flip_test else None
     amp_dtype, amp_line = inference_amp(cfg.eval.amp, device)
     print(amp_line, flush=True)
@@ -120,7 +120,7 @@ def coco_metrics(pred: dict[str, np.ndarray], cfg: Config) -> tuple[dict, list[d
     """COCO AP of gathered predictions against ``data.val_annotations``."""
     if not cfg.data.val_annotations:
         raise ValueError("data.val_annotations: COCO evaluation needs the ground-truth json; it is empty")
-    joints = joint_set(cfg.data.dataset)
+    joints = cfg.joints
     sigmas = joint_sigmas(joints, cfg.eval.sigmas)
     results = coco_results(
         pred["keypoints"],
@@ -132,9 +132,7 @@ def coco_metrics(pred: dict[str, np.ndarray], cfg: Config) -> tuple[dict, list[d
         rescore_threshold=cfg.eval.rescore_threshold,
         nms_threshold=cfg.eval.oks_nms_threshold,
     )
-    stats = evaluate_keypoints(
-        cfg.data.val_annotations, results, sigmas=None if cfg.eval.sigmas is None else sigmas, verbose=False
-    )
+    stats = evaluate_keypoints(cfg.data.val_annotations, results, sigmas=sigmas, verbose=False)
     print(format_table(stats), flush=True)
     return {**stats, "score": stats["AP"]}, results
 

@@ -23,12 +23,10 @@ from torch import nn
 
 from pnfs.config import Config
 from pnfs.kernels import squash_score
-from pnfs.keypoints import joint_set
 from pnfs.model.backbones import FabricBackbone, build_backbone
 from pnfs.model.cell import Cell
 from pnfs.model.fabric import SCALES, Fabric, part_fabric
 from pnfs.model.head import VectorHead
-from pnfs.parts import PART_NAMES
 
 
 def _adapter(c_in: int, c_out: int) -> nn.Module:
@@ -147,15 +145,11 @@ def build_model(cfg: Config) -> PoseNFS:
     """The PoseNFS model of a validated config."""
     m = cfg.model
     parts = cfg.parts
-    if m.custom_parts is None:
-        part_names = list(PART_NAMES[m.num_parts])
-    else:
-        part_names = [f"part{k}" for k in range(len(parts))]
     return PoseNFS(
         backbone=build_backbone(m.backbone),
         parts=parts,
-        part_names=part_names,
-        joint_names=joint_set(cfg.data.dataset).joints,
+        part_names=list(cfg.part_names),
+        joint_names=cfg.joints.joints,
         channels=m.channels,
         hidden_nodes=m.hidden_nodes,
         ops=m.ops,

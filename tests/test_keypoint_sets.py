@@ -1,0 +1,123 @@
+"""Keypoint sets from YAML: the built-ins equal the paper's sets, bad files name file/key/value."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from pnfs.config import ConfigError, load_config
+from pnfs.keypoints import COCO, CROWDPOSE, MPII, KeypointSetError, load_keypoint_set
+from pnfs.parts import part_grouping, part_names
+
+
+def _r(a, b):
+    return tuple(range(a, b + 1))
+
+
+# The Table I groupings as the paper prints them, in our joint indices (written out here so that
+# a change to the shipped YAML files shows up as a failure).
+TABLE_I = {
+    "mpii": {
+        1: (_r(0, 15),),
+        3: (_r(0, 2), _r(3, 8), _r(9, 15)),
+        5: (_r(0, 4), (5, 7), (6, 8), (9, 10, 15), _r(11, 14)),
+        8: (_r(0, 4), (3, 5), (5, 7), (4, 6), (6, 8), (9, 10, 11, 12, 15), (11, 13), (12, 14)),
+    },
+    "coco": {
+        1: (_r(0, 16),),
+        3: (_r(0, 4), _r(5, 10), _r(11, 16)),
+        5: (_r(0, 6), (7, 9), (8, 10), (11, 12), _r(13, 16)),
+        8: (_r(0, 6), (5, 7), (7, 9), (6, 8), (8, 10), _r(11, 14), (13, 15), (14, 16)),
+    },
+}
+COCO_SKELETON = (
+    (15, 13), (13, 11), (16, 14), (14, 12), (11, 12), (5, 11), (6, 12), (5, 6), (5, 7), (6, 8),
+    (7, 9), (8, 10), (1, 2), (0, 1), (0, 2), (1, 3), (2, 4), (3, 5), (4, 6),
+)  # fmt: skip
+MPII_SKELETON = (
+    (0, 1), (1, 2), (2, 3), (2, 4), (3, 5), (5, 7), (4, 6), (6, 8), (2, 15), (15, 9), (15, 10),
+    (9, 11), (11, 13), (10, 12), (12, 14),
+)  # fmt: skip
+COCO_SIGMAS = (
+    0.026, 0.025, 0.025, 0.035, 0.035, 0.079, 0.079, 0.072, 0.072, 0.062, 0.062, 0.107, 0.107,
+    0.087, 0.087, 0.089, 0.089,
+)  # fmt: skip
+
+
+@pytest.mark.parametrize("name", ["coco", "mpii"])
+def test_builtin_groupings_are_table_i(name):
+    joints = load_keypoint_set(name)
+    for p, grouping in TABLE_I[name].items():
+        assert part_grouping(joints, p) == grouping
+    assert part_names(joints, 3) == ("head", "upper_limb", "lower_limb")
+    assert len(part_names(joints, 8)) == 8
+
+
+def test_builtin_sets_keep_their_order_flips_skeleton_and_sigmas():
+    assert COCO.num_joints == 17 and COCO.joints[0] == "nose" and COCO.joints[-1] == "right_ankle"
+    assert COCO.flip_pairs == ((1, 2), (3, 4), (5, 6), (7, 8), (9, 10), (11, 12), (13, 14), (15, 16))
+    assert COCO.skeleton == COCO_SKELETON
+    assert COCO.sigmas == COCO_SIGMAS
+    assert MPII.num_joints == 16 and MPII.joints[0] == "head_top" and MPII.joints[-1] == "pelvis"
+    assert MPII.flip_pairs == ((3, 4), (5, 6), (7, 8), (9, 10), (11, 12), (13, 14))
+    assert MPII.skeleton == MPII_SKELETON
+    assert MPII.sigmas is None
+
+
+def test_crowdpose_set():
+    assert CROWDPOSE.num_joints == 14 and CROWDPOSE.joints[-2:] == ("head", "neck")
+    assert CROWDPOSE.sigmas[:2] == (0.079, 0.079) and CROWDPOSE.sigmas[6] == 0.107
+    assert part_names(CROWDPOSE, 3) == ("head", "upper_limb", "lower_limb")
+
+
+HAND = {
+    "name": "hand5",
+    "joints": ["wrist", "thumb", "index", "middle", "little"],
+    "flip_pairs": [],
+    "skeleton": [["wrist", "thumb"], ["wrist", "index"], ["wrist", "middle"], ["wrist", "little"]],
+    "parts": {"palm": ["wrist", "thumb"], "fingers": ["index", "middle", "little"]},
+}
+
+
+def _write(tmp_path, data):
+    path = tmp_path / "set.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def test_a_custom_set_loads_and_a_config_takes_it(tmp_path):
+    path = _write(tmp_path, {**HAND, "colors": [[255, 0, 0]] * 4})
+    joints = load_keypoint_set(path)
+    assert joints.num_joints == 5 and joints.sigmas is None
+    assert part_grouping(joints, 2) == ((0, 1), (2, 3, 4))
+    cfg = load_config("demo", [f"data.keypoints={path}", "model.num_parts=2"])
+    assert cfg.num_joints == 5 and cfg.parts == ((0, 1), (2, 3, 4))
+    assert cfg.part_names == ("palm", "fingers")
+
+
+@pytest.mark.parametrize(
+    ("change", "key", "offender"),
+    [
+        ({"skeleton": [["wrist", "pinky"]]}, "skeleton[0]", "'pinky'"),
+        ({"parts": {"palm": ["wrist", "thumb"], "fingers": ["index", "middle"]}}, "parts", "'little'"),
+        ({"flip_pairs": [["thumb", "index"], ["thumb", "middle"]]}, "flip_pairs[1]", "'thumb'"),
+        ({"sigmas": [0.1, 0.1, 0.1]}, "sigmas", "3"),
+        ({"parts": {3: {"a": ["wrist", "thumb", "index", "middle", "little"]}}}, "parts.3", "P=3"),
+        ({"joints": ["wrist", "wrist", "index", "middle", "little"]}, "joints", "'wrist'"),
+        ({"colour": []}, "colour", "unknown key"),
+    ],
+)
+def test_a_bad_set_names_file_key_and_value(tmp_path, change, key, offender):
+    path = _write(tmp_path, {**HAND, **change})
+    with pytest.raises(KeypointSetError) as err:
+        load_keypoint_set(path)
+    message = str(err.value)
+    assert str(path) in message and f": {key}:" in message and offender in message, message
+
+
+def test_config_reports_a_missing_set_and_a_missing_grouping(tmp_path):
+    with pytest.raises(ConfigError, match=r"data\.keypoints.*nowhere\.yaml"):
+        load_config("demo", ["data.keypoints=nowhere.yaml"])
+    path = _write(tmp_path, HAND)
+    with pytest.raises(ConfigError, match=r"model\.num_parts.*hand5"):
+        load_config("demo", [f"data.keypoints={path}", "model.num_parts=3"])
