@@ -1,6 +1,7 @@
 """Speed of the fused kernels against their PyTorch references, at PNFS shapes.
 
     python bench/kernels.py [--device cuda|cpu] [--json FILE] [--quick] [--reps N]
+    python bench/kernels.py --aot [--json FILE]   (the AOT resource report: bench/kernels_aot.py)
 
 Cases (batch 32; 1/4-resolution maps 64x64 and 96x72, i.e. 256x256 and 384x288 inputs):
 
@@ -259,6 +260,12 @@ def git_commit() -> str | None:
 
 
 def main(argv: list[str] | None = None) -> dict:
+    argv = sys.argv[1:] if argv is None else argv
+    if "--aot" in argv:  # compile for sm_80/sm_90 and report resources: no timing, no GPU
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        import kernels_aot
+
+        return kernels_aot.main([a for a in argv if a != "--aot"])
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )

@@ -27,7 +27,17 @@ import torch
 from pnfs.kernels._compat import CUSTOM_OP, jit, next_power_of_2, tl
 from pnfs.kernels.backend import use_triton
 
-BLOCK_P = 1024
+BLOCK_P = 1024  # pixels per scan step of a score map
+# elements per scan step of vectors, [VECTOR_TILE // BLOCK_D, BLOCK_D]: more spills (bench/kernels_aot.py)
+VECTOR_TILE = 1024
+
+
+def block_p(hw: int, block_d: int, vectors: bool) -> int:
+    """Pixels per scan step: at most BLOCK_P (maps) or VECTOR_TILE // block_d (vectors), at least 16."""
+    cap = VECTOR_TILE // block_d if vectors else BLOCK_P
+    return min(cap, max(16, next_power_of_2(hw)))
+
+
 _NO_INDEX = 2**62  # larger than any pixel index; marks "none" in the lane reductions
 
 
@@ -152,10 +162,10 @@ def _decode(maps: torch.Tensor, d: int, vectors: bool) -> tuple[torch.Tensor, to
         return coords, maxvals
     if h * w == 0:
         raise ValueError(f"argmax_decode: empty maps of shape {tuple(maps.shape)}")
+    block_d = max(2, next_power_of_2(d))
     _argmax_decode_kernel[(n * j,)](
         maps, coords, maxvals, j, h, w, *maps.stride(),
-        VECTORS=vectors, D=d, BLOCK_D=max(2, next_power_of_2(d)),
-        BLOCK_P=min(BLOCK_P, max(16, next_power_of_2(h * w))), NO_INDEX=_NO_INDEX,
+        VECTORS=vectors, D=d, BLOCK_D=block_d, BLOCK_P=block_p(h * w, block_d, vectors), NO_INDEX=_NO_INDEX,
     )  # fmt: skip
     return coords, maxvals
 

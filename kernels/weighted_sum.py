@@ -32,8 +32,11 @@ from pnfs.kernels._reduce import sum_rows
 from pnfs.kernels.backend import use_triton
 
 MAX_INPUTS = 12
-BLOCK_COMPILED = 1024  # elements per program on a GPU
+BLOCK_COMPILED = 1024  # elements per program on a GPU, dense layouts
+# strided layouts: the 4-d index math of 1024 elements spills registers (bench/kernels_aot.py)
+STRIDED_BLOCK_COMPILED = 512
 BLOCK = block_size(compiled=BLOCK_COMPILED, interpreted=4096)
+STRIDED_BLOCK = block_size(compiled=STRIDED_BLOCK_COMPILED, interpreted=4096)
 
 
 def weighted_sum_reference(
@@ -196,9 +199,10 @@ def _weighted_sum_forward(inputs: list[torch.Tensor], weights: torch.Tensor, rel
     sizes, xstrides = strides4(xs[0]) if not dense else ((1, 1, 1, numel), (0, 0, 0, 1))
     ostrides = strides4(out)[1] if not dense else (0, 0, 0, 1)
     w32 = weights.detach().to(device=out.device, dtype=torch.float32).contiguous()
-    _weighted_sum_fwd_kernel[(cdiv(numel, BLOCK),)](
+    block = BLOCK if dense else STRIDED_BLOCK
+    _weighted_sum_fwd_kernel[(cdiv(numel, block),)](
         out, w32, *_pad_pointers(xs), numel, sizes[1], sizes[2], sizes[3], *xstrides, *ostrides,
-        K=len(xs), RELU=relu, DENSE=dense, BLOCK=BLOCK,
+        K=len(xs), RELU=relu, DENSE=dense, BLOCK=block,
     )  # fmt: skip
     return out
 
@@ -222,13 +226,14 @@ def _weighted_sum_backward(
     xs, dense = _read_layout(inputs, dxs[0]) if need_dw else (list(inputs), True)
     sizes, xstrides = strides4(xs[0]) if not dense else ((1, 1, 1, numel), (0, 0, 0, 1))
     gstrides = strides4(g)[1] if not dense else (0, 0, 0, 1)
-    nprog = cdiv(numel, BLOCK)
+    block = BLOCK if dense else STRIDED_BLOCK
+    nprog = cdiv(numel, block)
     partials = torch.empty((k, nprog) if need_dw else (1,), device=grad.device, dtype=torch.float32)
     w32 = weights.detach().to(device=grad.device, dtype=torch.float32).contiguous()
     _weighted_sum_bwd_kernel[(nprog,)](
         g, out if relu else g, w32, partials, *_pad_pointers(dxs), *_pad_pointers(xs),
         numel, sizes[1], sizes[2], sizes[3], *xstrides, *gstrides,
-        K=k, RELU=relu, NEED_DW=need_dw, DENSE=dense, BLOCK=BLOCK,
+        K=k, RELU=relu, NEED_DW=need_dw, DENSE=dense, BLOCK=block,
     )  # fmt: skip
     if need_dw:
         dw32 = sum_rows(partials)

@@ -374,6 +374,7 @@ def gpu_tiles():
     with (
         mock.patch.object(_SQUASH, "BLOCK_P", _SQUASH.BLOCK_P_COMPILED),
         mock.patch.object(_WEIGHTED_SUM, "BLOCK", _WEIGHTED_SUM.BLOCK_COMPILED),
+        mock.patch.object(_WEIGHTED_SUM, "STRIDED_BLOCK", _WEIGHTED_SUM.STRIDED_BLOCK_COMPILED),
     ):
         yield
 
@@ -471,7 +472,7 @@ def test_argmax_decode_vectors_over_many_blocks(hw):
 @pytest.mark.parametrize("layout", ["nchw", "channels_last", "strided"])
 @pytest.mark.parametrize("relu", [False, True])
 def test_weighted_sum_at_gpu_tiles_over_more_than_two_tiles(layout, relu):
-    """2 x 5 x 40 x 30 = 12000 elements: 12 tiles of 1024, the last ragged; dw sums 12 partials."""
+    """2 x 5 x 40 x 30 = 12000 elements: 12 tiles of 1024 (24 of 512 strided), the last ragged."""
     with gpu_tiles():
         shape = (2, 5, 40, 30)
         xs = [_leaf(_layout(torch.randn(shape), layout)) for _ in range(3)]
