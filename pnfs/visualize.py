@@ -11,7 +11,7 @@ import torch
 from pnfs.data.batch import IMAGENET_MEAN, IMAGENET_STD
 from pnfs.keypoints import JointSet
 
-# One colour per limb, cycling; RGB.
+# One colour per limb, cycling, for keypoint sets without their own ``colors``; RGB.
 PALETTE = (
     (230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
     (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128), (170, 110, 40),
@@ -44,7 +44,8 @@ def draw_poses(
         points = [(round(x), round(y)) for x, y in person]
         for e, (a, b) in enumerate(joints.skeleton):
             if visible[a] and visible[b]:
-                cv2.line(canvas, points[a], points[b], PALETTE[e % len(PALETTE)], width, cv2.LINE_AA)
+                colour = joints.colors[e] if joints.colors else PALETTE[e % len(PALETTE)]
+                cv2.line(canvas, points[a], points[b], colour, width, cv2.LINE_AA)
         for j, point in enumerate(points):
             if visible[j]:
                 cv2.circle(canvas, point, width + 1, (255, 255, 255), -1, cv2.LINE_AA)
