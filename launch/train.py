@@ -9,6 +9,11 @@
 Options after the config are ``section.key=value`` overrides. The run folder
 (``--out`` or ``train.out_dir``) receives config.yaml, train.log, checkpoints/,
 tensorboard/, architecture/ and eval/.
+
+Before the first step a preflight (:mod:`pnfs.preflight`) checks shards, annotations, head
+sizes, weights, the run folder and the batch arithmetic; any problem ends the run at once
+with every problem listed and exit code 2. ``--check`` runs only the preflight, then prints
+the plan (steps, global batch, learning rate, checkpoints, a measured wall-time estimate).
 """
 
 from __future__ import annotations
@@ -16,10 +21,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from pnfs.config import ConfigError, load_config
-from pnfs.engine.checkpoint import CheckpointError
-from pnfs.engine.guard import NonFiniteLossError
-from pnfs.engine.trainer import run_training
+from pnfs.config import load_config
+from pnfs.errors import PreflightFailed, report, run_main
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -30,6 +33,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--deepspeed", metavar="DS.json", help="train with DeepSpeed using this config")
     p.add_argument("--resume", metavar="auto|PATH", help="'auto': latest checkpoint of the run folder")
     p.add_argument("--out", metavar="DIR", help="run folder (train.out_dir)")
+    p.add_argument("--check", action="store_true", help="preflight and the run's plan only; trains nothing")
     return p.parse_intermixed_args(argv)
 
 
@@ -40,14 +44,48 @@ def main(argv: list[str] | None = None) -> int:
         overrides.append(f"search.strategy={args.strategy}")
     if args.out:
         overrides.append(f"train.out_dir={args.out}")
+    cfg = load_config(args.config, overrides)
+    # imported after the config is known good: a typo costs no torch start-up
+    from pnfs.engine.distributed import barrier, broadcast_object, init_distributed, shutdown
+    from pnfs.preflight import preflight
+
+    ctx = init_distributed(cfg.train.device)
     try:
-        cfg = load_config(args.config, overrides)
-        run_training(cfg, resume=args.resume, deepspeed_config=args.deepspeed)
-    except (ConfigError, CheckpointError, NonFiniteLossError) as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        return 2
+        problems = None
+        if ctx.is_main:
+            problems = preflight(cfg, world_size=ctx.world_size, deepspeed_config=args.deepspeed)
+        problems = broadcast_object(problems)  # every rank exits together on rank 0's verdict
+        if problems:
+            # rank 0 prints before any rank exits: torchrun stops the others at the first exit
+            code = report(PreflightFailed(problems))
+            barrier()
+            raise SystemExit(code)
+        if args.check:
+            return check(cfg, ctx, args.deepspeed)
+    except BaseException:
+        shutdown()
+        raise
+    from pnfs.engine.trainer import run_training
+
+    run_training(cfg, resume=args.resume, deepspeed_config=args.deepspeed)
+    return 0
+
+
+def check(cfg, ctx, deepspeed_config: str | None) -> int:
+    """``--check``: print the plan with a wall time measured from a few real steps."""
+    from pnfs.engine.distributed import shutdown
+    from pnfs.run_plan import make_plan, time_steps
+
+    try:
+        plan = make_plan(cfg, ctx.world_size, deepspeed_config)
+        plan.seconds_per_step, plan.timed_steps = time_steps(cfg, ctx, deepspeed_config)
+    finally:
+        shutdown()
+    if ctx.is_main:
+        print("preflight: ok")
+        print("\n".join(plan.lines()), flush=True)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

@@ -1,0 +1,205 @@
+"""The preflight of launch/train.py: every problem a run would meet is named in its first
+seconds (key, value, what to do), all at once, exit code 2, no traceback, no step taken;
+a clean config passes and ``--check`` prints the plan. Also under torchrun: one line, once."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from test_engine_support import PY, REPO, TINY_OVERRIDES, free_port, tiny_dataset, worker_env
+
+from pnfs.config import load_config
+from pnfs.preflight import checkpoint_bytes, preflight
+
+FAST = 60  # seconds: the checks take a few; the margin is for a loaded 2-core CI machine
+OVERRIDES = [o for o in TINY_OVERRIDES if not o.startswith("train.eval_every")] + ["train.eval_every=1"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return tiny_dataset(tmp_path_factory)
+
+
+def train(
+    data: dict, out: Path, *extra: str, timeout: float = 120
+) -> tuple[subprocess.CompletedProcess, float]:
+    cmd = [
+        PY,
+        "launch/train.py",
+        "--config",
+        "demo",
+        *OVERRIDES,
+        *data["overrides"],
+        "--out",
+        str(out),
+        *extra,
+    ]
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=REPO, env=worker_env(), capture_output=True, text=True, timeout=timeout)
+    return proc, time.perf_counter() - start
+
+
+def assert_refused(proc, seconds: float, out: Path, *needles: str) -> None:
+    """Exit 2 quickly, one ``error:`` block naming every needle, no traceback, nothing trained."""
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert seconds < FAST, seconds
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.count("error: ") == 1, proc.stderr
+    for needle in needles:
+        assert needle in proc.stderr, (needle, proc.stderr)
+    assert not (out / "checkpoints").exists() and not (out / "train.log").exists()
+
+
+def test_missing_val_shards(data, tmp_path):
+    proc, s = train(data, tmp_path / "run", f"data.val_shards={tmp_path / 'nope'}")
+    assert_refused(proc, s, tmp_path / "run", f"data.val_shards='{tmp_path / 'nope'}'", "shard not found")
+
+
+def test_missing_val_annotations(data, tmp_path):
+    proc, s = train(data, tmp_path / "run", f"data.val_annotations={tmp_path / 'gone.json'}")
+    assert_refused(
+        proc, s, tmp_path / "run", f"data.val_annotations='{tmp_path / 'gone.json'}'", "no such file"
+    )
+
+
+def test_mpii_without_head_boxes(data, shared_data, tmp_path):
+    valid = shared_data / "mpii_sample" / "test_mpii.json"  # HRNet layout: no head boxes
+    proc, s = train(data, tmp_path / "run", "data.dataset=mpii", f"data.val_annotations={valid}")
+    assert_refused(proc, s, tmp_path / "run", "data.val_head_sizes=''", "no head boxes", "gt_valid.mat")
+
+
+def test_coco_annotations_for_an_mpii_config_are_named(data, tmp_path):
+    proc, s = train(data, tmp_path / "run", "data.dataset=mpii")
+    ann = data["overrides"][2].split("=", 1)[1]
+    assert_refused(
+        proc, s, tmp_path / "run", f"data.val_annotations='{ann}'", "COCO-style", "joint set 'coco'"
+    )
+
+
+def test_crops_that_cannot_cover_the_augmentation(data, tmp_path):
+    # the shards were cut for margin 1.25 x max_scale 1.3 and aspects 0.75..1.0
+    proc, s = train(data, tmp_path / "run", "data.scale_range=[0.7,1.5]", "data.input_size=[64,96]")
+    assert_refused(
+        proc,
+        s,
+        tmp_path / "run",
+        "data.scale_range=[0.7, 1.5]",
+        "--max-scale 1.5",
+        "data.input_size=[64, 96]",
+    )
+
+
+def test_unwritable_run_folder(data, tmp_path):
+    (tmp_path / "a-file").write_text("")
+    out = tmp_path / "a-file" / "run"  # a folder below a file cannot be made, not even by root
+    proc, s = train(data, out, timeout=120)
+    assert_refused(proc, s, out, f"train.out_dir='{out}'", "not writable")
+
+
+def test_bad_deepspeed_json(data, tmp_path):
+    bad = tmp_path / "ds.json"
+    bad.write_text('{"zero_optimization": {"stage": 1},')
+    proc, s = train(data, tmp_path / "run", "--deepspeed", str(bad))
+    assert_refused(proc, s, tmp_path / "run", f"--deepspeed='{bad}'", "not valid JSON")
+
+
+def test_all_problems_are_listed_at_once(data, tmp_path):
+    (tmp_path / "a-file").write_text("")
+    proc, s = train(
+        data,
+        tmp_path / "a-file" / "run",
+        f"data.val_shards={tmp_path / 'nope'}",
+        "data.scale_range=[0.7,1.9]",
+    )
+    assert_refused(proc, s, tmp_path / "a-file" / "run", "3 problems", "data.val_shards", "train.out_dir")
+    assert proc.stderr.count("\n  - ") == 3, proc.stderr
+
+
+def test_deepspeed_batch_fields_must_agree(data, tmp_path):
+    cfg = load_config("demo", [*OVERRIDES, *data["overrides"], f"train.out_dir={tmp_path}"])
+    ds = tmp_path / "ds.json"
+    ds.write_text(json.dumps({"train_micro_batch_size_per_gpu": 8, "train_batch_size": 16}))
+    problems = preflight(cfg, world_size=2, deepspeed_config=str(ds))
+    assert len(problems) == 2 and all(p.startswith(f"--deepspeed='{ds}'") for p in problems), problems
+    assert "train.batch_size=4" in problems[0] and "4 x 1 x 2 = 8" in problems[1]
+    ds.write_text(json.dumps({"train_micro_batch_size_per_gpu": 4, "train_batch_size": 8}))
+    assert preflight(cfg, world_size=2, deepspeed_config=str(ds)) == []
+
+
+def test_too_few_samples_for_one_step(data, tmp_path):
+    cfg = load_config(
+        "demo", [*OVERRIDES, *data["overrides"], f"train.out_dir={tmp_path}", "train.batch_size=30"]
+    )
+    (problem,) = preflight(cfg, world_size=2)
+    assert problem.startswith("train.batch_size=30: 48 training samples over 2 process(es)"), problem
+    assert preflight(cfg, world_size=1) == []
+
+
+def test_backbone_weights_file_that_does_not_fit(data, tmp_path):
+    import torch
+
+    torch.save({"conv.weight": torch.zeros(3)}, tmp_path / "w.pth")
+    cfg = load_config(
+        "demo",
+        [
+            *OVERRIDES,
+            *data["overrides"],
+            f"train.out_dir={tmp_path}",
+            f"model.backbone.weights={tmp_path / 'w.pth'}",
+        ],
+    )
+    (problem,) = preflight(cfg)
+    assert problem.startswith(f"model.backbone.weights='{tmp_path / 'w.pth'}'") and "does not fit" in problem
+
+
+def test_checkpoint_estimate_is_close_to_a_real_checkpoint(data, tmp_path):
+    """The disk check rests on this estimate: within 25% of what the trainer writes."""
+    proc, _ = train(
+        data, tmp_path / "run", "train.epochs=1", "train.max_steps_per_epoch=1", "train.eval_every=0"
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (written,) = (tmp_path / "run" / "checkpoints").glob("step-*.pt")
+    from pnfs.model import build_model
+
+    cfg = load_config("demo", [*OVERRIDES, *data["overrides"]])
+    estimate = checkpoint_bytes(build_model(cfg), cfg.search.strategy)
+    assert 0.75 < estimate / written.stat().st_size < 1.25, (estimate, written.stat().st_size)
+
+
+def test_a_clean_config_passes(data, tmp_path):
+    cfg = load_config("demo", [*OVERRIDES, *data["overrides"], f"train.out_dir={tmp_path}"])
+    assert preflight(cfg, world_size=2) == []
+
+
+def test_check_prints_the_plan_and_trains_nothing(data, tmp_path):
+    proc, _ = train(data, tmp_path / "run", "train.epochs=3", "train.lr_milestones=[2]", "--check")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout
+    assert "preflight: ok" in out
+    assert "samples per epoch per rank: 48" in out and "steps per epoch per rank:   12" in out
+    assert "global batch: 4" in out and "total steps: 36" in out
+    assert "learning rate: epochs 0-1: 0.003, epoch 2: 0.00075" in out
+    assert f"checkpoints: {tmp_path / 'run' / 'checkpoints'}" in out
+    assert "wall time (estimate from 3 timed steps" in out and " s/step -> " in out
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(200)
+def test_torchrun_bad_val_path_one_error_line(data, tmp_path):
+    cmd = [
+        PY, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+        "launch/train.py", "--config", "demo", *OVERRIDES, *data["overrides"],
+        f"data.val_shards={tmp_path / 'nope'}", "--out", str(tmp_path / "run"),
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=REPO, env=worker_env(), capture_output=True, text=True, timeout=180)
+    both = proc.stdout + proc.stderr
+    assert both.count("error: ") == 1, both
+    assert f"data.val_shards='{tmp_path / 'nope'}'" in both
+    assert "Traceback" not in both.split("error: ")[0]  # nothing from the workers before it
+    assert "exitcode  : 2" in both, both  # torchrun's summary carries the workers' exit code
+    assert proc.returncode != 0
