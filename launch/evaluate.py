@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 
 from pnfs.config import ConfigError
-from pnfs.engine.distributed import init_distributed, shutdown
+from pnfs.engine.distributed import barrier, broadcast_object, init_distributed, shutdown
+from pnfs.errors import PreflightFailed, report, run_main
 from pnfs.evaluate import evaluate_model
 from pnfs.evaluate.boxes import BoxLoader, image_files
 from pnfs.evaluate.coco import load_detections
@@ -80,13 +81,20 @@ def main(argv: list[str] | None = None) -> int:
     try:
         model, cfg = load_for_inference(args.checkpoint, args.config, overrides)
     except (ConfigError, ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return report(err)
     if cfg.eval.detections and not args.images:
         print("error: --detections needs --images DIR (the detector json holds boxes only)", file=sys.stderr)
         return 2
     ctx = init_distributed(args.device)
     try:
+        from pnfs.preflight import evaluation_problems
+
+        problems = evaluation_problems(cfg, shards=not cfg.eval.detections) if ctx.is_main else None
+        problems = broadcast_object(problems)  # every rank stops together on rank 0's verdict
+        if problems:
+            code = report(PreflightFailed(problems))
+            barrier()
+            return code
         model = model.to(ctx.device)
         if cfg.train.channels_last:
             model = model.to(memory_format=torch.channels_last)
@@ -120,12 +128,11 @@ def main(argv: list[str] | None = None) -> int:
                 drawn = draw_on_originals(cfg, Path(args.out), args.images)
                 print(f"wrote {len(drawn)} overlays on the original images to {Path(args.out) / 'images'}")
     except (ConfigError, ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return report(err)
     finally:
         shutdown()
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

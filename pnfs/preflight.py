@@ -397,9 +397,10 @@ def batch_problems(cfg: Config, facts: ShardFacts | None, world_size: int) -> li
 # --------------------------------------------------------------------------- entry points
 
 
-def evaluation_problems(cfg: Config) -> list[str]:
-    """What an evaluation needs: val shards, annotations (+ MPII head sizes), detections."""
-    out, _ = shard_problems(cfg, "val")
+def evaluation_problems(cfg: Config, shards: bool = True) -> list[str]:
+    """What an evaluation needs: val shards (not with detector boxes: ``shards=False``),
+    annotations (+ MPII head sizes), detections."""
+    out = shard_problems(cfg, "val")[0] if shards else []
     return out + annotation_problems(cfg) + detection_problems(cfg)
 
 
