@@ -126,6 +126,7 @@ class EvalConfig:
     oks_nms_threshold: float = 0.9
     sigmas: list[float] | None = None  # OKS sigmas for custom joint sets
     pckh_threshold: float = 0.5
+    pck_alpha: float = 0.2  # PCK@alpha of the box size, for keypoint sets without OKS sigmas
     hrnet_compat: bool = False  # report MPII "@0.1" at 0.11 like HRNet/SimpleBaseline code
     refine: Literal["quarter", "gaussian"] = "quarter"  # paper's quarter offset, or a log-Gaussian fit
     overlays: int = 8  # pose overlay PNGs written by an evaluation with an output folder
@@ -428,6 +429,7 @@ def validate(cfg: Config) -> None:
     _require(0 < e.oks_nms_threshold <= 1, "eval.oks_nms_threshold", e.oks_nms_threshold, "must be in (0, 1]")
     _require(0 <= e.rescore_threshold < 1, "eval.rescore_threshold", e.rescore_threshold, "must be in [0, 1)")
     _require(e.pckh_threshold > 0, "eval.pckh_threshold", e.pckh_threshold, "must be > 0")
+    _require(e.pck_alpha > 0, "eval.pck_alpha", e.pck_alpha, "must be > 0")
     _require(e.overlays >= 0, "eval.overlays", e.overlays, "must be >= 0")
     if e.sigmas is not None:
         _require(all(v > 0 for v in e.sigmas), "eval.sigmas", e.sigmas, "must all be > 0")

@@ -15,6 +15,7 @@ from pnfs.config import ConfigError, load_config
 from pnfs.data.loader import build_loader
 from pnfs.engine.trainer import run_training
 from pnfs.evaluate import evaluate_model
+from pnfs.evaluate.coco import box_pck
 from pnfs.keypoints import COCO, CROWDPOSE, MPII, KeypointSetError, load_keypoint_set
 from pnfs.model import build_model
 from pnfs.parts import part_grouping, part_names
@@ -230,6 +231,30 @@ def test_a_new_set_shards_trains_evaluates_and_draws_without_code_changes(tmp_pa
     results = json.loads((tmp_path / "eval" / "results.json").read_text())
     assert len(results[0]["keypoints"]) == 3 * 5
 
+    # without sigmas: no OKS, so PCK@alpha of the box is reported instead of AP
     no_sigmas = load_config(None, [*overrides, f"data.keypoints={without_sigmas}"])
-    with pytest.raises(ValueError, match=r"hand5.*no OKS sigmas"):
-        evaluate_model(model, loader, no_sigmas, device="cpu")
+    metrics = evaluate_model(model, loader, no_sigmas, device="cpu")
+    assert "AP" not in metrics and 0.0 <= metrics["PCK"] <= 1.0 and metrics["score"] == metrics["PCK"]
+    assert set(HAND_SET["joints"]) == {k.split("/")[1] for k in metrics if k.startswith("PCK/")}
+
+
+def test_box_pck_counts_joints_within_alpha_of_the_box_size(tmp_path):
+    joints = load_keypoint_set(_write(tmp_path, HAND))
+    truth = np.array([[10, 10, 2], [20, 10, 2], [30, 10, 2], [40, 10, 0], [50, 10, 2]], dtype=float)
+    gt = {
+        "images": [{"id": 1, "file_name": "1.jpg", "width": 200, "height": 200}],
+        "annotations": [
+            {"id": 7, "image_id": 1, "category_id": 1, "bbox": [0, 0, 100, 50], "area": 5000.0,
+             "iscrowd": 0, "keypoints": truth.ravel().tolist(), "num_keypoints": 4}
+        ],
+        "categories": [{"id": 1, "name": "person"}],
+    }  # fmt: skip
+    path = tmp_path / "gt.json"
+    path.write_text(json.dumps(gt))
+    pred = truth[None, :, :2].copy()
+    pred[0, 1, 0] += 19.0  # within 0.2 * max(100, 50) = 20 px
+    pred[0, 2, 0] += 21.0  # outside
+    # joint 3 is unlabelled: its (exact) prediction must not count
+    stats = box_pck(path, pred, np.array([7]), joints, alpha=0.2)
+    assert stats["PCK"] == pytest.approx(3 / 4)
+    assert stats["PCK/index"] == 0.0 and stats["PCK/thumb"] == 1.0 and np.isnan(stats["PCK/middle"])

@@ -233,6 +233,38 @@ def crowd_split_stats(
     return stats
 
 
+def box_pck(
+    annotations, keypoints: np.ndarray, ann_ids: np.ndarray, joints, alpha: float = 0.2
+) -> dict[str, float]:
+    """PCK@α of the box size, for keypoint sets without OKS sigmas (COCO-style AP needs them).
+
+    keypoints [N, K, 2] in image pixels, ann_ids [N] the ground-truth annotation of each
+    prediction (ground-truth boxes). A labelled joint (v > 0) is correct when its prediction
+    lies within α · max(w, h) of the person's box. Returns ``PCK`` over all labelled joints,
+    ``PCK/<joint>`` per joint (NaN where none is labelled) and ``alpha``.
+    """
+    gt = load_ground_truth(annotations)
+    keypoints = np.asarray(keypoints, dtype=np.float64)
+    correct = np.zeros(joints.num_joints)
+    labelled = np.zeros(joints.num_joints)
+    for xy, ann_id in zip(keypoints, np.asarray(ann_ids, dtype=np.int64)):
+        if int(ann_id) not in gt.anns:
+            raise ValueError(f"prediction for annotation {int(ann_id)}, which the ground truth does not have")
+        ann = gt.anns[int(ann_id)]
+        truth = np.asarray(ann["keypoints"], dtype=np.float64).reshape(joints.num_joints, 3)
+        visible = truth[:, 2] > 0
+        size = max(ann["bbox"][2], ann["bbox"][3])
+        hit = np.linalg.norm(xy - truth[:, :2], axis=1) <= alpha * size
+        correct += hit & visible
+        labelled += visible
+    if labelled.sum() == 0:
+        raise ValueError("no labelled joints in the ground truth: PCK is undefined")
+    stats = {"PCK": float(correct.sum() / labelled.sum()), "alpha": float(alpha)}
+    for name, c, n in zip(joints.joints, correct, labelled):
+        stats[f"PCK/{name}"] = float(c / n) if n else float("nan")
+    return stats
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pnfs.evaluate.coco", description=__doc__.split("\n")[0])
     parser.add_argument("--annotations", required=True, help="COCO ground-truth json")

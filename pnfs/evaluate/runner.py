@@ -20,7 +20,7 @@ from pnfs.config import Config
 from pnfs.data.batch import PoseBatch
 from pnfs.deploy import freeze
 from pnfs.engine.distributed import all_gather_objects
-from pnfs.evaluate.coco import coco_results, evaluate_keypoints, format_table
+from pnfs.evaluate.coco import box_pck, coco_results, crowd_split_stats, evaluate_keypoints, format_table
 from pnfs.evaluate.mpii import load_mpii_ground_truth, table_iv
 from pnfs.evaluate.oks import joint_sigmas
 from pnfs.inference import inference_amp, predict
@@ -121,6 +121,16 @@ def coco_metrics(pred: dict[str, np.ndarray], cfg: Config) -> tuple[dict, list[d
     if not cfg.data.val_annotations:
         raise ValueError("data.val_annotations: COCO evaluation needs the ground-truth json; it is empty")
     joints = cfg.joints
+    if joints.sigmas is None and cfg.eval.sigmas is None:  # no OKS without sigmas: PCK of the box
+        stats = box_pck(
+            cfg.data.val_annotations, pred["keypoints"], pred["ann_id"], joints, cfg.eval.pck_alpha
+        )
+        print(f"{joints.name} has no OKS sigmas: PCK@{cfg.eval.pck_alpha:g} of the box = {stats['PCK']:.4f}")
+        results = coco_results(
+            pred["keypoints"], pred["scores"], pred["image_id"], pred["box_score"], pred["area"], None,
+            nms_threshold=None,
+        )  # fmt: skip
+        return {**stats, "score": stats["PCK"]}, results
     sigmas = joint_sigmas(joints, cfg.eval.sigmas)
     results = coco_results(
         pred["keypoints"],
@@ -134,6 +144,8 @@ def coco_metrics(pred: dict[str, np.ndarray], cfg: Config) -> tuple[dict, list[d
     )
     stats = evaluate_keypoints(cfg.data.val_annotations, results, sigmas=sigmas, verbose=False)
     print(format_table(stats), flush=True)
+    if joints.name == "crowdpose":  # its own split by crowd index (pnfs.evaluate.coco)
+        stats.update(crowd_split_stats(cfg.data.val_annotations, results, sigmas, verbose=False))
     return {**stats, "score": stats["AP"]}, results
 
 
