@@ -17,6 +17,7 @@ from pathlib import Path
 
 from pnfs.data.coco import load_json, read_coco_detections, read_coco_persons
 from pnfs.data.shard_cli import common_parser, fail, run
+from pnfs.errors import run_main
 from pnfs.keypoints import KeypointSetError, load_keypoint_set
 
 
@@ -47,4 +48,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main, extra=(OSError,)))  # an --out that cannot be written

@@ -14,6 +14,7 @@ import sys
 from pnfs.data.coco import load_json
 from pnfs.data.mpii import read_mpii_persons
 from pnfs.data.shard_cli import common_parser, run
+from pnfs.errors import run_main
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -30,4 +31,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main, extra=(OSError,)))  # an --out that cannot be written

@@ -28,6 +28,8 @@ import sys
 import time
 from pathlib import Path
 
+from pnfs.errors import EXIT_USER_ERROR, PnfsUserError, run_main
+
 REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable
 CONFIG = REPO / "pnfs" / "configs" / "demo.yaml"
@@ -37,6 +39,8 @@ def step(title: str, cmd: list[str], env: dict[str, str] | None = None) -> None:
     print(f"\n== {title}\n$ {' '.join(cmd)}", flush=True)
     started = time.perf_counter()
     proc = subprocess.run(cmd, cwd=REPO, env=env)
+    if proc.returncode == EXIT_USER_ERROR:  # the step printed its own one-line error
+        raise PnfsUserError(f"demo: '{title}' stopped on the error above (exit code {EXIT_USER_ERROR})")
     if proc.returncode != 0:
         raise SystemExit(f"demo: '{title}' failed with exit code {proc.returncode}")
     print(f"== {title}: {time.perf_counter() - started:.0f} s", flush=True)
@@ -137,4 +141,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

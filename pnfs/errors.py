@@ -103,4 +103,6 @@ def run_main(main: Callable[[], int | None], extra: tuple[type[BaseException], .
         with user_errors(extra):
             return main() or 0
     except SystemExit as e:
-        return e.code if isinstance(e.code, int) else (0 if e.code is None else EXIT_USER_ERROR)
+        if e.code is None or isinstance(e.code, int):
+            return e.code or 0
+        raise  # SystemExit("message"): Python prints it and exits 1

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from pnfs.config import Config, ConfigError, load_config
+from pnfs.errors import run_main
 
 # Wrappers whose name matches the convention but which the authors' backbones did not have.
 _NOT_PAPER_WRAPPERS = ("Conv2dNormActivation", "ConvNormActivation")
@@ -148,4 +149,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))
