@@ -1,8 +1,8 @@
 """Fused kernels of pnfs, installed as ``pnfs.kernels``.
 
 Each kernel has one file holding its Triton kernel(s), the PyTorch reference (fallback and
-test oracle) and the autograd wiring (``torch.library`` custom ops on torch >= 2.4, an
-``autograd.Function`` before); :mod:`pnfs.kernels.backend` picks one per call
+test oracle) and the autograd wiring (``torch.library`` custom ops, torch >= 2.4);
+:mod:`pnfs.kernels.backend` picks one per call
 (``PNFS_KERNELS=auto|torch|triton``). :data:`FVCORE_HANDLES` lets fvcore count the custom ops.
 """
 

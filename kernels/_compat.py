@@ -2,8 +2,6 @@
 
 * ``triton`` may be missing (CPU-only installs): the kernels' ``@jit`` then yields a function that
   raises a clear ``RuntimeError`` when launched; the backend never launches it (see ``backend.py``).
-* ``torch.library.custom_op`` / ``register_autograd`` / ``register_fake`` arrived in torch 2.4:
-  ``CUSTOM_OP`` is False before that and the kernels fall back to plain ``autograd.Function.apply``.
 """
 
 import os
@@ -19,8 +17,6 @@ except Exception:  # triton absent or broken: the reference path still works
     triton = None
     tl = None
     HAS_TRITON = False
-
-CUSTOM_OP = all(hasattr(torch.library, name) for name in ("custom_op", "register_autograd", "register_fake"))
 
 
 def _missing_triton(fn):
@@ -50,16 +46,6 @@ def cdiv(a: int, b: int) -> int:
 
 def next_power_of_2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
-
-
-def is_dense(x: torch.Tensor) -> bool:
-    """True when ``x`` covers exactly ``numel`` consecutive storage slots (any dim order)."""
-    expected = 1
-    for size, stride in sorted(((s, st) for s, st in zip(x.shape, x.stride()) if s != 1), key=lambda t: t[1]):
-        if stride != expected:
-            return False
-        expected *= size
-    return True
 
 
 def same_layout(a: torch.Tensor, b: torch.Tensor) -> bool:

@@ -24,8 +24,8 @@ dtype and strides, int64 offsets. Outputs: coords [N, J, 2] float32, maxvals [N,
 
 import torch
 
-from pnfs.kernels._compat import CUSTOM_OP, jit, next_power_of_2, tl
-from pnfs.kernels.backend import use_triton
+from pnfs.kernels._compat import jit, next_power_of_2, tl
+from pnfs.kernels.backend import run, use_triton
 
 BLOCK_P = 1024  # pixels per scan step of a score map
 # elements per scan step of vectors, [VECTOR_TILE // BLOCK_D, BLOCK_D]: more spills (bench/kernels_aot.py)
@@ -100,7 +100,7 @@ def _pick(values, k, which):
 
 @jit
 def _argmax_decode_kernel(
-    ptr, coords_ptr, maxval_ptr, J, H, W,
+    ptr, coords_ptr, maxval_ptr, J, H, W, HW,
     sN, sC, sH, sW,
     VECTORS: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr,
     NO_INDEX: tl.constexpr,
@@ -109,7 +109,7 @@ def _argmax_decode_kernel(
     n = nj // J
     j = nj % J
     base = n * sN + j * D * sC
-    hw = H * W
+    hw = HW  # from the launcher: a Python int, passed as int64 once it passes 2^31
     lane = tl.arange(0, BLOCK_P).to(tl.int64)
     best = tl.full([BLOCK_P], float("-inf"), tl.float32)
     best_index = tl.where(lane < hw, lane, NO_INDEX)  # a lane's first pixel wins an all -inf scan
@@ -164,7 +164,7 @@ def _decode(maps: torch.Tensor, d: int, vectors: bool) -> tuple[torch.Tensor, to
         raise ValueError(f"argmax_decode: empty maps of shape {tuple(maps.shape)}")
     block_d = max(2, next_power_of_2(d))
     _argmax_decode_kernel[(n * j,)](
-        maps, coords, maxvals, j, h, w, *maps.stride(),
+        maps, coords, maxvals, j, h, w, h * w, *maps.stride(),
         VECTORS=vectors, D=d, BLOCK_D=block_d, BLOCK_P=block_p(h * w, block_d, vectors), NO_INDEX=_NO_INDEX,
     )  # fmt: skip
     return coords, maxvals
@@ -178,27 +178,24 @@ def _empty_outputs(maps: torch.Tensor, d: int) -> tuple[torch.Tensor, torch.Tens
     )
 
 
-if CUSTOM_OP:
+@torch.library.custom_op("pnfs::argmax_decode", mutates_args=())
+def _argmax_decode_op(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return _decode(scores, 1, False)
 
-    @torch.library.custom_op("pnfs::argmax_decode", mutates_args=())
-    def _argmax_decode_op(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return _decode(scores, 1, False)
 
-    @_argmax_decode_op.register_fake
-    def _(scores):
-        return _empty_outputs(scores, 1)
+@_argmax_decode_op.register_fake
+def _(scores):
+    return _empty_outputs(scores, 1)
 
-    @torch.library.custom_op("pnfs::argmax_decode_vectors", mutates_args=())
-    def _argmax_decode_vectors_op(vectors: torch.Tensor, d: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return _decode(vectors, d, True)
 
-    @_argmax_decode_vectors_op.register_fake
-    def _(vectors, d):
-        return _empty_outputs(vectors, d)
+@torch.library.custom_op("pnfs::argmax_decode_vectors", mutates_args=())
+def _argmax_decode_vectors_op(vectors: torch.Tensor, d: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return _decode(vectors, d, True)
 
-else:
-    _argmax_decode_op = lambda scores: _decode(scores, 1, False)
-    _argmax_decode_vectors_op = lambda vectors, d: _decode(vectors, d, True)
+
+@_argmax_decode_vectors_op.register_fake
+def _(vectors, d):
+    return _empty_outputs(vectors, d)
 
 
 # ----------------------------------------------------------------------------- public API
@@ -219,7 +216,12 @@ def argmax_decode(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     _check(scores, 1, "argmax_decode")
     if not use_triton(scores):
         return argmax_decode_reference(scores)
-    return _argmax_decode_op(scores.detach())
+    return run(
+        "argmax_decode",
+        lambda: _argmax_decode_op(scores.detach()),
+        lambda: argmax_decode_reference(scores),
+        scores.device,
+    )
 
 
 def argmax_decode_vectors(vectors: torch.Tensor, d: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -227,4 +229,9 @@ def argmax_decode_vectors(vectors: torch.Tensor, d: int) -> tuple[torch.Tensor, 
     _check(vectors, d, "argmax_decode_vectors")
     if not use_triton(vectors):
         return argmax_decode_vectors_reference(vectors, d)
-    return _argmax_decode_vectors_op(vectors.detach(), d)
+    return run(
+        "argmax_decode_vectors",
+        lambda: _argmax_decode_vectors_op(vectors.detach(), d),
+        lambda: argmax_decode_vectors_reference(vectors, d),
+        vectors.device,
+    )

@@ -16,9 +16,6 @@ Two conventions (fvcore counts one multiply-add as one "flop"):
   - squash_score     numel(vectors)                    (n^2 = sum_t v_t * v_t)
   - squash_mse_loss  numel(vectors) + numel(scores)    (n^2, then (score - target)^2)
   - argmax_decode    0 (comparisons only);  argmax_decode_vectors  numel(vectors) (the n^2)
-
-The keys also cover the ``autograd.Function`` fallback used on torch < 2.4, which TorchScript
-records as ``prim::PythonOp.<ClassName>``.
 """
 
 import math
@@ -37,14 +34,8 @@ def _numel(value: torch._C.Value) -> int:
 
 
 def _weighted_sum_macs(inputs: list, outputs: list) -> int:
-    # TorchScript: inputs[0] is the list of tensors (prim::ListConstruct), or, for the
-    # autograd.Function fallback, (weights, relu, *tensors).
-    first = inputs[0]
-    if first.node().kind() == "prim::ListConstruct":
-        k = len(list(first.node().inputs()))
-    else:
-        k = len(inputs) - 2
-    return k * _numel(outputs[0])
+    # TorchScript: inputs[0] is the list of tensors (prim::ListConstruct)
+    return len(list(inputs[0].node().inputs())) * _numel(outputs[0])
 
 
 def _squash_macs(inputs: list, outputs: list) -> int:
@@ -62,11 +53,8 @@ def _argmax_scores_macs(inputs: list, outputs: list) -> int:
 def _elementwise_counts() -> dict[str, Handle]:
     return {
         "pnfs::weighted_sum": _weighted_sum_macs,
-        "prim::PythonOp.WeightedSumFunction": _weighted_sum_macs,
         "pnfs::squash_score": _squash_macs,
-        "prim::PythonOp.SquashScoreFunction": _squash_macs,
         "pnfs::squash_mse_loss": _squash_mse_macs,
-        "prim::PythonOp.SquashMSELossFunction": _squash_mse_macs,
         "pnfs::argmax_decode": _argmax_scores_macs,
         "pnfs::argmax_decode_vectors": _squash_macs,
     }

@@ -20,9 +20,9 @@ when the vectors are channels_last, NCHW-contiguous otherwise.
 
 import torch
 
-from pnfs.kernels._compat import CUSTOM_OP, block_size, cdiv, jit, next_power_of_2, tl
+from pnfs.kernels._compat import block_size, cdiv, jit, next_power_of_2, tl
 from pnfs.kernels._reduce import sum_rows
-from pnfs.kernels.backend import use_triton
+from pnfs.kernels.backend import device_guard, run, use_triton
 
 BLOCK_P_COMPILED = 256  # pixels per program on a GPU
 BLOCK_P = block_size(compiled=BLOCK_P_COMPILED, interpreted=1024)
@@ -211,7 +211,8 @@ def _squash_setup(ctx, vectors: torch.Tensor, d: int) -> None:
 
 def _squash_grad(ctx, grad: torch.Tensor) -> torch.Tensor:
     (vectors,) = ctx.saved_tensors
-    return (_squash_backward_op if CUSTOM_OP else _squash_backward)(grad, vectors, ctx.d)
+    with device_guard(vectors.device):
+        return _squash_backward_op(grad, vectors, ctx.d)
 
 
 def _mse_grad(ctx, grad_loss: torch.Tensor) -> torch.Tensor:
@@ -219,82 +220,59 @@ def _mse_grad(ctx, grad_loss: torch.Tensor) -> torch.Tensor:
     return dv * grad_loss.to(dv.dtype)
 
 
-class SquashScoreFunction(torch.autograd.Function):
-    """Autograd for torch < 2.4, where ``torch.library.custom_op`` does not exist."""
-
-    @staticmethod
-    def forward(vectors: torch.Tensor, d: int) -> torch.Tensor:
-        return _squash_forward(vectors, d)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        _squash_setup(ctx, *inputs)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _squash_grad(ctx, grad), None
+@torch.library.custom_op("pnfs::squash_score", mutates_args=())
+def _squash_op(vectors: torch.Tensor, d: int) -> torch.Tensor:
+    return _squash_forward(vectors, d)
 
 
-class SquashMSELossFunction(torch.autograd.Function):
-    """Autograd for torch < 2.4: the gradient was computed in the forward pass."""
-
-    @staticmethod
-    def forward(vectors, d, targets, weights, compute_grad):
-        return _squash_mse_forward(vectors, d, targets, weights, compute_grad)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        ctx.save_for_backward(output[1])
-
-    @staticmethod
-    def backward(ctx, grad_loss, grad_dv):
-        return _mse_grad(ctx, grad_loss), None, None, None, None
+@_squash_op.register_fake
+def _(vectors, d):
+    return _empty_scores(vectors, d)
 
 
-if CUSTOM_OP:
+@torch.library.custom_op("pnfs::squash_score_backward", mutates_args=())
+def _squash_backward_op(grad: torch.Tensor, vectors: torch.Tensor, d: int) -> torch.Tensor:
+    return _squash_backward(grad, vectors, d)
 
-    @torch.library.custom_op("pnfs::squash_score", mutates_args=())
-    def _squash_op(vectors: torch.Tensor, d: int) -> torch.Tensor:
-        return _squash_forward(vectors, d)
 
-    @_squash_op.register_fake
-    def _(vectors, d):
-        return _empty_scores(vectors, d)
+@_squash_backward_op.register_fake
+def _(grad, vectors, d):
+    return torch.empty_like(vectors)
 
-    @torch.library.custom_op("pnfs::squash_score_backward", mutates_args=())
-    def _squash_backward_op(grad: torch.Tensor, vectors: torch.Tensor, d: int) -> torch.Tensor:
-        return _squash_backward(grad, vectors, d)
 
-    @_squash_backward_op.register_fake
-    def _(grad, vectors, d):
-        return torch.empty_like(vectors)
+def _squash_op_setup(ctx, inputs, output):
+    _squash_setup(ctx, *inputs)
 
-    def _squash_op_setup(ctx, inputs, output):
-        _squash_setup(ctx, *inputs)
 
-    def _squash_op_backward(ctx, grad):
-        return _squash_grad(ctx, grad), None
+def _squash_op_backward(ctx, grad):
+    return _squash_grad(ctx, grad), None
 
-    torch.library.register_autograd("pnfs::squash_score", _squash_op_backward, setup_context=_squash_op_setup)
 
-    @torch.library.custom_op("pnfs::squash_mse_loss", mutates_args=())
-    def _squash_mse_op(
-        vectors: torch.Tensor, d: int, targets: torch.Tensor, weights: torch.Tensor, compute_grad: bool
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        return _squash_mse_forward(vectors, d, targets, weights, compute_grad)
+torch.library.register_autograd("pnfs::squash_score", _squash_op_backward, setup_context=_squash_op_setup)
 
-    @_squash_mse_op.register_fake
-    def _(vectors, d, targets, weights, compute_grad):
-        dv = torch.empty_like(vectors) if compute_grad else vectors.new_empty(0)
-        return vectors.new_empty((), dtype=torch.float32), dv
 
-    def _mse_op_setup(ctx, inputs, output):
-        ctx.save_for_backward(output[1])
+@torch.library.custom_op("pnfs::squash_mse_loss", mutates_args=())
+def _squash_mse_op(
+    vectors: torch.Tensor, d: int, targets: torch.Tensor, weights: torch.Tensor, compute_grad: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return _squash_mse_forward(vectors, d, targets, weights, compute_grad)
 
-    def _mse_op_backward(ctx, grad_loss, grad_dv):
-        return _mse_grad(ctx, grad_loss), None, None, None, None
 
-    torch.library.register_autograd("pnfs::squash_mse_loss", _mse_op_backward, setup_context=_mse_op_setup)
+@_squash_mse_op.register_fake
+def _(vectors, d, targets, weights, compute_grad):
+    dv = torch.empty_like(vectors) if compute_grad else vectors.new_empty(0)
+    return vectors.new_empty((), dtype=torch.float32), dv
+
+
+def _mse_op_setup(ctx, inputs, output):
+    ctx.save_for_backward(output[1])
+
+
+def _mse_op_backward(ctx, grad_loss, grad_dv):
+    return _mse_grad(ctx, grad_loss), None, None, None, None
+
+
+torch.library.register_autograd("pnfs::squash_mse_loss", _mse_op_backward, setup_context=_mse_op_setup)
 
 
 # ----------------------------------------------------------------------------- public API
@@ -312,9 +290,12 @@ def squash_score(vectors: torch.Tensor, d: int) -> torch.Tensor:
     _check(vectors, d)
     if not use_triton(vectors):
         return squash_score_reference(vectors, d)
-    if CUSTOM_OP:
-        return _squash_op(vectors, d)
-    return SquashScoreFunction.apply(vectors, d)
+    return run(
+        "squash_score",
+        lambda: _squash_op(vectors, d),
+        lambda: squash_score_reference(vectors, d),
+        vectors.device,
+    )
 
 
 def squash_mse_loss(
@@ -336,6 +317,9 @@ def squash_mse_loss(
     if targets.requires_grad or weights.requires_grad:
         raise ValueError("squash_mse_loss: targets and weights must not require grad (they are data)")
     compute_grad = torch.is_grad_enabled() and vectors.requires_grad
-    if CUSTOM_OP:
-        return _squash_mse_op(vectors, d, targets, weights, compute_grad)[0]
-    return SquashMSELossFunction.apply(vectors, d, targets, weights, compute_grad)[0]
+    return run(
+        "squash_mse_loss",
+        lambda: _squash_mse_op(vectors, d, targets, weights, compute_grad)[0],
+        lambda: squash_mse_loss_reference(vectors, d, targets, weights),
+        vectors.device,
+    )

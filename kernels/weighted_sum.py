@@ -27,9 +27,9 @@ from collections.abc import Sequence
 
 import torch
 
-from pnfs.kernels._compat import CUSTOM_OP, block_size, cdiv, jit, same_layout, strides4, tl
+from pnfs.kernels._compat import block_size, cdiv, jit, same_layout, strides4, tl
 from pnfs.kernels._reduce import sum_rows
-from pnfs.kernels.backend import use_triton
+from pnfs.kernels.backend import device_guard, run, use_triton
 
 MAX_INPUTS = 12
 BLOCK_COMPILED = 1024  # elements per program on a GPU, dense layouts
@@ -255,63 +255,49 @@ def _grads(ctx, grad: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor | 
     weights, out, *inputs = ctx.saved_tensors
     if not ctx.need_dw:
         inputs = inputs * ctx.k  # only shape and layout are used
-    backward = _backward_op if CUSTOM_OP else _weighted_sum_backward
-    *dxs, dw = backward(grad, inputs, weights, out, ctx.relu, ctx.need_dw)
+    with device_guard(grad.device):
+        *dxs, dw = _backward_op(grad, inputs, weights, out, ctx.relu, ctx.need_dw)
     return dxs, (dw if ctx.need_dw else None)
 
 
-class WeightedSumFunction(torch.autograd.Function):
-    """Autograd for torch < 2.4, where ``torch.library.custom_op`` does not exist."""
-
-    @staticmethod
-    def forward(weights: torch.Tensor, relu: bool, *inputs: torch.Tensor) -> torch.Tensor:
-        return _weighted_sum_forward(list(inputs), weights, relu)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        weights, relu, *xs = inputs
-        _save(ctx, xs, weights, relu, output)
-
-    @staticmethod
-    def backward(ctx, grad):
-        dxs, dw = _grads(ctx, grad)
-        return (dw, None, *dxs)
+@torch.library.custom_op("pnfs::weighted_sum", mutates_args=())
+def _weighted_sum_op(inputs: list[torch.Tensor], weights: torch.Tensor, relu: bool) -> torch.Tensor:
+    return _weighted_sum_forward(inputs, weights, relu)
 
 
-if CUSTOM_OP:
+@_weighted_sum_op.register_fake
+def _(inputs, weights, relu):
+    return torch.empty_like(inputs[0])
 
-    @torch.library.custom_op("pnfs::weighted_sum", mutates_args=())
-    def _weighted_sum_op(inputs: list[torch.Tensor], weights: torch.Tensor, relu: bool) -> torch.Tensor:
-        return _weighted_sum_forward(inputs, weights, relu)
 
-    @_weighted_sum_op.register_fake
-    def _(inputs, weights, relu):
-        return torch.empty_like(inputs[0])
+@torch.library.custom_op("pnfs::weighted_sum_backward", mutates_args=())
+def _backward_op(
+    grad: torch.Tensor,
+    inputs: list[torch.Tensor],
+    weights: torch.Tensor,
+    out: torch.Tensor | None,
+    relu: bool,
+    need_dw: bool,
+) -> list[torch.Tensor]:
+    return _weighted_sum_backward(grad, inputs, weights, out, relu, need_dw)
 
-    @torch.library.custom_op("pnfs::weighted_sum_backward", mutates_args=())
-    def _backward_op(
-        grad: torch.Tensor,
-        inputs: list[torch.Tensor],
-        weights: torch.Tensor,
-        out: torch.Tensor | None,
-        relu: bool,
-        need_dw: bool,
-    ) -> list[torch.Tensor]:
-        return _weighted_sum_backward(grad, inputs, weights, out, relu, need_dw)
 
-    @_backward_op.register_fake
-    def _(grad, inputs, weights, out, relu, need_dw):
-        return [torch.empty_like(inputs[0]) for _ in inputs] + [torch.empty_like(weights)]
+@_backward_op.register_fake
+def _(grad, inputs, weights, out, relu, need_dw):
+    return [torch.empty_like(inputs[0]) for _ in inputs] + [torch.empty_like(weights)]
 
-    def _op_setup_context(ctx, inputs, output):
-        xs, weights, relu = inputs
-        _save(ctx, xs, weights, relu, output)
 
-    def _op_backward(ctx, grad):
-        dxs, dw = _grads(ctx, grad)
-        return dxs, dw, None
+def _op_setup_context(ctx, inputs, output):
+    xs, weights, relu = inputs
+    _save(ctx, xs, weights, relu, output)
 
-    torch.library.register_autograd("pnfs::weighted_sum", _op_backward, setup_context=_op_setup_context)
+
+def _op_backward(ctx, grad):
+    dxs, dw = _grads(ctx, grad)
+    return dxs, dw, None
+
+
+torch.library.register_autograd("pnfs::weighted_sum", _op_backward, setup_context=_op_setup_context)
 
 
 # ----------------------------------------------------------------------------- public API
@@ -340,6 +326,9 @@ def weighted_sum(inputs: Sequence[torch.Tensor], weights: torch.Tensor, relu: bo
     _check(inputs, weights)
     if not use_triton(inputs[0]):
         return weighted_sum_reference(inputs, weights, relu)
-    if CUSTOM_OP:
-        return _weighted_sum_op(list(inputs), weights, relu)
-    return WeightedSumFunction.apply(weights, relu, *inputs)
+    return run(
+        "weighted_sum",
+        lambda: _weighted_sum_op(list(inputs), weights, relu),
+        lambda: weighted_sum_reference(inputs, weights, relu),
+        inputs[0].device,
+    )

@@ -397,3 +397,72 @@ def test_offsets_past_two_to_the_31_elements(monkeypatch):
     scores[0, 0, -2, -1] = 0.5
     coords, maxvals = argmax_decode(scores)
     assert coords.tolist() == [[[2**15 + 0.25, 2**16 - 2.0]]] and maxvals.item() == 1.0
+
+
+# ------------------------------------------------------------- auto: capability gating, fallback, amp
+
+
+class _FakeCudaTensor:
+    device = torch.device("cuda", 0)
+
+
+@pytest.mark.parametrize(
+    "capability, expected", [((6, 1), False), ((7, 5), False), ((8, 0), True), ((9, 0), True)]
+)
+def test_auto_uses_triton_only_from_sm_80(monkeypatch, capability, expected):
+    backend = importlib.import_module("pnfs.kernels.backend")
+    monkeypatch.setenv("PNFS_KERNELS", "auto")
+    monkeypatch.setattr(backend, "triton_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    assert backend.use_triton(_FakeCudaTensor()) is expected
+
+
+def test_auto_falls_back_to_the_reference_once_with_one_warning_when_a_kernel_fails(monkeypatch):
+    """A kernel that cannot compile (here: launched on CPU tensors without the interpreter) is
+    reported once, naming the kernel and the error; later calls use the reference silently."""
+    backend = importlib.import_module("pnfs.kernels.backend")
+    squash_module = importlib.import_module("pnfs.kernels.squash")
+    monkeypatch.setenv("PNFS_KERNELS", "auto")
+    monkeypatch.setattr(backend, "_FAILED", set())
+    monkeypatch.setattr(squash_module, "use_triton", lambda tensor: True)
+    launches = []
+
+    def failing_forward(vectors, d):
+        launches.append(d)
+        raise RuntimeError("ptxas fatal: forced compile error")
+
+    monkeypatch.setattr(squash_module, "_squash_forward", failing_forward)
+    v = torch.randn(2, 3 * 4, 5, 6)
+    with pytest.warns(RuntimeWarning, match="squash_score failed.*forced compile error") as record:
+        first = squash_score(v, 4)
+    assert len(record) == 1
+    torch.testing.assert_close(first, squash_score_reference(v, 4), rtol=0, atol=0)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        torch.testing.assert_close(squash_score(v, 4), first, rtol=0, atol=0)
+    assert launches == [4]  # the failed kernel is not tried again
+    monkeypatch.setenv("PNFS_KERNELS", "triton")  # an explicit choice of Triton never hides the error
+    with pytest.raises(RuntimeError, match="forced compile error"):
+        backend.run("squash_score", lambda: failing_forward(v, 4), lambda: None, v.device)
+
+
+@pytest.mark.parametrize("supported, expected", [(True, torch.bfloat16), (False, None)])
+def test_auto_amp_is_bf16_only_where_the_gpu_supports_it(monkeypatch, supported, expected):
+    import contextlib
+    import types
+    import warnings
+
+    from pnfs.engine.runtime import amp_dtype
+
+    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: supported)
+    cfg = types.SimpleNamespace(train=types.SimpleNamespace(amp="auto"))
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        assert amp_dtype(cfg, torch.device("cuda", 0)) is expected
+    assert [str(w.message) for w in record] == ([] if supported else [
+        "train.amp=auto: cuda:0 has no bfloat16; training in float32"
+    ])  # fmt: skip
+    assert amp_dtype(cfg, torch.device("cpu")) is None

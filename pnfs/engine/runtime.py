@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import warnings
 
 import torch
 from torch import nn
@@ -22,11 +23,20 @@ def set_determinism(cfg: Config) -> None:
 
 
 def amp_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:
-    """bf16 autocast on CUDA (``train.amp`` auto or bf16); fp32 on CPU unless bf16 is asked for."""
+    """bf16 autocast on CUDA (``train.amp`` auto or bf16); fp32 on CPU unless bf16 is asked for.
+
+    ``auto`` on a GPU without bfloat16 (``torch.cuda.is_bf16_supported()`` false, before sm_80)
+    trains in fp32 and says so in a warning (fp16 would need a loss scaler).
+    """
     if cfg.train.amp == "none":
         return None
-    if cfg.train.amp == "bf16" or device.type == "cuda":
+    if cfg.train.amp == "bf16":
         return torch.bfloat16
+    if device.type == "cuda":
+        with torch.cuda.device(device):
+            if torch.cuda.is_bf16_supported():
+                return torch.bfloat16
+        warnings.warn(f"train.amp=auto: {device} has no bfloat16; training in float32", stacklevel=2)
     return None
 
 
