@@ -466,3 +466,27 @@ def test_auto_amp_is_bf16_only_where_the_gpu_supports_it(monkeypatch, supported,
         "train.amp=auto: cuda:0 has no bfloat16; training in float32"
     ])  # fmt: skip
     assert amp_dtype(cfg, torch.device("cpu")) is None
+
+
+def test_kernels_launch_under_the_tensors_cuda_device(monkeypatch):
+    """``--device cuda:1`` must launch on GPU 1, not on the current device: the guard is entered first."""
+    import contextlib
+
+    backend = importlib.import_module("pnfs.kernels.backend")
+    entered = []
+
+    @contextlib.contextmanager
+    def fake_device(device):
+        entered.append(("enter", device))
+        yield
+        entered.append(("exit", device))
+
+    monkeypatch.setattr(torch.cuda, "device", fake_device)
+    monkeypatch.setenv("PNFS_KERNELS", "triton")
+    cuda1 = torch.device("cuda", 1)
+    assert backend.run("k", lambda: entered.append("launch") or 7, lambda: None, cuda1) == 7
+    assert entered == [("enter", cuda1), "launch", ("exit", cuda1)]
+    entered.clear()
+    with backend.device_guard(torch.device("cpu")):
+        pass
+    assert entered == []
