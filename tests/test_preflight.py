@@ -203,3 +203,15 @@ def test_torchrun_bad_val_path_one_error_line(data, tmp_path):
     assert "Traceback" not in both.split("error: ")[0]  # nothing from the workers before it
     assert "exitcode  : 2" in both, both  # torchrun's summary carries the workers' exit code
     assert proc.returncode != 0
+
+
+def test_a_url_shard_is_checked_by_opening_the_first_one(data, tmp_path):
+    from pnfs.preflight import shard_problems
+
+    val = sorted((data["shards"] / "val").glob("val-*.tar"))[0]
+    good = load_config("demo", [f"data.val_shards=pipe:cat {val}"])
+    assert shard_problems(good, "val")[0] == []
+    bad = load_config("demo", [f"data.val_shards=pipe:cat {tmp_path / 'val-000000.tar'}"])
+    (problem,) = shard_problems(bad, "val")[0]
+    assert problem.startswith(f"data.val_shards='pipe:cat {tmp_path / 'val-000000.tar'}': the first shard")
+    assert "does not open" in problem
