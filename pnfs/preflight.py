@@ -257,7 +257,7 @@ def detection_problems(cfg: Config) -> list[str]:
 # --------------------------------------------------------------------------- model, run folder
 
 
-def checkpoint_bytes(model, strategy: str) -> int:
+def checkpoint_bytes(model) -> int:
     """Estimated bytes of one checkpoint: fp32 weights and buffers, plus Adam's two moments per
     trained parameter (darts1 trains the architecture with a second Adam, sync with the
     first: both count every parameter), plus 5% for the run state and pickling."""
@@ -290,7 +290,7 @@ def run_folder_problems(cfg: Config, model) -> list[str]:
             pass
     except OSError as err:
         return [problem(key, str(out), f"not writable ({err.strerror or err})", "choose another --out")]
-    need = (cfg.train.keep_last + 1) * checkpoint_bytes(model, cfg.search.strategy)
+    need = (cfg.train.keep_last + 1) * checkpoint_bytes(model)
     free = shutil.disk_usage(out).free
     if free < need:
         return [

@@ -104,7 +104,7 @@ def make_plan(cfg: Config, world_size: int, deepspeed_config: str | None = None)
         lr_schedule=lr_schedule(cfg),
         checkpoint_dir=Path(t.out_dir) / "checkpoints",
         keep_last=t.keep_last,
-        checkpoint_mib=checkpoint_bytes(build_model(cfg), cfg.search.strategy) / 2**20,
+        checkpoint_mib=checkpoint_bytes(build_model(cfg)) / 2**20,
     )
 
 

@@ -166,7 +166,7 @@ def test_checkpoint_estimate_is_close_to_a_real_checkpoint(data, tmp_path):
     from pnfs.model import build_model
 
     cfg = load_config("demo", [*OVERRIDES, *data["overrides"]])
-    estimate = checkpoint_bytes(build_model(cfg), cfg.search.strategy)
+    estimate = checkpoint_bytes(build_model(cfg))
     assert 0.75 < estimate / written.stat().st_size < 1.25, (estimate, written.stat().st_size)
 
 
@@ -215,3 +215,34 @@ def test_a_url_shard_is_checked_by_opening_the_first_one(data, tmp_path):
     (problem,) = shard_problems(bad, "val")[0]
     assert problem.startswith(f"data.val_shards='pipe:cat {tmp_path / 'val-000000.tar'}': the first shard")
     assert "does not open" in problem
+
+
+def test_detections_file_is_parsed_when_given(data, tmp_path):
+    from pnfs.preflight import detection_problems
+
+    dets = tmp_path / "dets.json"
+    dets.write_text(json.dumps([{"image_id": 1, "bbox": [0, 0, 10, 10], "score": 0.9}]))
+    assert detection_problems(load_config("demo", [f"eval.detections={dets}"])) == []
+    dets.write_text(json.dumps([{"image_id": 1, "box": [0, 0, 10, 10]}]))
+    (problem,) = detection_problems(load_config("demo", [f"eval.detections={dets}"]))
+    assert problem.startswith(f"eval.detections='{dets}': is not a list of {{image_id, bbox, score}}")
+    (problem,) = detection_problems(load_config("demo", [f"eval.detections={tmp_path / 'none.json'}"]))
+    assert "no such file" in problem
+
+
+def test_evaluation_needs_mpii_head_sizes_and_takes_the_mat(shared_data, tmp_path):
+    from test_gt_valid_mat import write_gt_valid_mat
+
+    from pnfs.preflight import evaluation_problems
+
+    root = shared_data / "mpii_sample"
+    persons = json.loads((root / "test_mpii.json").read_text())
+    sizes = [
+        h["head_size"] for h in json.loads((root / "mpii_headsizes_pose-hg-train_valid_h5.json").read_text())
+    ]
+    write_gt_valid_mat(tmp_path / "gt_valid.mat", persons, sizes)
+    base = ["data.dataset=mpii", f"data.val_annotations={root / 'test_mpii.json'}"]
+    (problem,) = evaluation_problems(load_config("demo", base), shards=False)
+    assert problem.startswith("data.val_head_sizes='': MPII PCKh needs head sizes")
+    cfg = load_config("demo", [*base, f"data.val_head_sizes={tmp_path / 'gt_valid.mat'}"])
+    assert evaluation_problems(cfg, shards=False) == []
