@@ -6,7 +6,7 @@ Channels j*d .. j*d+d-1 hold joint j's vector (paper eq. 6). The gradient is
 2 v / (1 + n^2)^2 * g, exactly 0 at v = 0 (no sqrt, no epsilon). n^2 is accumulated in fp32;
 loads and stores use the tensors' dtype.
 
-The fused loss variant computes the training loss of DESIGN §2 in the same pass,
+The fused loss variant computes the training loss of docs/design.md §2 in the same pass,
 
     loss = mean_{n,j} 0.5 * w_nj * mean_{h,w} (score - target)^2,
 

@@ -1,4 +1,4 @@
-"""The cell, its ops and the fabrics, checked against the formulas of DESIGN §2."""
+"""The cell, its ops and the fabrics, checked against the formulas of docs/design.md §2."""
 
 from __future__ import annotations
 

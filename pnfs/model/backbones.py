@@ -1,4 +1,4 @@
-"""Backbones: images [N, 3, H, W] -> a 4-scale pyramid [1/4, 1/8, 1/16, 1/32] (DESIGN §2).
+"""Backbones: images [N, 3, H, W] -> a 4-scale pyramid [1/4, 1/8, 1/16, 1/32] (docs/design.md §2).
 
 * ``mobilenetv2``: torchvision ``features`` with taps after blocks 3, 6, 13, 16
   (24/32/96/160 ch). Block 17 and the last 1x1 conv are not built, so no parameter is dead.

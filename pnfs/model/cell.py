@@ -1,4 +1,4 @@
-"""One cell of a neural fabric (paper §III-B, Fig. 3; DESIGN §2).
+"""One cell of a neural fabric (paper §III-B, Fig. 3; docs/design.md §2).
 
 Cell (s, l) at scale 1/s with c = C*s channels receives the previous layer's outputs at
 the next finer scale O_{s/2}, the same scale O_s and the next coarser scale O_{2s}:
@@ -7,8 +7,8 @@ the next finer scale O_{s/2}, the same scale O_s and the next coarser scale O_{2
     T_same    = identity
     T_coarser = bilinear x2 (align_corners=True) of BN(conv1x1 (2c -> c))   (channels halved)
 
-The paper writes the down-sampling as Conv-BN-ReLU; DESIGN §2 (the authors' build) has no
-ReLU there -- the ReLU of the input node follows the mix -- and we follow DESIGN.
+The paper writes the down-sampling as Conv-BN-ReLU; docs/design.md §2 (the authors' build) has no
+ReLU there -- the ReLU of the input node follows the mix -- and we follow the authors' build.
 
 Missing neighbours ("we copy one of candidate inputs", paper footnote 2): each of the three
 slots (finer, same, coarser) reads an input and applies the transform that input's scale
@@ -26,7 +26,7 @@ at 1/4 reads only the stem) has nothing to choose: it has no beta and I = ReLU(3
     O   = conv1x1 with bias (concat(h_1..h_H): H*c -> c)                no BN / ReLU
 
 These are the paper's eq. (2) (input node), eq. (1) (hidden nodes) and the output node of
-eq. (3). The factors 3 and |O| and the ReLU after the mix are DESIGN §2 facts of the authors'
+eq. (3). The factors 3 and |O| and the ReLU after the mix are docs/design.md §2 facts of the authors'
 build: the factors make the uniform initialisation (alpha = beta = 0) a plain sum.
 ``zero`` keeps its column in the softmax but is never computed. Each node is one call of
 :func:`pnfs.kernels.weighted_sum`. Edges are ordered (0,1), (0,2), (1,2), (0,3), ... i.e.

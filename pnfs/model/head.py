@@ -1,4 +1,4 @@
-"""Vector-in-pixel head (paper §III-D, eq. 4; DESIGN §2).
+"""Vector-in-pixel head (paper §III-D, eq. 4; docs/design.md §2).
 
 A part representation [N, 4C, H/4, W/4] -> ReLU -> conv1x1 with bias -> vectors
 [N, J_p*d, H/4, W/4]; channels j*d .. j*d+d-1 are joint j's vector v. The score

@@ -1,4 +1,4 @@
-"""Candidate operations of a cell edge (paper §III-B, DESIGN §2).
+"""Candidate operations of a cell edge (paper §III-B, docs/design.md §2).
 
 Every op keeps the shape: stride 1, ``channels`` in and out, [N, C, H, W] -> [N, C, H, W].
 
