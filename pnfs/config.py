@@ -245,11 +245,12 @@ def _from_dict(cls: type, data: dict, prefix: str = "") -> Any:
     return cls(**kwargs)
 
 
-def _deep_merge(base: dict, update: dict) -> dict:
+def deep_merge(base: dict, update: dict) -> dict:
+    """``base`` updated by ``update``, nested dicts merged key by key (a new dict; neither is changed)."""
     out = dict(base)
     for k, v in update.items():
         if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = _deep_merge(out[k], v)
+            out[k] = deep_merge(out[k], v)
         else:
             out[k] = v
     return out
@@ -302,7 +303,7 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
         if not isinstance(data, dict):
             raise ConfigError(f"{resolved}: expected a mapping at the top level")
     for text in overrides:
-        data = _deep_merge(data, parse_override(text))
+        data = deep_merge(data, parse_override(text))
     return config_from_dict(data)
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from pnfs.config import Config, ConfigError, _deep_merge, config_from_dict, load_config, parse_override
+from pnfs.config import Config, ConfigError, config_from_dict, deep_merge, load_config, parse_override
 from pnfs.model import build_model
 
 
@@ -47,7 +47,7 @@ def load_for_inference(
     elif is_training_checkpoint and isinstance(obj.get("config"), dict):
         data = obj["config"]
         for text in overrides:
-            data = _deep_merge(data, parse_override(text))
+            data = deep_merge(data, parse_override(text))
         try:
             cfg = config_from_dict(data)
         except ConfigError as err:
