@@ -75,6 +75,16 @@ def test_crowd_bins_follow_the_crowd_index(tmp_path):
     assert crowd_bins(gt_path) == {"easy": [1], "medium": [2], "hard": [3]}
 
 
+def test_crowd_bins_use_the_toolkit_cut_offs(tmp_path):
+    """crowdposetools: easy below 0.2, medium from 0.2 to below 0.8, hard from 0.8 on."""
+    gt = crowdpose_ground_truth()
+    for image, index in zip(gt["images"], (0.15, 0.2, 0.8)):
+        image["crowdIndex"] = index
+    path = tmp_path / "gt.json"
+    path.write_text(json.dumps(gt))
+    assert crowd_bins(path) == {"easy": [1], "medium": [2], "hard": [3]}
+
+
 def test_ground_truth_as_predictions_scores_ap_one_with_the_split(tmp_path, capsys):
     gt_path, res_path = write_ground_truth_and_results(tmp_path)
     argv = ["--annotations", str(gt_path), "--results", str(res_path), "--keypoints", "crowdpose", "--json"]

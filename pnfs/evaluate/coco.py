@@ -36,11 +36,14 @@ from pnfs.keypoints import load_keypoint_set
 
 STAT_KEYS: tuple[str, ...] = ("AP", "AP50", "AP75", "APm", "APl", "AR", "AR50", "AR75", "ARm", "ARl")
 CROWD_KEYS: tuple[str, ...] = ("AP", "AP50", "AP75", "AR", "AP_easy", "AP_medium", "AP_hard")
-# CrowdPose's split of images by their crowd index (Li et al., CVPR 2019: easy 0-0.1,
-# medium 0.1-0.8, hard 0.8-1), read from ``crowdIndex`` in the image entries.
+# CrowdPose's split of images by their crowd index, read from ``crowdIndex`` in the image
+# entries: [low, high) per bin. The cut-offs are those of the CrowdPose authors' evaluation
+# toolkit (crowdposetools/cocoeval.py, github.com/Jeff-sjtu/CrowdPose: get_type_result(first=0.2,
+# second=0.8), easy < 0.2 <= medium < 0.8 <= hard), which produced the published AP easy /
+# medium / hard; the paper's text (Li et al., CVPR 2019) names 0.1 for the first one.
 CROWD_BINS: tuple[tuple[str, float, float], ...] = (
-    ("easy", 0.0, 0.1),
-    ("medium", 0.1, 0.8),
+    ("easy", 0.0, 0.2),
+    ("medium", 0.2, 0.8),
     ("hard", 0.8, float("inf")),
 )
 PERSON_CATEGORY = 1
@@ -209,7 +212,7 @@ def crowd_bins(annotations) -> dict[str, list[int]]:
                 f"image {image_id}: no numeric crowdIndex ({index!r}); the crowd split needs one"
             )
         for name, low, high in CROWD_BINS:
-            if low <= index < high or (name == "medium" and index == high):
+            if low <= index < high:
                 bins[name].append(int(image_id))
                 break
     return bins
