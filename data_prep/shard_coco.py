@@ -7,7 +7,7 @@ With ``--detections FILE`` (a COCO detection-result json) every person box of th
 becomes a sample instead (keypoints unlabelled, ``score`` = the box score). ``--keypoints`` names
 the keypoint set of the annotations: ``coco`` (default), ``crowdpose`` or a YAML file
 (see ``pnfs/keypoints.py``). See
-``pnfs/data/sharding.py`` for the sample layout and ``manifest.json``.
+``pnfs/data/shard_writer.py`` for the sample layout and ``manifest.json``.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@
         --out data/mpii [--verify]
 
 Joint coordinates in that json are 1-based (MATLAB); the shards hold 0-based coordinates in
-our joint order (``pnfs/data/mpii.py``). See ``pnfs/data/sharding.py`` for the layout.
+our joint order (``pnfs/data/mpii.py``). See ``pnfs/data/shard_writer.py`` for the layout.
 """
 
 from __future__ import annotations

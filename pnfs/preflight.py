@@ -116,8 +116,7 @@ def coverage_problems(cfg: Config, key: str, manifest: Path, options: dict) -> l
 def shard_problems(cfg: Config, split: str) -> tuple[list[str], ShardFacts | None]:
     """Problems of ``data.<split>_shards`` and, when they exist, what they hold."""
     from pnfs.data.loader import check_manifest
-    from pnfs.data.shard_urls import is_url
-    from pnfs.data.shards import expand_shards
+    from pnfs.data.shard_reader import expand_shards, is_url
 
     key = f"data.{split}_shards"
     spec = getattr(cfg.data, f"{split}_shards")
@@ -148,7 +147,7 @@ def shard_problems(cfg: Config, split: str) -> tuple[list[str], ShardFacts | Non
         if cfg.data.on_error == "raise"
         else []
     )
-    from pnfs.data.sharding import read_index
+    from pnfs.data.shard_reader import read_index
 
     try:
         counts = [len(read_index(Path(p))) for p in paths]

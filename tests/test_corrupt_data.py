@@ -17,7 +17,7 @@ from test_engine_support import PY, REPO, TINY_OVERRIDES, digests, free_port, ti
 from pnfs.config import load_config
 from pnfs.data.bad_samples import BadSampleError
 from pnfs.data.loader import build_loader, check_manifest
-from pnfs.data.shards import ShardSet
+from pnfs.data.shard_reader import ShardSet
 
 GARBLED = ("train-000001.tar", 2)  # (shard, sample) whose JPEG is overwritten in its middle
 NAN_BOX = ("train-000002.tar", 4)  # whose bbox.f32 holds NaN

@@ -19,7 +19,7 @@ from pnfs.data.coco import read_coco_persons
 from pnfs.data.geometry import Augment
 from pnfs.data.mpii import read_mpii_persons
 from pnfs.data.records import SkipReport
-from pnfs.data.shards import SampleMeta
+from pnfs.data.shard_reader import SampleMeta
 from pnfs.data.torch_loader import warp_crops
 from pnfs.inference import predict_scores
 from pnfs.keypoints import COCO, JOINT_SETS, MPII, MPII_FROM_RAW, JointSet

@@ -64,22 +64,25 @@ def _jpeg(rng: np.random.Generator, h: int, w: int) -> torch.Tensor:
 
 
 class _Items(torch.utils.data.Dataset):
-    """Items shaped like PlanBytes's: ``n`` batches of two crops; ``corrupt``: a bad JPEG there."""
+    """Items shaped like PlanBytes's: ``n`` batches of two crops; reading batch ``fail_at`` fails."""
 
     input_size = (32, 24)
 
-    def __init__(self, n: int, corrupt: int | None = None):
+    def __init__(self, n: int, fail_at: int | None = None):
         rng = np.random.default_rng(2)
         self.jpgs = [[_jpeg(rng, 40, 30), _jpeg(rng, 28, 36)] for _ in range(n)]
-        if corrupt is not None:
-            self.jpgs[corrupt][1] = torch.tensor([0xFF, 0xD8, 0xFF, 0x00, 0x01], dtype=torch.uint8)
+        self.fail_at = fail_at
         self.affines = _affines(rng, 2 * n).reshape(n, 2, 2, 3) * [[[1, 1, 0]]] + [[[0, 0, 12]]]
 
     def __len__(self) -> int:
         return len(self.jpgs)
 
     def __getitem__(self, b: int) -> dict:
+        if b == self.fail_at:
+            raise OSError(f"cannot read batch {b}")
         return {
+            "batch": b,
+            "bad": [],
             "jpg": self.jpgs[b],
             "crop_to_input": torch.from_numpy(self.affines[b]),
             "keypoints": torch.full((2, 17, 3), float(b)),
@@ -112,10 +115,10 @@ def test_stopping_early_ends_the_producer_thread():
     assert not _producers()
 
 
-def test_a_decode_error_in_the_producer_reaches_the_consumer_after_the_good_batches():
+def test_an_error_in_the_producer_reaches_the_consumer_after_the_good_batches():
     got = []
-    with pytest.raises(RuntimeError):
-        for batch in GpuPoseLoader(_Items(4, corrupt=2), num_workers=0, device="cpu"):
+    with pytest.raises(OSError, match="cannot read batch 2"):
+        for batch in GpuPoseLoader(_Items(4, fail_at=2), num_workers=0, device="cpu"):
             got.append(int(batch.image_id[0]))
     assert got == [0, 1]
     assert not _producers()

@@ -15,7 +15,7 @@ from pnfs.config import load_config
 from pnfs.data.assemble import denormalise
 from pnfs.data.loader import build_loader, make_plan, shard_paths
 from pnfs.data.plan import train_plan, val_plan
-from pnfs.data.shards import ShardSet
+from pnfs.data.shard_reader import ShardSet
 from pnfs.data.targets import gaussian_targets
 from pnfs.data.torch_loader import PoseLoader
 from pnfs.keypoints import COCO

@@ -14,8 +14,8 @@ from pnfs.data.coco import read_coco_persons
 from pnfs.data.geometry import transform_points
 from pnfs.data.mpii import read_mpii_persons
 from pnfs.data.records import SkipReport
-from pnfs.data.sharding import MANIFEST, read_index, scan_tar, sha256_file
-from pnfs.data.shards import ShardSet
+from pnfs.data.shard_reader import ShardSet, read_index, scan_tar
+from pnfs.data.shard_writer import MANIFEST, sha256_file
 from pnfs.keypoints import MPII_FROM_RAW
 
 REPO = Path(__file__).resolve().parents[1]

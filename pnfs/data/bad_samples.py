@@ -10,12 +10,14 @@ Reasons (one test each in ``tests/test_corrupt_data.py``):
 * ``bad_jpeg``: the crop does not decode (garbled or cut bytes);
 * ``bad_arrays``: a raw array (``kp.f32``, ``bbox.f32``, ``c2i.f32``, ``score.f32``,
   ``ids.i64``) is missing, has the wrong size or holds NaN/inf;
+* ``bad_json``: the ``json`` member is missing, does not parse or is not an object;
 * ``truncated_shard``: the shard ends inside one of the sample's members (found when the
   shard is opened: its members' spans are checked against the file size).
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import asdict, dataclass, field
 
@@ -23,6 +25,7 @@ import numpy as np
 
 BAD_JPEG = "bad_jpeg"
 BAD_ARRAYS = "bad_arrays"
+BAD_JSON = "bad_json"
 TRUNCATED_SHARD = "truncated_shard"
 
 
@@ -70,6 +73,12 @@ class BadSampleReport:
     samples: list[BadSample] = field(default_factory=list)
     counts: dict[str, int] = field(default_factory=dict)
     keep: int = 100
+
+    def met(self, samples: list[BadSample]) -> None:
+        """Log (``pnfs.train``, warning) and :meth:`add` each bad sample a batch replaced."""
+        for bad in samples:
+            logging.getLogger("pnfs.train").warning("bad sample dropped: %s", bad)
+            self.add(bad)
 
     def add(self, bad: BadSample) -> None:
         self.counts[bad.reason] = self.counts.get(bad.reason, 0) + 1

@@ -36,10 +36,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pnfs.data.bad_samples import BadSampleError
 from pnfs.data.batch import IMAGENET_MEAN, IMAGENET_STD, PoseBatch
 from pnfs.data.geometry import Augment, flip_joints, inside_image, invert
 from pnfs.data.plan import EpochPlan
-from pnfs.data.shards import ShardSet
+from pnfs.data.shard_reader import ShardSet
 
 READER_EXTS = ["jpg", "kp.f32", "bbox.f32", "c2i.f32", "score.f32", "ids.i64"]
 
@@ -253,7 +254,7 @@ class DaliPoseLoader:
         sizes = [len(b) for b in self.plan.batches]
         for size in sizes:
             while carry is None or len(carry["image"]) < size + skip:
-                out = next(self.outputs)
+                out = self._next_output()
                 carry = out if carry is None else {k: torch.cat([carry[k], out[k]]) for k in out}
             if skip:
                 carry = {k: v[skip:] for k, v in carry.items()}
@@ -261,6 +262,19 @@ class DaliPoseLoader:
             batch = {k: v[:size] for k, v in carry.items()}
             carry = {k: v[size:] for k, v in carry.items()}
             yield self._pose_batch(batch)
+
+    def _next_output(self) -> dict[str, torch.Tensor]:
+        """The graph's next batch; a failure inside the graph (a JPEG its decoder refuses, an
+        array of the wrong size) as :class:`BadSampleError`: DALI reads and decodes inside its
+        graph, so it cannot drop, name or replace one sample as the torch and gpu loaders do."""
+        try:
+            return next(self.outputs)
+        except RuntimeError as e:
+            raise BadSampleError(
+                f"data.loader=dali: the DALI graph failed, most likely on a bad sample it cannot drop "
+                f"({str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}); "
+                "data.loader=torch or gpu drop, name and count bad samples (data.on_error=skip)"
+            ) from e
 
     def _pose_batch(self, b: dict[str, torch.Tensor]) -> PoseBatch:
         """Plugin outputs -> PoseBatch on ``self.device`` (keypoint bookkeeping where they are)."""

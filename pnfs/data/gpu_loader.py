@@ -25,12 +25,14 @@ from contextlib import ExitStack
 from dataclasses import fields
 
 import numpy as np
+import simplejpeg
 import torch
 import torch.nn.functional as F
 
+from pnfs.data.bad_samples import BadSample, BadSampleReport
 from pnfs.data.batch import IMAGENET_MEAN, IMAGENET_STD, PoseBatch
 from pnfs.data.geometry import invert
-from pnfs.data.torch_loader import PlanReader, _worker_init, fork_safe_opencv
+from pnfs.data.plan_reader import CheckedBatch, PlanReader, plan_dataloader
 
 
 def sampling_theta(
@@ -91,20 +93,33 @@ def warp_batch(
     return F.grid_sample(padded, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
+def bytes_item(b: int, got: CheckedBatch) -> dict:
+    """The item of batch b: its raw JPEG bytes (uint8 tensors), geometry, ids and bad samples."""
+    meta = got.meta
+    return {
+        "batch": b,
+        "bad": got.bad,
+        "jpg": [torch.frombuffer(bytearray(x["jpg"]), dtype=torch.uint8) for x in got.blobs],
+        "crop_to_input": torch.from_numpy(got.crop_to_input),
+        "keypoints": torch.from_numpy(got.keypoints).float(),
+        "affine": torch.from_numpy(got.input_to_image).float(),
+        "image_id": torch.from_numpy(meta.ids[:, 0].copy()),
+        "ann_id": torch.from_numpy(meta.ids[:, 1].copy()),
+        "score": torch.from_numpy(meta.score.copy()).float(),
+    }
+
+
+def _jpeg_header(jpg: bytes, _: np.ndarray) -> tuple[int, int]:
+    """(height, width) of a JPEG; ValueError when its header does not parse."""
+    return simplejpeg.decode_jpeg_header(jpg)[:2]
+
+
 class PlanBytes(PlanReader):
-    """Item b = the raw JPEG bytes + geometry of batch b (no decoding in the worker)."""
+    """Item b = :func:`bytes_item` of batch b (in a worker: no decoding, only the checks that
+    cost no decode: raw arrays, json and the JPEG header; bad ones are replaced)."""
 
     def __getitem__(self, b: int) -> dict:
-        blobs, meta, crop_to_input, input_to_image, keypoints = self.read(b)
-        return {
-            "jpg": [torch.frombuffer(bytearray(x["jpg"]), dtype=torch.uint8) for x in blobs],
-            "crop_to_input": torch.from_numpy(crop_to_input),
-            "keypoints": torch.from_numpy(keypoints).float(),
-            "affine": torch.from_numpy(input_to_image).float(),
-            "image_id": torch.from_numpy(meta.ids[:, 0].copy()),
-            "ann_id": torch.from_numpy(meta.ids[:, 1].copy()),
-            "score": torch.from_numpy(meta.score.copy()).float(),
-        }
+        return bytes_item(b, self.checked(b, _jpeg_header))
 
 
 def decode_batch(jpegs: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
@@ -146,8 +161,10 @@ class GpuPoseLoader:
         num_workers: int,
         device: torch.device | str | None = None,
         prefetch: int = 1,
+        bad_samples: BadSampleReport | None = None,
     ):
         self.dataset = dataset
+        self.bad_samples = bad_samples if bad_samples is not None else BadSampleReport(limit=0)
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
@@ -156,27 +173,30 @@ class GpuPoseLoader:
         if prefetch < 1:
             raise ValueError(f"GpuPoseLoader: prefetch must be >= 1, got {prefetch}")
         self.prefetch = prefetch
-        if num_workers > 0:
-            fork_safe_opencv()
-        self.loader = torch.utils.data.DataLoader(
-            dataset,
-            batch_size=None,
-            shuffle=False,
-            num_workers=num_workers,
-            worker_init_fn=_worker_init if num_workers > 0 else None,
-            prefetch_factor=4 if num_workers > 0 else None,
-            pin_memory=self.device.type == "cuda",  # page-locked items: asynchronous copies
-            collate_fn=_as_is,
-        )
+        # page-locked items on CUDA: asynchronous copies
+        self.loader = plan_dataloader(dataset, num_workers, self.device.type == "cuda", _as_is)
 
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def assemble(self, item: dict, normalise: _Normalise) -> PoseBatch:
-        """One item of :class:`PlanBytes` -> PoseBatch on ``self.device`` (current stream)."""
-        crops = decode_batch(item["jpg"], self.device)
+    def _decode_one(self, jpg: bytes, _: np.ndarray) -> torch.Tensor:
+        """One crop decoded on the device; ValueError when the decoder refuses it."""
+        try:
+            return decode_batch([torch.frombuffer(bytearray(jpg), dtype=torch.uint8)], self.device)[0]
+        except RuntimeError as e:
+            raise ValueError(str(e)) from None
+
+    def assemble(self, item: dict, normalise: _Normalise) -> tuple[PoseBatch, list[BadSample]]:
+        """One item of :class:`PlanBytes` -> (PoseBatch on ``self.device`` (current stream), the
+        bad samples replaced). When the batched decode fails, the batch is read again with a
+        decode per crop, so the crops the decoder refuses are replaced as in the workers."""
+        try:
+            crops = decode_batch(item["jpg"], self.device)
+        except RuntimeError:
+            got = self.dataset.checked(item["batch"], self._decode_one)
+            item, crops = bytes_item(item["batch"], got), got.decoded
         pixels = warp_batch(crops, item["crop_to_input"], self.dataset.input_size)
-        return PoseBatch(
+        batch = PoseBatch(
             image=normalise(pixels),
             keypoints=_to_device(item["keypoints"], self.device),
             affine=_to_device(item["affine"], self.device),
@@ -184,9 +204,10 @@ class GpuPoseLoader:
             ann_id=_to_device(item["ann_id"], self.device),
             score=_to_device(item["score"], self.device),
         )
+        return batch, item["bad"]
 
     def _produce(self, items: Iterator[dict], out: queue.Queue, stop: threading.Event) -> None:
-        """Producer thread: assemble each item (on a side stream on CUDA), queue (batch, event)."""
+        """Producer thread: assemble each item (on a side stream on CUDA), queue (batch, event, bad)."""
 
         def put(x) -> bool:
             while not stop.is_set():
@@ -208,9 +229,9 @@ class GpuPoseLoader:
                 for item in items:
                     if stop.is_set():
                         return
-                    batch = self.assemble(item, normalise)
+                    batch, bad = self.assemble(item, normalise)
                     ready = side.record_event() if side is not None else None
-                    if not put((batch, ready)):
+                    if not put((batch, ready, bad)):
                         return
             put(_END)
         except BaseException as e:  # handed to the consumer, raised there
@@ -240,7 +261,9 @@ class GpuPoseLoader:
                     return
                 if isinstance(got, BaseException):
                     raise got
-                batch, got = self._hand_over(*got), None  # (the consumer alone holds the batch)
+                batch, ready, bad = got
+                batch, got = self._hand_over(batch, ready), None  # (the consumer alone holds the batch)
+                self.bad_samples.met(bad)
                 yield batch
         finally:
             stop.set()

@@ -19,8 +19,7 @@ import logging
 from pnfs.config import Config
 from pnfs.data.bad_samples import BadSampleError, BadSampleReport, default_limit
 from pnfs.data.plan import EpochPlan, train_plan, val_plan
-from pnfs.data.shard_urls import is_url
-from pnfs.data.shards import ShardSet, expand_shards
+from pnfs.data.shard_reader import ShardSet, expand_shards, is_url
 
 
 def shard_paths(cfg: Config, split: str, shards=None) -> list[str]:
@@ -102,7 +101,8 @@ def check_manifest(paths: list[str], verify: bool) -> list[str]:
     import json
     from pathlib import Path
 
-    from pnfs.data.sharding import read_index, sha256_file
+    from pnfs.data.shard_reader import read_index
+    from pnfs.data.shard_writer import sha256_file
 
     problems = []
     for folder in dict.fromkeys(Path(p).parent for p in paths if not is_url(p)):
@@ -213,7 +213,9 @@ def build_loader(
     if d.loader == "gpu":
         from pnfs.data.gpu_loader import GpuPoseLoader, PlanBytes
 
-        return GpuPoseLoader(PlanBytes(shard_set, plan, **geometry), d.num_workers)
+        return GpuPoseLoader(
+            PlanBytes(shard_set, plan, **geometry, on_error=d.on_error), d.num_workers, bad_samples=bad
+        )
     if d.loader == "dali":
         from pnfs.data.dali_loader import DaliPoseLoader
 

@@ -28,6 +28,7 @@ Val (``val_plan``)
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -37,10 +38,17 @@ from pnfs.data.geometry import Augment
 
 @dataclass
 class EpochPlan:
-    """A rank's epoch: ``batches[b]`` is an int array [n_b, 2] of (shard, sample-in-shard)."""
+    """A rank's epoch: ``batches[b]`` is an int array [n_b, 2] of (shard, sample-in-shard).
+
+    ``stream`` is the rank's whole epoch [L, 2] (before ``start_sample``), ``start`` where the
+    batches begin in it: the spares that replace a bad sample are drawn from it
+    (:meth:`spares`), so a resumed epoch replaces exactly as the uninterrupted one did.
+    """
 
     batches: list[np.ndarray]
     augment: list[Augment]  # per batch, aligned with ``batches``
+    stream: np.ndarray
+    start: int = 0
 
     def __len__(self) -> int:
         return len(self.batches)
@@ -48,6 +56,16 @@ class EpochPlan:
     @property
     def num_samples(self) -> int:
         return sum(len(b) for b in self.batches)
+
+    def spares(self, b: int) -> Iterator[tuple[int, int]]:
+        """The (shard, sample) pairs of the whole epoch stream after batch b, wrapping round.
+
+        They start at batch b's end in ``stream``, so they are the same for batch b whether
+        the epoch began at 0 or was resumed at a ``start_sample`` on a batch boundary."""
+        end = self.start + sum(len(x) for x in self.batches[: b + 1])
+        for i in range(len(self.stream)):
+            s, p = self.stream[(end + i) % len(self.stream)]
+            yield int(s), int(p)
 
 
 def _stream_of(shards: np.ndarray, counts: list[int], seed: int, epoch: int, shuffle: bool) -> np.ndarray:
@@ -124,7 +142,7 @@ def train_plan(
         aug[start_sample + i * batch_size : start_sample + i * batch_size + len(b)]
         for i, b in enumerate(batches)
     ]
-    return EpochPlan(batches, augs)
+    return EpochPlan(batches, augs, epoch_stream, start_sample)
 
 
 def val_plan(
@@ -156,4 +174,4 @@ def val_plan(
         aug[start_sample + i * batch_size : start_sample + i * batch_size + len(b)]
         for i, b in enumerate(batches)
     ]
-    return EpochPlan(batches, augs)
+    return EpochPlan(batches, augs, mine, start_sample)

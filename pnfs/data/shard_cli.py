@@ -8,7 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from pnfs.data.records import PersonRecord, SkipReport
-from pnfs.data.sharding import ShardOptions, verify_shards, write_shards
+from pnfs.data.shard_writer import ShardOptions, verify_shards, write_shards
 
 EXIT_BAD_INPUT = 2
 

@@ -1,28 +1,156 @@
-"""Finding shards and reading samples out of them by index (no full-tar scans on the hot path).
+"""Reading shards: finding them, fetching URLs, their tar index and samples by index.
 
-A shard is a WebDataset tar written by :mod:`pnfs.data.sharding`, with its DALI index
-(``.idx``) beside it; without an index the tar's headers are scanned once. Shards named by
-URL are read from a local copy (:mod:`pnfs.data.shard_urls`).
+A shard is a WebDataset tar written by :mod:`pnfs.data.shard_writer`, with its DALI index
+(``.idx``, wds2idx v1.2) beside it; without an index the tar's headers are scanned once.
+Samples are read by (shard, position) with one ``pread`` at the index's offsets: no full-tar
+scans on the hot path.
+
+Shards named by URL (``http(s)://``, ``gs://``, ``pipe:<command>``) are read once per node
+through ``webdataset.gopen`` into a local cache folder (``data.cache_dir``; without one, a
+temporary folder of this process that lives until it exits), indexed there, and then read
+exactly as a local shard. Index access over a local copy keeps everything
+:mod:`pnfs.data.plan` guarantees (the order is a pure function of (seed, epoch) and the shard
+list, equal batch counts, val reads each sample once, ``start_sample`` resumes exactly), and
+the same bytes give bitwise-identical batches whether a shard came from a disk or a server.
+
+Object stores go through a ``pipe:`` command that writes the shard to stdout, e.g.
+``pipe:aws s3 cp s3://bucket/coco/train-000000.tar -`` or ``pipe:gsutil cat gs://bucket/coco/train-000000.tar``
+(webdataset opens ``gs://`` URLs with ``gsutil cat`` itself, and ``http(s)://`` with curl).
 """
 
 from __future__ import annotations
 
+import atexit
+import fcntl
 import glob
+import hashlib
 import os
+import shutil
+import tarfile
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from webdataset import gopen
 
 from pnfs.data.bad_samples import TRUNCATED_SHARD, BadSample
-from pnfs.data.shard_urls import expand_urls, is_url, local_copy
-from pnfs.data.sharding import read_index
+
+
+def is_url(spec: str) -> bool:
+    """True for what needs ``webdataset.gopen`` (``scheme://...`` or ``pipe:...``), not a path."""
+    spec = str(spec)
+    return spec.startswith("pipe:") or ("://" in spec and not spec.startswith("file://"))
+
+
+def expand_urls(spec: str) -> list[str]:
+    """The URLs of a brace pattern (``http://h/train-{000000..000003}.tar``), in the given order."""
+    from braceexpand import braceexpand
+
+    return list(braceexpand(spec))
+
+
+_PROCESS_CACHE: list[str] = []
+
+
+def _process_cache() -> Path:
+    """A temporary folder for this process's copies, removed when the process exits."""
+    if not _PROCESS_CACHE:
+        folder = tempfile.mkdtemp(prefix="pnfs-shards-")
+        atexit.register(shutil.rmtree, folder, True)
+        _PROCESS_CACHE.append(folder)
+    return Path(_PROCESS_CACHE[0])
+
+
+def cached_name(url: str) -> str:
+    """``<sha1(url)[:16]>-<last path part>``: distinct URLs never share a cache file."""
+    tail = url.rstrip("/").rsplit("/", 1)[-1].split()[-1] or "shard"
+    tail = tail if tail.endswith(".tar") else tail + ".tar"
+    return f"{hashlib.sha1(url.encode()).hexdigest()[:16]}-{tail}"
+
+
+def local_copy(url: str, cache_dir: str | os.PathLike | None = None) -> Path:
+    """The local path of shard ``url``: itself when it is a path, else a cached copy.
+
+    The download streams through ``webdataset.gopen`` into a temporary file beside the cache
+    entry, its DALI index is written beside it (``.idx``), and the tar is renamed into place
+    only when complete, under an exclusive lock on
+    ``<entry>.lock``, so ranks of one node that share ``cache_dir`` download a shard once and
+    never read a partial copy.
+    """
+    if not is_url(url):
+        return Path(str(url).removeprefix("file://"))
+    folder = Path(cache_dir) if cache_dir else _process_cache()
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / cached_name(url)
+    if target.exists():
+        return target
+    with open(folder / (target.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if target.exists():
+            return target
+        partial = folder / f".{target.name}.{os.getpid()}.part"
+        try:
+            with gopen(url, "rb") as stream, open(partial, "wb") as out:
+                shutil.copyfileobj(stream, out, 1 << 20)
+        except Exception as e:
+            partial.unlink(missing_ok=True)
+            raise OSError(f"cannot read shard {url}: {e}") from e
+        if partial.stat().st_size == 0:
+            partial.unlink()
+            raise OSError(f"cannot read shard {url}: it gave no bytes")
+        write_index(partial, target.with_suffix(".idx"))
+        os.replace(partial, target)
+    return target
+
+
+def read_index(tar_path: Path) -> list[tuple[str, dict[str, tuple[int, int]]]]:
+    """[(key, {ext: (offset, size)})] of a shard, from its ``.idx`` or by scanning the tar."""
+    idx = tar_path.with_suffix(".idx")
+    if idx.exists():
+        lines = idx.read_text().splitlines()
+        out = []
+        for line in lines[1:]:
+            parts = line.split()
+            comps = {}
+            key = None
+            for i in range(0, len(parts), 4):
+                ext, off, size, name = parts[i : i + 4]
+                comps[ext] = (int(off), int(size))
+                key = name[: name.find(".")]
+            out.append((key, comps))
+        return out
+    return scan_tar(tar_path)
+
+
+def scan_tar(tar_path: Path) -> list[tuple[str, dict[str, tuple[int, int]]]]:
+    out: list[tuple[str, dict[str, tuple[int, int]]]] = []
+    with tarfile.open(tar_path) as tar:
+        for member in tar:
+            if not member.isfile():
+                continue
+            dot = member.name.find(".", member.name.rfind("/") + 1)
+            key, ext = member.name[:dot], member.name[dot + 1 :]
+            if not out or out[-1][0] != key:
+                out.append((key, {}))
+            out[-1][1][ext] = (member.offset_data, member.size)
+    return out
+
+
+def write_index(tar_path: Path, index_path: Path) -> int:
+    """Write the DALI (wds2idx v1.2) index of a tar; returns its sample count."""
+    entries = scan_tar(tar_path)
+    lines = [f"v1.2 {len(entries)}"]
+    for key, comps in entries:
+        lines.append(" ".join(f"{ext} {off} {size} {key}.{ext}" for ext, (off, size) in comps.items()))
+    index_path.write_text("\n".join(lines) + "\n")
+    return len(entries)
 
 
 def expand_shards(spec: str | os.PathLike | list, split: str | None = None) -> list[str]:
     """Shards of a brace pattern (``train-{000000..000009}.tar``), a glob, a folder (its
     ``<split>-*.tar``, or every tar), a URL pattern (``http://host/train-{000000..000009}.tar``,
-    ``pipe:...``; see :mod:`pnfs.data.shard_urls`) or a list of those.
+    ``pipe:...``; see :mod:`pnfs.data.shard_reader`) or a list of those.
 
     Paths are sorted and must exist; URLs keep their pattern's order (a remote listing is not
     possible, so nothing is checked until a shard is read)."""

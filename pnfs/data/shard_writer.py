@@ -39,6 +39,7 @@ import simplejpeg
 from pnfs.data import records as R
 from pnfs.data.geometry import compose, invert, reachable_region, transform_points
 from pnfs.data.records import PersonRecord, SkipReport
+from pnfs.data.shard_reader import read_index, write_index
 
 MANIFEST = "manifest.json"
 PARTS_DIR = ".parts"
@@ -183,49 +184,6 @@ def _tar_add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     info.mtime = 0  # deterministic bytes -> reproducible sha256
     info.mode = 0o444
     tar.addfile(info, io.BytesIO(data))
-
-
-def read_index(tar_path: Path) -> list[tuple[str, dict[str, tuple[int, int]]]]:
-    """[(key, {ext: (offset, size)})] of a shard, from its ``.idx`` or by scanning the tar."""
-    idx = tar_path.with_suffix(".idx")
-    if idx.exists():
-        lines = idx.read_text().splitlines()
-        out = []
-        for line in lines[1:]:
-            parts = line.split()
-            comps = {}
-            key = None
-            for i in range(0, len(parts), 4):
-                ext, off, size, name = parts[i : i + 4]
-                comps[ext] = (int(off), int(size))
-                key = name[: name.find(".")]
-            out.append((key, comps))
-        return out
-    return scan_tar(tar_path)
-
-
-def scan_tar(tar_path: Path) -> list[tuple[str, dict[str, tuple[int, int]]]]:
-    out: list[tuple[str, dict[str, tuple[int, int]]]] = []
-    with tarfile.open(tar_path) as tar:
-        for member in tar:
-            if not member.isfile():
-                continue
-            dot = member.name.find(".", member.name.rfind("/") + 1)
-            key, ext = member.name[:dot], member.name[dot + 1 :]
-            if not out or out[-1][0] != key:
-                out.append((key, {}))
-            out[-1][1][ext] = (member.offset_data, member.size)
-    return out
-
-
-def write_index(tar_path: Path, index_path: Path) -> int:
-    """Write the DALI (wds2idx v1.2) index of a tar; returns its sample count."""
-    entries = scan_tar(tar_path)
-    lines = [f"v1.2 {len(entries)}"]
-    for key, comps in entries:
-        lines.append(" ".join(f"{ext} {off} {size} {key}.{ext}" for ext, (off, size) in comps.items()))
-    index_path.write_text("\n".join(lines) + "\n")
-    return len(entries)
 
 
 def sha256_file(path: Path) -> str:

@@ -13,7 +13,6 @@ decode, and it averages pixel blocks where a bilinear warp of the full crop woul
 
 from __future__ import annotations
 
-import logging
 import math
 
 import cv2
@@ -21,21 +20,11 @@ import numpy as np
 import simplejpeg
 import torch
 
-from pnfs.data.assemble import batch_geometry, normalise_hwc
-from pnfs.data.bad_samples import (
-    BAD_ARRAYS,
-    BAD_JPEG,
-    BadSample,
-    BadSampleError,
-    BadSampleReport,
-    array_problem,
-)
+from pnfs.data.assemble import normalise_hwc
+from pnfs.data.bad_samples import BadSample, BadSampleReport
 from pnfs.data.batch import PoseBatch
 from pnfs.data.geometry import compose
-from pnfs.data.plan import EpochPlan
-from pnfs.data.shards import META_EXTS, SampleMeta, ShardSet, parse_meta
-
-SAMPLE_EXTS = ("jpg", *META_EXTS)
+from pnfs.data.plan_reader import PlanReader, plan_dataloader
 
 
 def decode_for_input(data: bytes, crop_to_input: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -83,130 +72,25 @@ def warp_crops(crops: list[np.ndarray], crop_to_input: np.ndarray, input_size: t
     return out
 
 
-class PlanReader(torch.utils.data.Dataset):
-    """Map-style over the batches of an :class:`EpochPlan`: :meth:`read` gives batch b's raw
-    samples, their metadata and the augmented geometry (crop->input, input->image, keypoints)."""
-
-    def __init__(
-        self,
-        shards: ShardSet,
-        plan: EpochPlan,
-        input_size: tuple[int, int],
-        margin: float,
-        flip_perm: list[int],
-    ):
-        self.shards, self.plan = shards, plan
-        self.input_size, self.margin, self.flip_perm = tuple(input_size), margin, flip_perm
-
-    def __len__(self) -> int:
-        return len(self.plan)
-
-    def read(self, b: int) -> tuple[list[dict[str, bytes]], SampleMeta, np.ndarray, np.ndarray, np.ndarray]:
-        """Batch b: (blobs, meta, crop_to_input [N,2,3], input_to_image [N,2,3], keypoints [N,K,3])."""
-        blobs = [self.shards.read(int(s), int(p), SAMPLE_EXTS) for s, p in self.plan.batches[b]]
-        meta = parse_meta(blobs)
-        crop_to_input, input_to_image, keypoints = batch_geometry(
-            meta, self.plan.augment[b], self.input_size, self.margin, self.flip_perm
-        )
-        return blobs, meta, crop_to_input, input_to_image, keypoints
-
-
 class PlanBatches(PlanReader):
-    """Item b = (batch b of the plan decoded and augmented, the bad samples met) (in a worker).
-
-    A sample whose raw arrays or JPEG are bad (:mod:`pnfs.data.bad_samples`) is replaced by
-    the next good sample of the rank's epoch after batch b (wrapping round), with slot i's
-    augmentation: batch shapes and the per-rank batch count stay the plan's, so ranks stay
-    in step whichever of them meets bad data. ``on_error="raise"`` raises instead.
-    """
-
-    def __init__(self, *args, on_error: str = "skip", **kwargs):
-        super().__init__(*args, **kwargs)
-        if on_error not in ("skip", "raise"):
-            raise ValueError(f"data.on_error must be 'skip' or 'raise', got {on_error!r}")
-        self.on_error = on_error
-
-    def _spares(self, b: int):
-        """The plan's samples after batch b, wrapping round: replacements for bad ones."""
-        rest = self.plan.batches[b + 1 :] + self.plan.batches[: b + 1]
-        yield from (tuple(int(v) for v in pair) for batch in rest for pair in batch)
-
-    def _bad(self, reason: str, shard: int, pos: int, error: str) -> BadSample:
-        bad = BadSample(reason, self.shards.urls[shard], self.shards.key(shard, pos), error)
-        if self.on_error == "raise":
-            raise BadSampleError(f"{bad} (data.on_error=raise; skip drops such samples)")
-        return bad
-
-    def _good_arrays(
-        self, pair: tuple[int, int], spares, bad: list[BadSample]
-    ) -> tuple[tuple[int, int], dict[str, bytes]]:
-        """(pair, its blobs) of ``pair``, or of the next spare whose raw arrays are sound."""
-        num_joints = len(self.flip_perm)
-        while True:
-            s, p = pair
-            blobs = self.shards.read_present(s, p, SAMPLE_EXTS)
-            problem = array_problem(blobs, num_joints) or (None if "jpg" in blobs else "no jpg")
-            if problem is None:
-                return pair, blobs
-            bad.append(self._bad(BAD_ARRAYS, s, p, problem))
-            pair = self._next_spare(spares)
-
-    @staticmethod
-    def _next_spare(spares) -> tuple[int, int]:
-        try:
-            return next(spares)
-        except StopIteration:
-            raise BadSampleError("every sample of this rank's epoch is bad") from None
+    """Item b = (batch b of the plan decoded and augmented, the bad samples met) (in a worker);
+    bad samples are replaced as :mod:`pnfs.data.plan_reader` says."""
 
     def __getitem__(self, b: int) -> tuple[PoseBatch, list[BadSample]]:
-        bad: list[BadSample] = []
-        spares = self._spares(b)
-        pairs = [tuple(int(v) for v in pair) for pair in self.plan.batches[b]]
-        pairs, blobs = map(list, zip(*(self._good_arrays(pair, spares, bad) for pair in pairs)))
-        aug = self.plan.augment[b]
-        decoded: list = [None] * len(blobs)
-        todo = list(range(len(blobs)))
-        while todo:  # geometry is per sample: a replaced slot leaves the others' unchanged
-            meta = parse_meta(blobs)
-            crop_to_input, input_to_image, keypoints = batch_geometry(
-                meta, aug, self.input_size, self.margin, self.flip_perm
-            )
-            failed = []
-            for i in todo:
-                try:
-                    decoded[i] = decode_for_input(blobs[i]["jpg"], crop_to_input[i])
-                except ValueError as e:
-                    bad.append(self._bad(BAD_JPEG, *pairs[i], str(e)))
-                    pairs[i], blobs[i] = self._good_arrays(self._next_spare(spares), spares, bad)
-                    failed.append(i)
-            todo = failed
-        crops = [image for image, _ in decoded]
-        pixels = warp_crops(crops, np.stack([m for _, m in decoded]), self.input_size)
+        got = self.checked(b, decode_for_input)
+        meta = got.meta
+        pixels = warp_crops(
+            [image for image, _ in got.decoded], np.stack([m for _, m in got.decoded]), self.input_size
+        )
         batch = PoseBatch(
             image=normalise_hwc(pixels),
-            keypoints=torch.from_numpy(keypoints).float(),
-            affine=torch.from_numpy(input_to_image).float(),
+            keypoints=torch.from_numpy(got.keypoints).float(),
+            affine=torch.from_numpy(got.input_to_image).float(),
             image_id=torch.from_numpy(meta.ids[:, 0].copy()),
             ann_id=torch.from_numpy(meta.ids[:, 1].copy()),
             score=torch.from_numpy(meta.score.copy()).float(),
         )
-        return batch, bad
-
-
-def _worker_init(_: int) -> None:
-    torch.set_num_threads(1)
-    cv2.setNumThreads(1)
-
-
-def fork_safe_opencv() -> None:
-    """Put OpenCV on one thread in this (parent) process before DataLoader workers fork.
-
-    A fork taken after OpenCV's thread pool has run in the parent hangs the child's first
-    cv2 call (reproduced with opencv 5.0 on CPU: an evaluation's overlays, then a new epoch's
-    workers). The parent decodes only with ``num_workers=0`` and draws overlays, neither of
-    which needs OpenCV's threads. Every loader with workers calls this, so every entry point
-    (train, evaluate, predict) is covered."""
-    cv2.setNumThreads(1)
+        return batch, got.bad
 
 
 class PoseLoader:
@@ -225,28 +109,14 @@ class PoseLoader:
         self.dataset = dataset
         self.num_workers = num_workers
         self.bad_samples = bad_samples if bad_samples is not None else BadSampleReport(limit=0)
-        if num_workers > 0:
-            fork_safe_opencv()
-        self.loader = torch.utils.data.DataLoader(
-            dataset,
-            batch_size=None,
-            shuffle=False,
-            num_workers=num_workers,
-            worker_init_fn=_worker_init if num_workers > 0 else None,
-            pin_memory=pin_memory,
-            prefetch_factor=4 if num_workers > 0 else None,
-            persistent_workers=False,
-        )
+        self.loader = plan_dataloader(dataset, num_workers, pin_memory)
 
     def __len__(self) -> int:
         return len(self.dataset)
 
     def __iter__(self):
-        log = logging.getLogger("pnfs.train")
         for item in self.loader:
             if isinstance(item, (tuple, list)) and len(item) == 2 and isinstance(item[0], PoseBatch):
                 item, bad = item
-                for sample in bad:
-                    log.warning("bad sample dropped: %s", sample)
-                    self.bad_samples.add(sample)
+                self.bad_samples.met(bad)
             yield item

@@ -156,7 +156,7 @@ class Run:
         """darts1 splits the training shards ``search.arch_split``; other strategies use all."""
         if self.cfg.search.strategy != "darts1":
             return None, None
-        from pnfs.data.shards import expand_shards
+        from pnfs.data.shard_reader import expand_shards
 
         shards = expand_shards(self.cfg.data.train_shards, "train")
         weights, arch = split_shards(shards, self.cfg.search.arch_split)
