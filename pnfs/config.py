@@ -24,6 +24,10 @@ CONFIG_DIR = Path(__file__).parent / "configs"
 
 OpName = Literal["zero", "skip_connect", "sep_conv_3x3", "dil_conv_3x3", "avg_pool_3x3", "max_pool_3x3"]
 BackboneName = Literal["mobilenetv2", "resnet50", "hrnet_w32", "fabric"]
+# pnfs: the searched PoseNFS; the other two are Table VI's fixed baselines (no alpha/beta)
+ModelName = Literal["pnfs", "simplebaseline_resnet50", "hrnet_w32"]
+# the trunk each Table VI baseline is built on (model.backbone.name must name it)
+BASELINE_BACKBONES: dict[str, str] = {"simplebaseline_resnet50": "resnet50", "hrnet_w32": "hrnet_w32"}
 DatasetName = Literal["coco", "mpii"]
 StrategyName = Literal["sync", "random", "darts1"]
 
@@ -50,12 +54,13 @@ class BackboneConfig:
 
 @dataclass
 class ModelConfig:
+    name: ModelName = "pnfs"  # a baseline uses backbone and vector_dim only (docs/design.md §2)
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     num_parts: int = 3  # P of Table I (1, 3, 5 or 8) unless custom_parts is given
     custom_parts: list[list[int]] | None = None  # a grouping of our joint indices
     hidden_nodes: int = 1  # H
     channels: int = 10  # C: a node at scale 1/s has C*s channels
-    vector_dim: int = 8  # d; 1 is the scalar-heatmap baseline
+    vector_dim: int = 8  # d; 1 is the scalar-heatmap baseline (a Table VI baseline: raw heatmaps)
     ops: list[OpName] = field(default_factory=lambda: list(SUBNETWORK_OPS))
 
 
@@ -335,7 +340,20 @@ def validate(cfg: Config) -> None:
     except KeypointSetError as err:
         raise ConfigError(f"data.keypoints: {d.keypoints!r}: {err}") from None
     num_joints = joints.num_joints
-    if m.custom_parts is None:
+    if m.name in BASELINE_BACKBONES:
+        _require(
+            m.backbone.name == BASELINE_BACKBONES[m.name],
+            "model.backbone.name",
+            m.backbone.name,
+            f"is not the trunk of model.name {m.name!r} (it is built on {BASELINE_BACKBONES[m.name]!r})",
+        )
+        _require(
+            m.custom_parts is None,
+            "model.custom_parts",
+            m.custom_parts,
+            f"has no use in model.name {m.name!r} (a baseline has one head for every joint)",
+        )
+    elif m.custom_parts is None:
         _require(
             m.num_parts in joints.groupings,
             "model.num_parts",

@@ -15,7 +15,11 @@ Columns (one image, eval mode, traced on the PyTorch reference kernels):
   The backbones follow the authors' builds, whose conv-BN blocks were plain
   ``nn.Sequential``: torchvision's ``Conv2dNormActivation`` wrapper is not matched.
 * ``paper_gmacs``: multiply-adds of the executed convolutions (k*k*c_in/groups per output
-  element, bias excluded) divided by 1024^3.
+  element, bias excluded) divided by 1024^3. A transposed convolution (SimpleBaseline's
+  deconvolutions) is counted by the same formula, k*k*c_in per output element, as the
+  SimpleBaseline/HRNet authors' model summary counts every conv (weight size x output size):
+  4x what a 4x4 stride-2 deconvolution really multiplies, but what Table VI's 12.0G is
+  (README, "Size and cost of the presets").
 """
 
 from __future__ import annotations
@@ -62,7 +66,7 @@ def paper_counts(model: nn.Module, image: torch.Tensor) -> tuple[int, int]:
     def hook(module: nn.Module, inputs, output) -> None:
         nonlocal params, macs
         params += sum(p.numel() for p in module.parameters())
-        if isinstance(module, nn.Conv2d):
+        if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d)):
             kh, kw = module.kernel_size
             macs += output[0].numel() * kh * kw * module.in_channels // module.groups
 

@@ -10,7 +10,8 @@ from pnfs.config import CONFIG_DIR, load_config
 from pnfs.deploy import count_ops, freeze, output_change
 from pnfs.model import build_model
 
-PRESETS = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+# freeze folds PoseNFS's BN/alpha/beta; Table VI's baselines (model.name != pnfs) are not frozen
+PRESETS = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml") if load_config(p).model.name == "pnfs")
 
 
 def trained_looking(cfg, images: torch.Tensor, seed: int = 0) -> nn.Module:

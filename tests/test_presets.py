@@ -11,6 +11,8 @@ from pnfs.model import build_model
 from pnfs.summary import fvcore_macs, paper_counts
 
 PRESETS = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+# the PoseNFS presets; Table VI's baselines (no parts, no alpha/beta) are tests/test_baselines.py's
+PNFS_PRESETS = [p for p in PRESETS if load_config(p).model.name == "pnfs"]
 
 
 def test_the_issue_presets_exist():
@@ -18,10 +20,24 @@ def test_the_issue_presets_exist():
         "mpii_mobilenetv2_p3_256", "mpii_mobilenetv2_p3_h2_384", "coco_mobilenetv2_p3_384x288",
         "coco_resnet50_p3_384x288", "mpii_hrnetw32_p3_h2_c12_256", "mpii_hrnetw32_p5_c16_256",
         "mpii_fabric1_p3_256", "mpii_fabric2_p3_256", "mpii_fabric3_p3_256", "demo",
+        "mpii_simplebaseline_r50_256", "mpii_simplebaseline_r50_vec8_256", "mpii_hrnetw32_256",
+        "mpii_hrnetw32_vec8_256", "crowdpose_mobilenetv2_p3_256x192",
+    }  # fmt: skip
+    assert set(PRESETS) - set(PNFS_PRESETS) == {
+        "mpii_simplebaseline_r50_256", "mpii_simplebaseline_r50_vec8_256", "mpii_hrnetw32_256",
+        "mpii_hrnetw32_vec8_256",
     }  # fmt: skip
 
 
-@pytest.mark.parametrize("preset", PRESETS)
+def test_the_crowdpose_preset_is_the_mobilenetv2_p3_search_on_crowdpose_joints():
+    cfg, base = load_config("crowdpose_mobilenetv2_p3_256x192"), load_config("mpii_mobilenetv2_p3_256")
+    assert cfg.model == base.model and cfg.search == base.search
+    assert cfg.joints.name == "crowdpose" and cfg.data.input_size == [256, 192]
+    assert cfg.part_names == ("head", "upper_limb", "lower_limb")
+    assert sorted(j for p in cfg.parts for j in p) == list(range(14))  # each of the 14 joints once
+
+
+@pytest.mark.parametrize("preset", PNFS_PRESETS)
 def test_preset_forward_backward_reaches_every_parameter(preset):
     cfg = load_config(preset)
     assert cfg.model.ops == SUBNETWORK_OPS
@@ -36,7 +52,7 @@ def test_preset_forward_backward_reaches_every_parameter(preset):
     assert no_grad == []
 
 
-@pytest.mark.parametrize("preset", PRESETS)
+@pytest.mark.parametrize("preset", PNFS_PRESETS)
 def test_preset_architecture_parameter_counts(preset):
     cfg = load_config(preset)
     model = build_model(cfg)

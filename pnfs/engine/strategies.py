@@ -8,6 +8,11 @@
   (weights : architecture, 2:1 by default); each iteration first takes an architecture
   step on a held-out batch with its own Adam (lr ``search.arch_lr`` = 3e-3, weight decay
   ``search.arch_weight_decay`` = 1e-3), then the weight step with alpha/beta excluded.
+
+A model without alpha/beta (Table VI's baselines, ``model.name`` simplebaseline_resnet50 or
+hrnet_w32) trains its weights under ``sync`` and ``random`` (there is nothing to move or
+draw); ``darts1`` is refused (:func:`check_strategy`): it would hold a third of the training
+shards out for architecture steps that have nothing to update.
 """
 
 from __future__ import annotations
@@ -43,6 +48,15 @@ def randomize_architecture(model: nn.Module, seed: int) -> None:
             p.requires_grad_(False)
 
 
+def check_strategy(model: nn.Module, cfg: Config) -> None:
+    """ConfigError when ``search.strategy`` needs architecture parameters the model lacks."""
+    if cfg.search.strategy == "darts1" and not model.arch_parameters():
+        raise ConfigError(
+            f"search.strategy: 'darts1' searches alpha/beta, and model.name {cfg.model.name!r} has none; "
+            "train it with search.strategy=sync (the default), which then trains the weights only"
+        )
+
+
 def prepare_architecture(model: nn.Module, cfg: Config) -> None:
     """Apply the strategy's initialisation (only ``random`` changes anything)."""
     if cfg.search.strategy == "random":
@@ -68,6 +82,7 @@ def build_optimizers(model: nn.Module, cfg: Config, fused_weights: bool = False)
     are PyTorch's fused Adam, whose ``found_inf`` input skips a step on the device
     (:func:`pnfs.engine.step.apply_if_finite`; docs/design.md §7).
     """
+    check_strategy(model, cfg)
     arch = list(model.arch_parameters())
     arch_ids = _ids(arch)
     weights = weight_param_groups(model, cfg)
@@ -78,8 +93,6 @@ def build_optimizers(model: nn.Module, cfg: Config, fused_weights: bool = False)
     )
     arch_opt = None
     if cfg.search.strategy == "darts1":
-        if not arch:
-            raise ConfigError("search.strategy: 'darts1' but the model has no architecture parameters")
         arch_opt = torch.optim.Adam(
             arch,
             lr=cfg.search.arch_lr,
@@ -107,6 +120,8 @@ def describe_optimizers(model: nn.Module, cfg: Config, weight_params: Sequence[n
     if cfg.search.strategy != "sync" and inside:
         raise RuntimeError(f"{cfg.search.strategy}: {inside} alpha/beta tensors are in the weight optimizer")
     weights = len(held) - inside
+    if not model.arch_parameters():
+        return f"weight optimizer: {weights} weight tensors; model.name {cfg.model.name!r} has no alpha/beta"
     where = "included" if inside else "excluded"
     line = f"weight optimizer: {weights} weight tensors, alpha/beta {where} ({inside} tensors)"
     if cfg.search.strategy == "darts1":

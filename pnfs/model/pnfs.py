@@ -24,9 +24,12 @@ from torch import nn
 from pnfs.config import Config
 from pnfs.kernels import squash_score
 from pnfs.model.backbones import FabricBackbone, build_backbone
+from pnfs.model.baseline import BaselinePoseNet
 from pnfs.model.cell import Cell
 from pnfs.model.fabric import SCALES, Fabric, part_fabric
 from pnfs.model.head import VectorHead
+from pnfs.model.hrnet import hrnet_w32
+from pnfs.model.simple_baseline import simple_baseline_resnet50
 
 
 def _adapter(c_in: int, c_out: int) -> nn.Module:
@@ -141,9 +144,13 @@ class PoseNFS(nn.Module):
         return {"parts": parts, "backbone": backbone}
 
 
-def build_model(cfg: Config) -> PoseNFS:
-    """The PoseNFS model of a validated config."""
+def build_model(cfg: Config) -> PoseNFS | BaselinePoseNet:
+    """The model of a validated config: ``model.name`` pnfs (a PoseNFS) or a Table VI baseline."""
     m = cfg.model
+    if m.name == "simplebaseline_resnet50":
+        return simple_baseline_resnet50(cfg.joints.joints, m.vector_dim)
+    if m.name == "hrnet_w32":
+        return hrnet_w32(cfg.joints.joints, m.vector_dim)
     parts = cfg.parts
     return PoseNFS(
         backbone=build_backbone(m.backbone),
