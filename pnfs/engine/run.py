@@ -244,8 +244,9 @@ class Run:
         return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
 
     def export_architecture(self, stem: str, epoch: int | None) -> None:
-        """Rank 0: ``architecture/<stem>.json`` and ``.png``, and the alpha/beta entropies to TensorBoard."""
-        if self.ctx.is_main:
+        """Rank 0: ``architecture/<stem>.json`` and ``.png``, and the alpha/beta entropies to TensorBoard
+        (nothing for a model without alpha/beta: a Table VI baseline)."""
+        if self.ctx.is_main and self.model.arch_parameters():
             arch = self.model.architecture()
             self.last_export = export_architecture(arch, self.arch_dir, stem, epoch)
             ent = architecture_entropies(arch)
