@@ -12,12 +12,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from test_engine_support import PY, REPO, TINY_OVERRIDES, digests, free_port, tiny_dataset, worker_env
 
 from pnfs.config import load_config
 from pnfs.data.bad_samples import BadSampleError
-from pnfs.data.loader import build_loader, check_manifest
-from pnfs.data.shard_reader import ShardSet
+from pnfs.data.dali_loader import DaliPoseLoader
+from pnfs.data.loader import build_loader, check_manifest, make_plan
+from pnfs.data.plan import train_plan
+from pnfs.data.shard_reader import ShardSet, expand_shards
 
 GARBLED = ("train-000001.tar", 2)  # (shard, sample) whose JPEG is overwritten in its middle
 NAN_BOX = ("train-000002.tar", 4)  # whose bbox.f32 holds NaN
@@ -64,6 +67,108 @@ def corrupt(data, tmp_path_factory):
 
 def _cfg(data, *extra):
     return load_config(None, [*TINY_OVERRIDES, *data["overrides"], "data.max_bad_samples=10", *extra])
+
+
+def _member(folder: Path, shard: str, pos: int, ext: str) -> tuple[str, int, int]:
+    """(key, offset, size) of member ``ext`` of sample ``pos`` of ``folder/shard``."""
+    key, comps = ShardSet.open([str(folder / shard)]).index[0][pos]
+    return key, *comps[ext]
+
+
+def _keys(batches) -> list[str]:
+    return [f"{i}_{a}" for b in batches for i, a in zip(b.image_id.tolist(), b.ann_id.tolist())]
+
+
+def test_malformed_json_is_its_own_reason(data, tmp_path):
+    folder = tmp_path / "train"
+    shutil.copytree(data["shards"] / "train", folder)
+    key, off, _ = _member(folder, "train-000004.tar", 1, "json")
+    _overwrite(folder / "train-000004.tar", off, b"[{" + bytes(8))  # no longer parses
+    loader = build_loader(_cfg(data), "train", shards=str(folder))
+    batches = list(loader)
+    report = loader.bad_samples.to_dict()
+    assert report["counts"] == {"bad_json": 1}
+    (bad,) = report["samples"]
+    assert (bad["shard"], bad["key"]) == (str(folder / "train-000004.tar"), key)
+    assert "json does not parse" in bad["error"]
+    assert len(batches) == 12 and key not in _keys(batches)
+
+
+def test_gpu_loader_drops_names_counts_and_refills_like_the_torch_loader(data, tmp_path):
+    """On the CPU: a JPEG cut inside its data (its header parses: the batched decode fails and
+    the producer decodes crop by crop), one whose header is garbled (found in the worker), a
+    malformed json, NaN raw arrays and a truncated shard. Both loaders drop the same samples
+    and give the same batches' samples."""
+    folder = tmp_path / "train"
+    keys = corrupt_copy(data["shards"] / "train", folder, nan=True, truncate=True)
+    shard, pos = GARBLED
+    key, off, size = _member(folder, shard, pos, "jpg")  # the JPEG garbled in its middle: cut it too
+    _overwrite(folder / shard, off + size // 2, b"\xff" * (size - size // 2))
+    key2, off2, _ = _member(folder, "train-000000.tar", 3, "jpg")
+    _overwrite(folder / "train-000000.tar", off2 + 2, bytes(40))  # header gone
+    key3, off3, _ = _member(folder, "train-000004.tar", 0, "json")
+    _overwrite(folder / "train-000004.tar", off3, b"{{")
+    expected = {**keys, "bad_jpeg": sorted([key, key2]), "bad_json": [key3]}
+    reports, seen = {}, {}
+    for name in ("gpu", "torch"):
+        loader = build_loader(_cfg(data, f"data.loader={name}"), "train", shards=str(folder))
+        batches = list(loader)
+        assert len(batches) == len(loader) == (48 - len(keys["truncated_shard"])) // 4
+        assert all(tuple(b.image.shape) == (4, 3, 64, 64) for b in batches)
+        reports[name], seen[name] = loader.bad_samples.to_dict(), _keys(batches)
+        by_reason = {}
+        for s in reports[name]["samples"]:
+            by_reason.setdefault(s["reason"], []).append(s["key"])
+        assert {r: sorted(k) for r, k in by_reason.items()} == {r: sorted(k) for r, k in expected.items()}
+        assert not set(seen[name]) & {k for ks in expected.values() for k in ks}
+    assert reports["gpu"]["counts"] == reports["torch"]["counts"]
+    assert seen["gpu"] == seen["torch"]  # the same replacements, in the same slots
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_resume_near_the_epoch_end_replaces_bad_samples_as_the_uninterrupted_run(data, tmp_path, rank):
+    """A bad JPEG in the rank's last batch is replaced by spares that wrap round to the start
+    of the epoch, one in the middle by later samples: resumed at any batch boundary k of the
+    second half, the batches from k on equal the uninterrupted run's (2 ranks, equal counts)."""
+    folder = tmp_path / "train"
+    shutil.copytree(data["shards"] / "train", folder)
+    cfg = _cfg(data)
+    paths = expand_shards(str(folder), "train")
+    shards = ShardSet.open(paths)
+    plan = make_plan(cfg, "train", shards.counts, rank=rank, world_size=2, epoch=1, start_sample=0,
+                     batch_size=4, augment=True)  # fmt: skip
+    bad = []
+    for s, p in (plan.batches[-1][2], plan.batches[len(plan) // 2][0]):
+        key, off, size = _member(folder, Path(paths[s]).name, int(p), "jpg")
+        _overwrite(Path(paths[s]), off + size // 3, bytes(size // 4))
+        bad.append(key)
+    full_loader = build_loader(cfg, "train", rank=rank, world_size=2, epoch=1, shards=str(folder))
+    full = list(full_loader)
+    assert sorted(s["key"] for s in full_loader.bad_samples.to_dict()["samples"]) == sorted(bad)
+    for k in range(len(full) // 2 * 4, len(full) * 4, 4):
+        rest = list(build_loader(cfg, "train", rank=rank, world_size=2, epoch=1, start_sample=k,
+                                 shards=str(folder)))  # fmt: skip
+        assert len(rest) == len(full) - k // 4
+        for a, b in zip(full[k // 4 :], rest):
+            assert torch.equal(a.image, b.image) and torch.equal(a.keypoints, b.keypoints)
+            assert torch.equal(a.image_id, b.image_id) and torch.equal(a.ann_id, b.ann_id)
+    other = build_loader(cfg, "train", rank=1 - rank, world_size=2, epoch=1, shards=str(folder))
+    assert len(other) == len(full) and all(len(b.image) == 4 for b in full)
+
+
+def test_a_failure_inside_the_dali_graph_is_a_bad_sample_error_naming_the_loaders_that_drop():
+    """DALI decodes inside its graph: it cannot drop one sample, so its error says which loaders do
+    (the iteration is exercised without DALI: the plugin's outputs replaced by a failing source)."""
+
+    def failing():
+        raise RuntimeError("Critical error in pipeline:\nError in thread 0: nvJPEG failed")
+        yield
+
+    loader = object.__new__(DaliPoseLoader)
+    loader.plan = train_plan([8], 4, seed=0, epoch=0)
+    loader.start_sample, loader.outputs = 0, failing()
+    with pytest.raises(BadSampleError, match=r"data\.loader=dali.*Critical error.*data\.loader=torch or gpu"):
+        list(loader)
 
 
 def test_bad_samples_are_dropped_named_counted_and_refilled(data, corrupt):
