@@ -9,9 +9,9 @@ Cases (batch 32; 1/4-resolution maps 64x64 and 96x72, i.e. 256x256 and 384x288 i
   and K = 4, 10 without (hidden nodes: edges x non-zero ops, |O| softmax(alpha)).
 * ``squash_score``: vectors [32, J*8, H, W] -> scores [32, J, H, W], J = 16 (MPII), 17 (COCO), d = 8.
 * ``squash_mse_loss``: the same vectors, targets [32, J, H, W] fp32, weights [32, J] -> scalar.
-* ``argmax_decode`` on scores [32, J, H, W] and ``argmax_decode_vectors`` on vectors [32, J*8, H, W].
+* ``argmax_decode`` on scores [32, J, H, W].
 
-each in fp32 and bf16, ``fwd`` and ``fwd+bwd`` (the decoders have no backward). Per case: the
+each in fp32 and bf16, ``fwd`` and ``fwd+bwd`` (the decoder has no backward). Per case: the
 median time of ``--reps`` runs after warm-up (CUDA events on a GPU, ``time.perf_counter`` on the
 CPU), the bandwidth from the bytes the kernel must move (every input read once, every output
 written once, see ``min_bytes``), its share of the device's peak (``PEAK_TBPS``), and the
@@ -59,7 +59,7 @@ class Case:
     dtype: str
     k: int = 0  # weighted_sum terms
     relu: bool = False
-    d: int = 1  # vector length (squash, argmax_decode_vectors)
+    d: int = 1  # vector length (squash)
 
     @property
     def label(self) -> str:
@@ -84,7 +84,6 @@ def cases(quick: bool) -> list[Case]:
                     out.append(Case("squash_score", mode, (batch, 8 * j, h, w), dtype, d=8))
                 out.append(Case("squash_mse_loss", "fwd+bwd", (batch, 8 * j, h, w), dtype, d=8))
                 out.append(Case("argmax_decode", "fwd", (batch, j, h, w), dtype))
-                out.append(Case("argmax_decode_vectors", "fwd", (batch, 8 * j, h, w), dtype, d=8))
     return out
 
 
@@ -106,7 +105,7 @@ def min_bytes(case: Case) -> int:
         return fwd + (bwd if case.mode == "fwd+bwd" else 0)
     if case.kernel == "squash_mse_loss":
         return 2 * numel * es + maps * 4  # read v and fp32 targets, write dv (one fused pass)
-    return numel * es  # the decoders read the maps once; outputs are [N, J, 3]
+    return numel * es  # the decoder reads the maps once; outputs are [N, J, 3]
 
 
 def inputs_for(case: Case, device: torch.device) -> tuple[list[torch.Tensor], Callable, Callable]:
@@ -144,16 +143,8 @@ def inputs_for(case: Case, device: torch.device) -> tuple[list[torch.Tensor], Ca
             lambda v: K.squash_mse_loss_reference(v, d, t, wt),
             lambda v: K.squash_mse_loss(v, d, t, wt),
         )
-    if case.kernel == "argmax_decode":
-        s = torch.rand(*case.shape, generator=g).to(device=device, dtype=dtype)
-        return [s], K.argmax_decode_reference, K.argmax_decode
-    v = rand(*case.shape)
-    d = case.d
-    return (
-        [v],
-        lambda v: K.argmax_decode_vectors_reference(v, d),
-        lambda v: K.argmax_decode_vectors(v, d),
-    )
+    s = torch.rand(*case.shape, generator=g).to(device=device, dtype=dtype)
+    return [s], K.argmax_decode_reference, K.argmax_decode
 
 
 def runner(fn: Callable, leaves: list[torch.Tensor], backward: bool) -> Callable[[], None]:

@@ -6,12 +6,7 @@ test oracle) and the autograd wiring (``torch.library`` custom ops, torch >= 2.4
 (``PNFS_KERNELS=auto|torch|triton``). :data:`FVCORE_HANDLES` lets fvcore count the custom ops.
 """
 
-from pnfs.kernels.argmax_decode import (
-    argmax_decode,
-    argmax_decode_reference,
-    argmax_decode_vectors,
-    argmax_decode_vectors_reference,
-)
+from pnfs.kernels.argmax_decode import argmax_decode, argmax_decode_reference
 from pnfs.kernels.backend import requested_backend, use_triton
 from pnfs.kernels.fvcore_handles import FVCORE_HANDLES, fvcore_handles
 from pnfs.kernels.squash import (
@@ -26,8 +21,6 @@ __all__ = [
     "FVCORE_HANDLES",
     "argmax_decode",
     "argmax_decode_reference",
-    "argmax_decode_vectors",
-    "argmax_decode_vectors_reference",
     "fvcore_handles",
     "requested_backend",
     "squash_mse_loss",

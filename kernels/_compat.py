@@ -48,6 +48,14 @@ def next_power_of_2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
+def flat_planes(x: torch.Tensor) -> bool:
+    """Whether each [H, W] plane of ``x`` (ndim >= 2) is one contiguous row-major block
+    (``sW == 1`` and ``sH == W``, ignoring dims of size 1), so pixel p of a plane is at
+    ``plane start + p``: the kernels' fast path, whose loads Triton can prove contiguous."""
+    h, w = x.shape[-2:]
+    return (w == 1 or x.stride(-1) == 1) and (h == 1 or x.stride(-2) == w)
+
+
 def same_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Same shape and the same strides on every dim of size > 1."""
     return a.shape == b.shape and all(

@@ -55,6 +55,9 @@ _DTYPE = {"fp32": "*fp32", "bf16": "*bf16"}
 _FP32_POINTERS = {"partial_ptr", "w_ptr", "t_ptr", "coords_ptr", "maxval_ptr", "out_ptr@_sum_rows_kernel"}
 _FLOAT_ARGS = {"scale"}
 _SIZE_ARGS = {"numel", "HW", "ncols"}  # flat sizes: multiples of 16 at the presets' shapes
+# batch and channel strides of NCHW maps (squash, argmax_decode): multiples of H*W, so of 16 at the
+# presets' shapes, which Triton's launcher specialises at run time; only the FLAT paths rely on it
+_PLANE_STRIDES = re.compile(r"[vsgdt]?s[NC]")
 
 
 @dataclass(frozen=True)
@@ -90,11 +93,16 @@ def _specialisations() -> list[Spec]:
     specs: list[Spec] = []
     for dtype in ("fp32", "bf16"):
         for d in (4, 8):
-            common = (("D", d), ("BLOCK_D", squash._block_d(d)), ("BLOCK_P", squash.BLOCK_P_COMPILED))
-            specs.append(Spec("_squash_fwd_kernel", "squash", common, dtype))
-            specs.append(Spec("_squash_bwd_kernel", "squash", common, dtype))
-            for grad in (True, False):
-                specs.append(Spec("_squash_mse_kernel", "squash", (*common, ("COMPUTE_GRAD", grad)), dtype))
+            for flat in (True, False):  # NCHW (the model's head) and channels_last
+                block = squash.BLOCK_P_COMPILED if flat else squash.STRIDED_BLOCK_P_COMPILED
+                common = (("D", d), ("BLOCK_D", squash._block_d(d)), ("BLOCK_P", block))
+                layout = (("FLAT", flat), ("MAP_FLAT", flat))
+                kwargs = dict(dtype=dtype, num_warps=squash.NUM_WARPS, dense=flat)
+                specs.append(Spec("_squash_fwd_kernel", "squash", (*common, *layout), **kwargs))
+                specs.append(Spec("_squash_bwd_kernel", "squash", (*common, *layout), **kwargs))
+                for grad in (True, False):
+                    consts = (*common, ("COMPUTE_GRAD", grad), *layout)
+                    specs.append(Spec("_squash_mse_kernel", "squash", consts, **kwargs))
         # input node: K=3 with ReLU; hidden nodes: K = edges x non-zero ops (3 or 5) for H <= 2,
         # and 12 (a full chunk) / 3 (the remainder of 15 terms)
         for k, relu in ((3, True), (3, False), (5, False), (6, False), (10, False), (12, False)):
@@ -114,13 +122,10 @@ def _specialisations() -> list[Spec]:
                         dense=dense,
                     )
                 )
-        for vectors, d in ((False, 1), (True, 4), (True, 8)):
-            consts = (
-                ("VECTORS", vectors), ("D", d), ("BLOCK_D", max(2, d)),
-                ("BLOCK_P", argmax_decode.block_p(64 * 64, max(2, d), vectors)),
-                ("NO_INDEX", argmax_decode._NO_INDEX),
-            )  # fmt: skip
-            specs.append(Spec("_argmax_decode_kernel", "argmax_decode", consts, dtype))
+        for flat in (True, False):
+            block = argmax_decode.block_p(64 * 64)
+            consts = (("FLAT", flat), ("BLOCK_P", block), ("NO_INDEX", argmax_decode._NO_INDEX))
+            specs.append(Spec("_argmax_decode_kernel", "argmax_decode", consts, dtype, dense=flat))
     specs.append(Spec("_sum_rows_kernel", "_reduce", (("BLOCK", _reduce.BLOCK),), "fp32", dense=True))
     return specs
 
@@ -161,7 +166,7 @@ def _signature(fn, spec: Spec) -> tuple[dict[str, str], dict]:
             signature[name] = "fp32"
         else:
             signature[name] = "i32"
-            if name in _SIZE_ARGS:
+            if name in _SIZE_ARGS or (spec.dense and _PLANE_STRIDES.fullmatch(name)):
                 attrs[(i,)] = [["tt.divisibility", 16]]
     missing = set(consts) - set(signature)
     if missing:

@@ -6,10 +6,8 @@
 Coordinates are in heatmap pixels (x, y); ties in the argmax go to the first index in
 row-major order. On the border (x = 0 or W-1, y = 0 or H-1) that axis gets no offset.
 
-Two entry points: ``argmax_decode(scores)`` on score maps (after flip averaging and part
-summing) and ``argmax_decode_vectors(vectors, d)`` straight on the head's vectors: the argmax
-and the offsets use n^2 = sum_t v_t^2 (score = n^2/(1+n^2) is monotone in n^2, so the peak is
-the same) and the returned peak value is the score n^2/(1+n^2) there.
+``argmax_decode(scores)`` runs on score maps after flip averaging and part summing
+(``pnfs/inference.py``), so it reads maps, never the head's vectors.
 
 NaN policy (reference and Triton alike): a NaN counts as larger than every number, like
 ``torch.argmax`` — the first NaN in row-major order is the peak and its value is NaN, so a
@@ -20,22 +18,24 @@ Triton: one program per (n, j) scans H*W in blocks keeping a per-lane running ma
 ``>``, so each lane keeps its first index), then reduces the lanes (max value, lowest index
 among equal values), then reads the peak and its four neighbours. fp32 compares, any input
 dtype and strides, int64 offsets. Outputs: coords [N, J, 2] float32, maxvals [N, J] float32.
+
+Addressing: when each map's pixels are one contiguous row-major plane (``sW == 1``,
+``sH == W``: NCHW maps, channel slices of them; ``FLAT``, chosen by the launcher) pixel p is at
+``n*sN + j*sC + p``, so the scan's loads are provably contiguous and vectorised; otherwise
+(channels_last, other views) at ``n*sN + j*sC + (p // W)*sH + (p % W)*sW``.
 """
 
 import torch
 
-from pnfs.kernels._compat import jit, next_power_of_2, tl
+from pnfs.kernels._compat import flat_planes, jit, next_power_of_2, tl
 from pnfs.kernels.backend import run, use_triton
 
-BLOCK_P = 1024  # pixels per scan step of a score map
-# elements per scan step of vectors, [VECTOR_TILE // BLOCK_D, BLOCK_D]: more spills (bench/kernels_aot.py)
-VECTOR_TILE = 1024
+BLOCK_P = 1024  # pixels per scan step of a score map (bench/README.md: the AOT report)
 
 
-def block_p(hw: int, block_d: int, vectors: bool) -> int:
-    """Pixels per scan step: at most BLOCK_P (maps) or VECTOR_TILE // block_d (vectors), at least 16."""
-    cap = VECTOR_TILE // block_d if vectors else BLOCK_P
-    return min(cap, max(16, next_power_of_2(hw)))
+def block_p(hw: int) -> int:
+    """Pixels per scan step: at most BLOCK_P, at least 16."""
+    return min(BLOCK_P, max(16, next_power_of_2(hw)))
 
 
 _NO_INDEX = 2**62  # larger than any pixel index; marks "none" in the lane reductions
@@ -67,29 +67,7 @@ def argmax_decode_reference(scores: torch.Tensor) -> tuple[torch.Tensor, torch.T
     return _decode_maps(scores.detach().float())
 
 
-def argmax_decode_vectors_reference(vectors: torch.Tensor, d: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """vectors [N, J*d, H, W] -> coords [N, J, 2] float32, maxvals (scores n^2/(1+n^2)) [N, J] float32."""
-    n, c, h, w = vectors.shape
-    n2 = vectors.detach().float().reshape(n, c // d, d, h, w).square().sum(dim=2)
-    coords, peak = _decode_maps(n2)
-    return coords, peak / (1.0 + peak)
-
-
 # ----------------------------------------------------------------------------- Triton kernels
-
-
-@jit
-def _values_at(
-    ptr, base, p, valid, W, sC, sH, sW, VECTORS: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr
-):
-    """fp32 map values at flat pixel indices p: the score, or n^2 over the D channels."""
-    spatial = (p // W) * sH + (p % W) * sW
-    if VECTORS:
-        t = tl.arange(0, BLOCK_D)
-        offs = base + spatial[:, None] + t[None, :] * sC
-        v = tl.load(ptr + offs, mask=valid[:, None] & (t < D)[None, :], other=0.0).to(tl.float32)
-        return tl.sum(v * v, axis=1)
-    return tl.load(ptr + base + spatial, mask=valid, other=0.0).to(tl.float32)
 
 
 @jit
@@ -102,13 +80,12 @@ def _pick(values, k, which):
 def _argmax_decode_kernel(
     ptr, coords_ptr, maxval_ptr, J, H, W, HW,
     sN, sC, sH, sW,
-    VECTORS: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr,
-    NO_INDEX: tl.constexpr,
+    FLAT: tl.constexpr, BLOCK_P: tl.constexpr, NO_INDEX: tl.constexpr,
 ):  # fmt: skip
     nj = tl.program_id(0).to(tl.int64)
     n = nj // J
     j = nj % J
-    base = n * sN + j * D * sC
+    base = ptr + n * sN + j * sC
     hw = HW  # from the launcher: a Python int, passed as int64 once it passes 2^31
     lane = tl.arange(0, BLOCK_P).to(tl.int64)
     best = tl.full([BLOCK_P], float("-inf"), tl.float32)
@@ -117,7 +94,11 @@ def _argmax_decode_kernel(
     for start in range(0, hw, BLOCK_P):
         p = start + lane
         valid = p < hw
-        v = _values_at(ptr, base, p, valid, W, sC, sH, sW, VECTORS, D, BLOCK_D)
+        if FLAT:
+            offs = p
+        else:
+            offs = (p // W) * sH + (p % W) * sW
+        v = tl.load(base + offs, mask=valid, other=0.0).to(tl.float32)
         first_nan = tl.minimum(first_nan, tl.where(valid & (v != v), p, NO_INDEX))
         take = valid & (v > best)
         best = tl.where(take, v, best)
@@ -133,7 +114,7 @@ def _argmax_decode_kernel(
     nx = x + tl.where(k == 1, 1, 0) - tl.where(k == 2, 1, 0)
     ny = y + tl.where(k == 3, 1, 0) - tl.where(k == 4, 1, 0)
     inside = (k < 5) & (nx >= 0) & (nx < W) & (ny >= 0) & (ny < H)
-    around = _values_at(ptr, base, ny * W + nx, inside, W, sC, sH, sW, VECTORS, D, BLOCK_D)
+    around = tl.load(base + ny * sH + nx * sW, mask=inside, other=0.0).to(tl.float32)
     peak = _pick(around, k, 0)
     right = _pick(around, k, 1)
     left = _pick(around, k, 2)
@@ -145,67 +126,45 @@ def _argmax_decode_kernel(
     dy = tl.where((y > 0) & (y < H - 1), dy, 0.0)
     tl.store(coords_ptr + nj * 2, x.to(tl.float32) + 0.25 * dx)
     tl.store(coords_ptr + nj * 2 + 1, y.to(tl.float32) + 0.25 * dy)
-    if VECTORS:
-        peak = peak / (1.0 + peak)
     tl.store(maxval_ptr + nj, peak)
 
 
 # ----------------------------------------------------------------------------- launchers
 
 
-def _decode(maps: torch.Tensor, d: int, vectors: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    n, c, h, w = maps.shape
-    j = c // d
-    coords = torch.empty((n, j, 2), device=maps.device, dtype=torch.float32)
-    maxvals = torch.empty((n, j), device=maps.device, dtype=torch.float32)
+def _decode(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    coords, maxvals = _empty_outputs(scores)
+    n, j, h, w = scores.shape
     if n * j == 0:
         return coords, maxvals
     if h * w == 0:
-        raise ValueError(f"argmax_decode: empty maps of shape {tuple(maps.shape)}")
-    block_d = max(2, next_power_of_2(d))
+        raise ValueError(f"argmax_decode: empty maps of shape {tuple(scores.shape)}")
     _argmax_decode_kernel[(n * j,)](
-        maps, coords, maxvals, j, h, w, h * w, *maps.stride(),
-        VECTORS=vectors, D=d, BLOCK_D=block_d, BLOCK_P=block_p(h * w, block_d, vectors), NO_INDEX=_NO_INDEX,
+        scores, coords, maxvals, j, h, w, h * w, *scores.stride(),
+        FLAT=flat_planes(scores), BLOCK_P=block_p(h * w), NO_INDEX=_NO_INDEX,
     )  # fmt: skip
     return coords, maxvals
 
 
-def _empty_outputs(maps: torch.Tensor, d: int) -> tuple[torch.Tensor, torch.Tensor]:
-    n, c = maps.shape[:2]
+def _empty_outputs(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    n, j = scores.shape[:2]
     return (
-        maps.new_empty((n, c // d, 2), dtype=torch.float32),
-        maps.new_empty((n, c // d), dtype=torch.float32),
+        scores.new_empty((n, j, 2), dtype=torch.float32),
+        scores.new_empty((n, j), dtype=torch.float32),
     )
 
 
 @torch.library.custom_op("pnfs::argmax_decode", mutates_args=())
 def _argmax_decode_op(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    return _decode(scores, 1, False)
+    return _decode(scores)
 
 
 @_argmax_decode_op.register_fake
 def _(scores):
-    return _empty_outputs(scores, 1)
-
-
-@torch.library.custom_op("pnfs::argmax_decode_vectors", mutates_args=())
-def _argmax_decode_vectors_op(vectors: torch.Tensor, d: int) -> tuple[torch.Tensor, torch.Tensor]:
-    return _decode(vectors, d, True)
-
-
-@_argmax_decode_vectors_op.register_fake
-def _(vectors, d):
-    return _empty_outputs(vectors, d)
+    return _empty_outputs(scores)
 
 
 # ----------------------------------------------------------------------------- public API
-
-
-def _check(maps: torch.Tensor, d: int, name: str) -> None:
-    if maps.dim() != 4:
-        raise ValueError(f"{name}: expected a 4-d [N, C, H, W] tensor, got shape {tuple(maps.shape)}")
-    if d < 1 or maps.shape[1] % d:
-        raise ValueError(f"{name}: {maps.shape[1]} channels are not a multiple of d={d}")
 
 
 def argmax_decode(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -213,7 +172,10 @@ def argmax_decode(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
     Not differentiable (the inputs are detached).
     """
-    _check(scores, 1, "argmax_decode")
+    if scores.dim() != 4:
+        raise ValueError(
+            f"argmax_decode: expected a 4-d [N, J, H, W] tensor, got shape {tuple(scores.shape)}"
+        )
     if not use_triton(scores):
         return argmax_decode_reference(scores)
     return run(
@@ -221,17 +183,4 @@ def argmax_decode(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         lambda: _argmax_decode_op(scores.detach()),
         lambda: argmax_decode_reference(scores),
         scores.device,
-    )
-
-
-def argmax_decode_vectors(vectors: torch.Tensor, d: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """vectors [N, J*d, H, W] -> (coords [N, J, 2], maxvals = n^2/(1+n^2) at the peak [N, J]), float32."""
-    _check(vectors, d, "argmax_decode_vectors")
-    if not use_triton(vectors):
-        return argmax_decode_vectors_reference(vectors, d)
-    return run(
-        "argmax_decode_vectors",
-        lambda: _argmax_decode_vectors_op(vectors.detach(), d),
-        lambda: argmax_decode_vectors_reference(vectors, d),
-        vectors.device,
     )

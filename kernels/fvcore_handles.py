@@ -15,7 +15,7 @@ Two conventions (fvcore counts one multiply-add as one "flop"):
   - weighted_sum     K * numel(out)                    (out = sum_k w_k * x_k)
   - squash_score     numel(vectors)                    (n^2 = sum_t v_t * v_t)
   - squash_mse_loss  numel(vectors) + numel(scores)    (n^2, then (score - target)^2)
-  - argmax_decode    0 (comparisons only);  argmax_decode_vectors  numel(vectors) (the n^2)
+  - argmax_decode    0 (comparisons only)
 """
 
 import math
@@ -56,7 +56,6 @@ def _elementwise_counts() -> dict[str, Handle]:
         "pnfs::squash_score": _squash_macs,
         "pnfs::squash_mse_loss": _squash_mse_macs,
         "pnfs::argmax_decode": _argmax_scores_macs,
-        "pnfs::argmax_decode_vectors": _squash_macs,
     }
 
 

@@ -15,17 +15,27 @@ and, when ``vectors`` needs a gradient, also dloss/dv = 2 v / (1+n^2)^2 * w_nj *
 per-program fp32 partial and a second deterministic pass (no atomics).
 
 Any strides are read in place (NCHW, channels_last, slices); scores come back channels_last
-when the vectors are channels_last, NCHW-contiguous otherwise.
+when the vectors are channels_last, NCHW-contiguous otherwise. The launcher picks the tile per
+tensor: NCHW planes (``sW == 1``, ``sH == W``; ``FLAT`` for the vectors and their gradient,
+``MAP_FLAT`` for scores, incoming gradients and targets) are addressed as ``plane start + p``
+with the pixels innermost, so Triton proves the loads contiguous and vectorises them; any other
+layout (channels_last: channels innermost) goes through ``(p // W, p % W)``.
 """
 
 import torch
 
-from pnfs.kernels._compat import block_size, cdiv, jit, next_power_of_2, tl
+from pnfs.kernels._compat import block_size, cdiv, flat_planes, jit, next_power_of_2, tl
 from pnfs.kernels._reduce import sum_rows
 from pnfs.kernels.backend import device_guard, run, use_triton
 
-BLOCK_P_COMPILED = 256  # pixels per program on a GPU
+# pixels per program on a GPU, from the AOT report (bench/README.md): the flat path's
+# [BLOCK_D, 512] tile loads 4 pixels per thread as one 128-bit load (32-56 registers at d = 8,
+# fp32); the strided path's [256, BLOCK_D] tile needs up to 114 registers (202 at 512)
+BLOCK_P_COMPILED = 512
+STRIDED_BLOCK_P_COMPILED = 256
+NUM_WARPS = 4
 BLOCK_P = block_size(compiled=BLOCK_P_COMPILED, interpreted=1024)
+STRIDED_BLOCK_P = block_size(compiled=STRIDED_BLOCK_P_COMPILED, interpreted=1024)
 
 
 def _accumulation_dtype(x: torch.Tensor) -> torch.Tensor:
@@ -56,19 +66,55 @@ def squash_mse_loss_reference(
 
 
 @jit
-def _joint_tile(ptr, n, j, p, pmask, W, sN, sC, sH, sW, D: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Offsets and mask of the [BLOCK_P, BLOCK_D] tile of joint j's channels at pixels p."""
+def _joint_tile(
+    n, j, p, pmask, W, sN, sC, sH, sW, D: tl.constexpr, BLOCK_D: tl.constexpr, FLAT: tl.constexpr
+):
+    """Offsets and mask of joint j's D channels at pixels p, the contiguous dimension innermost.
+
+    FLAT (each channel plane one row-major block, ``sW == 1``, ``sH == W``: NCHW): a
+    [BLOCK_D, BLOCK_P] tile at ``n*sN + c*sC + p``, pixels innermost (contiguous, vectorised).
+    Otherwise (channels_last, where channels are the contiguous dimension, or any other view):
+    [BLOCK_P, BLOCK_D] at ``n*sN + c*sC + (p // W)*sH + (p % W)*sW``, channels innermost.
+    """
     t = tl.arange(0, BLOCK_D)
-    h = p // W
-    w = p % W
-    offs = n * sN + (j * D + t)[None, :] * sC + (h * sH + w * sW)[:, None]
-    mask = pmask[:, None] & (t < D)[None, :]
+    c = j * D + t
+    if FLAT:
+        offs = n * sN + c[:, None] * sC + p[None, :]
+        mask = (t < D)[:, None] & pmask[None, :]
+    else:
+        offs = n * sN + c[None, :] * sC + ((p // W) * sH + (p % W) * sW)[:, None]
+        mask = pmask[:, None] & (t < D)[None, :]
     return offs, mask
 
 
 @jit
-def _map_offset(n, j, p, W, sN, sC, sH, sW):
-    return n * sN + j * sC + (p // W) * sH + (p % W) * sW
+def _sum_channels(x, FLAT: tl.constexpr):
+    """[BLOCK_P] sums over the channel axis of a _joint_tile-shaped tile."""
+    if FLAT:
+        total = tl.sum(x, axis=0)
+    else:
+        total = tl.sum(x, axis=1)
+    return total
+
+
+@jit
+def _per_pixel(x, FLAT: tl.constexpr):
+    """A [BLOCK_P] vector broadcastable against a _joint_tile-shaped tile."""
+    if FLAT:
+        tile = x[None, :]
+    else:
+        tile = x[:, None]
+    return tile
+
+
+@jit
+def _map_offset(n, j, p, W, sN, sC, sH, sW, FLAT: tl.constexpr):
+    """Offsets of pixels p of map (n, j): ``n*sN + j*sC + p`` when FLAT, else via (p // W, p % W)."""
+    if FLAT:
+        offs = n * sN + j * sC + p
+    else:
+        offs = n * sN + j * sC + (p // W) * sH + (p % W) * sW
+    return offs
 
 
 @jit
@@ -76,19 +122,19 @@ def _squash_fwd_kernel(
     v_ptr, s_ptr, J, HW, W,
     vsN, vsC, vsH, vsW, ssN, ssC, ssH, ssW,
     D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr,
+    FLAT: tl.constexpr, MAP_FLAT: tl.constexpr,
 ):  # fmt: skip
     nj = tl.program_id(0).to(tl.int64)
     n = nj // J
     j = nj % J
     p = tl.program_id(1).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
     pmask = p < HW
-    offs, mask = _joint_tile(v_ptr, n, j, p, pmask, W, vsN, vsC, vsH, vsW, D, BLOCK_D)
+    offs, mask = _joint_tile(n, j, p, pmask, W, vsN, vsC, vsH, vsW, D, BLOCK_D, FLAT)
     v = tl.load(v_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    n2 = tl.sum(v * v, axis=1)
+    n2 = _sum_channels(v * v, FLAT)
     score = n2 / (1.0 + n2)
-    tl.store(
-        s_ptr + _map_offset(n, j, p, W, ssN, ssC, ssH, ssW), score.to(s_ptr.dtype.element_ty), mask=pmask
-    )
+    soffs = _map_offset(n, j, p, W, ssN, ssC, ssH, ssW, MAP_FLAT)
+    tl.store(s_ptr + soffs, score.to(s_ptr.dtype.element_ty), mask=pmask)
 
 
 @jit
@@ -96,19 +142,21 @@ def _squash_bwd_kernel(
     v_ptr, g_ptr, dv_ptr, J, HW, W,
     vsN, vsC, vsH, vsW, gsN, gsC, gsH, gsW, dsN, dsC, dsH, dsW,
     D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr,
+    FLAT: tl.constexpr, MAP_FLAT: tl.constexpr,
 ):  # fmt: skip
     nj = tl.program_id(0).to(tl.int64)
     n = nj // J
     j = nj % J
     p = tl.program_id(1).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
     pmask = p < HW
-    offs, mask = _joint_tile(v_ptr, n, j, p, pmask, W, vsN, vsC, vsH, vsW, D, BLOCK_D)
+    offs, mask = _joint_tile(n, j, p, pmask, W, vsN, vsC, vsH, vsW, D, BLOCK_D, FLAT)
     v = tl.load(v_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    den = 1.0 + tl.sum(v * v, axis=1)
-    g = tl.load(g_ptr + _map_offset(n, j, p, W, gsN, gsC, gsH, gsW), mask=pmask, other=0.0).to(tl.float32)
+    den = 1.0 + _sum_channels(v * v, FLAT)
+    goffs = _map_offset(n, j, p, W, gsN, gsC, gsH, gsW, MAP_FLAT)
+    g = tl.load(g_ptr + goffs, mask=pmask, other=0.0).to(tl.float32)
     coef = 2.0 * g / (den * den)
-    doffs, _ = _joint_tile(dv_ptr, n, j, p, pmask, W, dsN, dsC, dsH, dsW, D, BLOCK_D)
-    tl.store(dv_ptr + doffs, (v * coef[:, None]).to(dv_ptr.dtype.element_ty), mask=mask)
+    doffs, _ = _joint_tile(n, j, p, pmask, W, dsN, dsC, dsH, dsW, D, BLOCK_D, FLAT)
+    tl.store(dv_ptr + doffs, (v * _per_pixel(coef, FLAT)).to(dv_ptr.dtype.element_ty), mask=mask)
 
 
 @jit
@@ -116,6 +164,7 @@ def _squash_mse_kernel(
     v_ptr, t_ptr, w_ptr, partial_ptr, dv_ptr, J, HW, W, scale,
     vsN, vsC, vsH, vsW, tsN, tsC, tsH, tsW, wsN, wsJ, dsN, dsC, dsH, dsW,
     D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr, COMPUTE_GRAD: tl.constexpr,
+    FLAT: tl.constexpr, MAP_FLAT: tl.constexpr,
 ):  # fmt: skip
     nj = tl.program_id(0).to(tl.int64)
     pb = tl.program_id(1).to(tl.int64)
@@ -123,18 +172,19 @@ def _squash_mse_kernel(
     j = nj % J
     p = pb * BLOCK_P + tl.arange(0, BLOCK_P)
     pmask = p < HW
-    offs, mask = _joint_tile(v_ptr, n, j, p, pmask, W, vsN, vsC, vsH, vsW, D, BLOCK_D)
+    offs, mask = _joint_tile(n, j, p, pmask, W, vsN, vsC, vsH, vsW, D, BLOCK_D, FLAT)
     v = tl.load(v_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    den = 1.0 + tl.sum(v * v, axis=1)
+    den = 1.0 + _sum_channels(v * v, FLAT)
     score = (den - 1.0) / den
-    target = tl.load(t_ptr + _map_offset(n, j, p, W, tsN, tsC, tsH, tsW), mask=pmask, other=0.0)
+    toffs = _map_offset(n, j, p, W, tsN, tsC, tsH, tsW, MAP_FLAT)
+    target = tl.load(t_ptr + toffs, mask=pmask, other=0.0)
     diff = tl.where(pmask, score - target.to(tl.float32), 0.0)
     weight = tl.load(w_ptr + n * wsN + j * wsJ).to(tl.float32)
     tl.store(partial_ptr + nj * tl.num_programs(1) + pb, weight * tl.sum(diff * diff, axis=0))
     if COMPUTE_GRAD:
         coef = 2.0 * scale * weight * diff / (den * den)
-        doffs, _ = _joint_tile(dv_ptr, n, j, p, pmask, W, dsN, dsC, dsH, dsW, D, BLOCK_D)
-        tl.store(dv_ptr + doffs, (v * coef[:, None]).to(dv_ptr.dtype.element_ty), mask=mask)
+        doffs, _ = _joint_tile(n, j, p, pmask, W, dsN, dsC, dsH, dsW, D, BLOCK_D, FLAT)
+        tl.store(dv_ptr + doffs, (v * _per_pixel(coef, FLAT)).to(dv_ptr.dtype.element_ty), mask=mask)
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -151,9 +201,11 @@ def _empty_scores(vectors: torch.Tensor, d: int) -> torch.Tensor:
     return torch.empty((n, c // d, h, w), device=vectors.device, dtype=vectors.dtype, memory_format=fmt)
 
 
-def _grid(vectors: torch.Tensor, d: int) -> tuple[int, int]:
+def _grid(vectors: torch.Tensor, d: int, flat: bool) -> tuple[tuple[int, int], int]:
+    """((N*J, pixel tiles), BLOCK_P): the flat path's tile, or the strided path's."""
     n, c, h, w = vectors.shape
-    return (n * (c // d), cdiv(h * w, BLOCK_P))
+    block = BLOCK_P if flat else STRIDED_BLOCK_P
+    return (n * (c // d), cdiv(h * w, block)), block
 
 
 def _squash_forward(vectors: torch.Tensor, d: int) -> torch.Tensor:
@@ -161,9 +213,12 @@ def _squash_forward(vectors: torch.Tensor, d: int) -> torch.Tensor:
     if scores.numel() == 0:
         return scores
     _, j, h, w = scores.shape
-    _squash_fwd_kernel[_grid(vectors, d)](
+    flat = flat_planes(vectors)
+    grid, block = _grid(vectors, d, flat)
+    _squash_fwd_kernel[grid](
         vectors, scores, j, h * w, w, *vectors.stride(), *scores.stride(),
-        D=d, BLOCK_D=_block_d(d), BLOCK_P=BLOCK_P,
+        D=d, BLOCK_D=_block_d(d), BLOCK_P=block, FLAT=flat, MAP_FLAT=flat_planes(scores),
+        num_warps=NUM_WARPS,
     )  # fmt: skip
     return scores
 
@@ -173,9 +228,12 @@ def _squash_backward(grad: torch.Tensor, vectors: torch.Tensor, d: int) -> torch
     if dv.numel() == 0:
         return dv
     _, c, h, w = vectors.shape
-    _squash_bwd_kernel[_grid(vectors, d)](
+    flat = flat_planes(vectors) and flat_planes(dv)
+    grid, block = _grid(vectors, d, flat)
+    _squash_bwd_kernel[grid](
         vectors, grad, dv, c // d, h * w, w, *vectors.stride(), *grad.stride(), *dv.stride(),
-        D=d, BLOCK_D=_block_d(d), BLOCK_P=BLOCK_P,
+        D=d, BLOCK_D=_block_d(d), BLOCK_P=block, FLAT=flat, MAP_FLAT=flat_planes(grad),
+        num_warps=NUM_WARPS,
     )  # fmt: skip
     return dv
 
@@ -188,14 +246,16 @@ def _squash_mse_forward(
     dv = torch.empty_like(vectors) if compute_grad else vectors.new_empty(0)
     if vectors.numel() == 0:
         return vectors.new_zeros((), dtype=torch.float32), dv
-    grid = _grid(vectors, d)
+    flat = flat_planes(vectors) and (not compute_grad or flat_planes(dv))
+    grid, block = _grid(vectors, d, flat)
     partials = torch.empty(grid, device=vectors.device, dtype=torch.float32)
     scale = 1.0 / (n * (c // d) * h * w)
     _squash_mse_kernel[grid](
         vectors, targets, weights, partials, dv if compute_grad else vectors, c // d, h * w, w, scale,
         *vectors.stride(), *targets.stride(), *weights.stride(),
         *(dv.stride() if compute_grad else vectors.stride()),
-        D=d, BLOCK_D=_block_d(d), BLOCK_P=BLOCK_P, COMPUTE_GRAD=compute_grad,
+        D=d, BLOCK_D=_block_d(d), BLOCK_P=block, COMPUTE_GRAD=compute_grad,
+        FLAT=flat, MAP_FLAT=flat_planes(targets), num_warps=NUM_WARPS,
     )  # fmt: skip
     loss = sum_rows(partials.reshape(1, -1), 0.5 * scale).reshape(())
     return loss, dv

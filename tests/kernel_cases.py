@@ -1,16 +1,35 @@
-"""Hand-built decoding cases shared by the reference tests and the Triton (interpreter) tests.
+"""What the kernel tests (``test_kernel_<name>.py``, ``test_kernels*.py``) share.
 
-Each case is one 5x7 map (H=5, W=7) with the coordinates (x, y) and peak value a correct decoder
-must return: argmax with the first index on ties, 0.25 px toward the larger neighbour when the
-peak is not on that axis' border, and the NaN policy of ``pnfs.kernels.argmax_decode``.
+* Hand-built decoding cases: each one 5x7 map (H=5, W=7) with the coordinates (x, y) and peak
+  value a correct decoder must return: argmax with the first index on ties, 0.25 px toward the
+  larger neighbour when the peak is not on that axis' border, and the NaN policy of
+  ``pnfs.kernels.argmax_decode``.
+* Interpreter helpers: tolerances, layouts, the compiled (GPU) tile sizes, and the fixture that
+  selects ``PNFS_KERNELS=triton`` for every ``interpret``-marked test.
+* AOT helpers: the ``pnfs.kernels.aot`` specialisations of one kernel module and the checks on
+  their cubins (``aot``-marked tests).
+
+Interpreter oracle: the PyTorch reference evaluated in float64 on the very same (already
+rounded) inputs and incoming gradients. Tolerances per dtype of the compared tensor:
+    fp32  atol 1e-5, rtol 1e-5   (fp32 arithmetic, different summation order)
+    bf16  atol 1e-2, rtol 1e-2   (one rounding of the result to 8 mantissa bits, 2^-9 relative)
+    fp16  atol 1e-3, rtol 1e-3   (one rounding to 11 mantissa bits, 2^-12 relative)
+Weight gradients and losses are fp32 sums of fp32 products in every case: fp32 tolerances.
+The interpreter is ~2000x slower than compiled kernels, so the shapes are small.
 """
 
 from __future__ import annotations
 
-import math
+import contextlib
+import importlib
+import os
 from dataclasses import dataclass
+from unittest import mock
 
+import pytest
 import torch
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
 
 H, W = 5, 7
 NAN = float("nan")
@@ -74,20 +93,6 @@ def decode_batch(cases: list[DecodeCase] = DECODE_CASES) -> tuple[torch.Tensor, 
     )
 
 
-def vector_batch(d: int = 3) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The cases with no negative value as vectors [2, J*d, H, W]: channel 0 of each joint holds the
-    map value a >= 0 (or NaN), the others 0, so n^2 = a^2 keeps the map's order and ties and the
-    expected peak is the score n^2 / (1 + n^2) of the case's peak."""
-    cases = [c for c in DECODE_CASES if c.background >= 0 and not any(v < 0 for v in c.values.values())]
-    cases = [c for c in cases if not math.isinf(c.peak)]
-    maps, expected_xy, peak = decode_batch(cases)
-    n, j, h, w = maps.shape
-    vectors = torch.zeros(n, j, d, h, w)
-    vectors[:, :, 0] = maps
-    n2 = peak * peak
-    return vectors.reshape(n, j * d, h, w), expected_xy, n2 / (1.0 + n2)
-
-
 def assert_decoded(
     coords: torch.Tensor, maxvals: torch.Tensor, expected_xy: torch.Tensor, peak: torch.Tensor
 ):
@@ -95,3 +100,129 @@ def assert_decoded(
     assert torch.isfinite(coords).all(), "coordinates must always be finite"
     torch.testing.assert_close(coords, expected_xy, rtol=0, atol=0)
     torch.testing.assert_close(maxvals, peak, rtol=0, atol=0, equal_nan=True)
+
+
+# ----------------------------------------------------------------------------- interpreter helpers
+
+TOL = {
+    torch.float32: dict(atol=1e-5, rtol=1e-5),
+    torch.bfloat16: dict(atol=1e-2, rtol=1e-2),
+    torch.float16: dict(atol=1e-3, rtol=1e-3),
+}
+FP32 = TOL[torch.float32]
+GPU_TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.bfloat16: dict(atol=1e-2, rtol=1e-2)}
+
+
+@pytest.fixture(autouse=True)
+def triton_for_interpreter_cases(request, monkeypatch):
+    """``interpret``-marked tests run the Triton kernels (``PNFS_KERNELS=triton``)."""
+    if request.node.get_closest_marker("interpret"):
+        monkeypatch.setenv("PNFS_KERNELS", "triton")
+
+
+def in_layout(x: torch.Tensor, layout: str) -> torch.Tensor:
+    """``x`` [N, C, H, W] as NCHW, channels_last, or a non-contiguous view with the same values."""
+    if layout == "nchw":
+        return x.contiguous()
+    if layout == "channels_last":
+        return x.contiguous(memory_format=torch.channels_last)
+    if layout == "strided":  # every other element of a twice-wider tensor: shared non-dense strides
+        wide = torch.zeros(*x.shape[:-1], 2 * x.shape[-1], dtype=x.dtype)
+        wide[..., ::2] = x
+        return wide[..., ::2]
+    raise ValueError(layout)
+
+
+def in_drawn_layout(x: torch.Tensor, layout: str) -> torch.Tensor:
+    """``in_layout``, plus "sliced": a channel and row window of a larger tensor."""
+    if layout == "sliced":
+        n, c, h, w = x.shape
+        big = torch.zeros(n, c + 3, h + 2, w, dtype=x.dtype)
+        big[:, 2 : 2 + c, 1 : 1 + h] = x
+        return big[:, 2 : 2 + c, 1 : 1 + h]
+    return in_layout(x, layout)
+
+
+def leaf(x: torch.Tensor) -> torch.Tensor:
+    return x.detach().requires_grad_()
+
+
+DRAWN_DTYPES = st.sampled_from([torch.float32, torch.bfloat16, torch.float16])
+DRAWN_LAYOUTS = st.sampled_from(["nchw", "channels_last", "strided", "sliced"])
+DRAWN = settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+# The interpreter normally runs large tiles (fewer programs, a faster interpreter). Tests that
+# take ``gpu_tiles()`` run the tile sizes the compiled GPU path uses (``*_COMPILED``), at shapes
+# spanning several tiles with a ragged last one, so the multi-tile indexing a GPU runs is run here.
+# 1200 and 3072 px: squash's flat tiles of 512 -> 3 (ragged) and 6; its strided tiles of 256 -> 5
+# (ragged) and 12; argmax_decode's scan steps of 1024 -> 2 (ragged) and 3.
+MULTI_TILE_PIXELS = [(40, 30), (64, 48)]
+
+_SQUASH = importlib.import_module("pnfs.kernels.squash")
+_WEIGHTED_SUM = importlib.import_module("pnfs.kernels.weighted_sum")
+
+
+@contextlib.contextmanager
+def gpu_tiles():
+    """The compiled path's block sizes, for the duration of the block (hypothesis-safe)."""
+    with (
+        mock.patch.object(_SQUASH, "BLOCK_P", _SQUASH.BLOCK_P_COMPILED),
+        mock.patch.object(_SQUASH, "STRIDED_BLOCK_P", _SQUASH.STRIDED_BLOCK_P_COMPILED),
+        mock.patch.object(_WEIGHTED_SUM, "BLOCK", _WEIGHTED_SUM.BLOCK_COMPILED),
+        mock.patch.object(_WEIGHTED_SUM, "STRIDED_BLOCK", _WEIGHTED_SUM.STRIDED_BLOCK_COMPILED),
+    ):
+        yield
+
+
+# ----------------------------------------------------------------------------- AOT helpers
+
+
+def _aot():
+    from pnfs.kernels import aot
+
+    return aot
+
+
+def _aot_skip() -> list:
+    missing = _aot().toolchain_missing()
+    return [
+        pytest.mark.skipif(bool(missing), reason=str(missing)),
+        pytest.mark.skipif(
+            os.environ.get("TRITON_INTERPRET") == "1",
+            reason="compiles for a GPU: not in the interpreter pass",
+        ),
+    ]
+
+
+def aot_cases(module: str, dense_only: bool = False) -> list:
+    """(spec, device) params of ``pnfs.kernels.aot.SPECIALISATIONS`` of one kernel module, for
+    sm_90 and sm_80; skipped without triton/ptxas and in the interpreter pass."""
+    aot = _aot()
+    return [
+        pytest.param(spec, device, id=f"{spec.label}-{device.name}", marks=_aot_skip())
+        for spec in aot.SPECIALISATIONS
+        if spec.module == module and (spec.dense or not dense_only)
+        for device in aot.DEVICES
+    ]
+
+
+def assert_compiles_without_spills_within_shared_memory(spec, device) -> None:
+    compiled = _aot().compile_spec(spec, device.arch)
+    assert compiled.local == 0 and compiled.stack == 0, (
+        f"{spec.label}: spills to local memory on {device.name}"
+    )
+    assert 0 < compiled.registers <= 255
+    assert compiled.shared <= device.smem_per_block, f"{spec.label}: {compiled.shared} B of shared memory"
+    assert compiled.occupancy(device) > 0, f"{spec.label} cannot be resident on {device.name}"
+
+
+def assert_no_atomic_operations(spec, device) -> None:
+    """The weight-gradient and loss reductions are per-program partials plus a fixed-order second pass."""
+    compiled = _aot().compile_spec(spec, device.arch)
+    assert compiled.atomics() == []
+    assert "atomic" not in compiled.ttgir
+
+
+def assert_vectorised_global_loads(spec, device) -> None:
+    compiled = _aot().compile_spec(spec, device.arch)
+    assert max(compiled.load_widths()) >= 2, f"{spec.label}: scalar loads only on {device.name}"

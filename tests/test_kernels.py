@@ -1,10 +1,14 @@
-"""The kernels' PyTorch references, dispatch and API (normal pass), and the Triton kernels on a GPU.
+"""What the kernels share: dispatch (``PNFS_KERNELS``), API errors, custom-op registration,
+``torch.compile`` and fvcore around them, the two-pass row sum, ``bench/kernels.py``, the
+``auto`` backend's capability gating and fallback, and GPU cases that take several kernels.
 
-The Triton code on CPU is tested through the interpreter in ``test_kernels_interpret.py``.
+One kernel's own cases (reference, ``interpret``, ``aot`` and ``gpu``, side by side) are in
+``test_kernel_<name>.py``; the whole model under the interpreter in ``test_kernels_model.py``.
 """
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import json
 import os
@@ -14,14 +18,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from kernel_cases import assert_decoded, decode_batch, vector_batch
+from kernel_cases import FP32, triton_for_interpreter_cases  # noqa: F401  (autouse fixture)
 
 from pnfs.kernels import (
     FVCORE_HANDLES,
     argmax_decode,
     argmax_decode_reference,
-    argmax_decode_vectors,
-    argmax_decode_vectors_reference,
     fvcore_handles,
     squash_mse_loss,
     squash_mse_loss_reference,
@@ -31,72 +33,7 @@ from pnfs.kernels import (
     weighted_sum_reference,
 )
 
-# ------------------------------------------------------------- references vs float64 gradcheck
-
-
-@pytest.mark.parametrize("k, relu", [(1, False), (3, True), (12, False)])
-def test_weighted_sum_reference_passes_gradcheck(k, relu):
-    # offset away from 0 so the ReLU kink is not inside gradcheck's finite differences
-    xs = [(torch.rand(2, 3, 4, 5, dtype=torch.float64) + 0.1).requires_grad_() for _ in range(k)]
-    w = (torch.rand(k, dtype=torch.float64) + 0.1).requires_grad_()
-    assert torch.autograd.gradcheck(lambda w, *xs: weighted_sum_reference(xs, w, relu), (w, *xs))
-
-
-@pytest.mark.parametrize("d", [1, 3, 8])
-def test_squash_score_reference_passes_gradcheck(d):
-    v = torch.randn(2, 2 * d, 3, 4, dtype=torch.float64)
-    v[0, :d, 1, 2] = 0.0  # the gradient at v = 0 is part of the check
-    v.requires_grad_()
-    assert torch.autograd.gradcheck(lambda v: squash_score_reference(v, d), (v,))
-
-
-def test_squash_mse_loss_reference_passes_gradcheck():
-    v = torch.randn(2, 3 * 4, 3, 5, dtype=torch.float64, requires_grad=True)
-    targets = torch.rand(2, 3, 3, 5, dtype=torch.float64)
-    weights = torch.tensor([[1.0, 0.0, 1.0], [1.0, 1.0, 0.0]], dtype=torch.float64)
-    assert torch.autograd.gradcheck(lambda v: squash_mse_loss_reference(v, 4, targets, weights), (v,))
-
-
-def test_squash_gradient_is_exactly_zero_at_zero_vectors():
-    v = torch.zeros(1, 2 * 8, 3, 3, requires_grad=True)
-    squash_score_reference(v, 8).sum().backward()
-    assert torch.equal(v.grad, torch.zeros_like(v))
-    assert torch.equal(squash_score_reference(v.detach(), 8), torch.zeros(1, 2, 3, 3))
-
-
-def test_squash_mse_loss_is_the_training_loss_on_squashed_scores():
-    from pnfs.loss import pose_loss
-
-    v = torch.randn(3, 17 * 4, 6, 5)
-    targets = torch.rand(3, 17, 6, 5)
-    weights = (torch.rand(3, 17) > 0.3).float()
-    expected = pose_loss(squash_score_reference(v, 4), targets, weights)
-    torch.testing.assert_close(squash_mse_loss_reference(v, 4, targets, weights), expected)
-
-
-# ----------------------------------------------------------------------------- decoding semantics
-
-
-def test_reference_decoding_of_hand_built_maps():
-    maps, expected_xy, peak = decode_batch()
-    assert_decoded(*argmax_decode_reference(maps), expected_xy, peak)
-    assert_decoded(*argmax_decode_reference(maps.to(memory_format=torch.channels_last)), expected_xy, peak)
-
-
-def test_reference_decoding_straight_from_vectors():
-    vectors, expected_xy, peak = vector_batch(d=3)
-    assert_decoded(*argmax_decode_vectors_reference(vectors, 3), expected_xy, peak)
-
-
-def test_vector_decoding_equals_decoding_the_squashed_scores():
-    v = torch.randn(4, 17 * 8, 12, 9, dtype=torch.float64)  # float64: no ties from rounding
-    coords, maxvals = argmax_decode_vectors_reference(v, 8)
-    expected_coords, expected_maxvals = argmax_decode_reference(squash_score_reference(v, 8))
-    torch.testing.assert_close(coords, expected_coords, rtol=0, atol=0)
-    torch.testing.assert_close(maxvals, expected_maxvals)
-
-
-# ----------------------------------------------------------------------------- dispatch and API
+# ------------------------------------------------------------- dispatch and API
 
 
 def test_torch_backend_runs_the_reference(monkeypatch):
@@ -111,7 +48,6 @@ def test_torch_backend_runs_the_reference(monkeypatch):
     t, wt = torch.rand(2, 2, 3, 3), torch.ones(2, 2)
     torch.testing.assert_close(squash_mse_loss(v, 4, t, wt), squash_mse_loss_reference(v, 4, t, wt))
     torch.testing.assert_close(argmax_decode(v[:, :2]), argmax_decode_reference(v[:, :2]))
-    torch.testing.assert_close(argmax_decode_vectors(v, 4), argmax_decode_vectors_reference(v, 4))
 
 
 def test_auto_backend_uses_the_reference_for_cpu_tensors(monkeypatch):
@@ -156,7 +92,6 @@ def test_triton_backend_on_cpu_tensors_needs_the_interpreter(monkeypatch):
             r"weights \(2,\), expected \(1, 2\)",
         ),
         (lambda: argmax_decode(torch.zeros(2, 2, 2)), "argmax_decode: expected a 4-d"),
-        (lambda: argmax_decode_vectors(torch.zeros(1, 5, 2, 2), 2), "5 channels are not a multiple of d=2"),
     ],
 )
 def test_bad_input_is_a_clear_error(call, message):
@@ -167,7 +102,7 @@ def test_bad_input_is_a_clear_error(call, message):
 def test_custom_ops_are_registered():
     for name in ("weighted_sum", "weighted_sum_backward", "squash_score", "squash_score_backward"):
         assert hasattr(torch.ops.pnfs, name)
-    for name in ("squash_mse_loss", "argmax_decode", "argmax_decode_vectors"):
+    for name in ("squash_mse_loss", "argmax_decode"):
         assert hasattr(torch.ops.pnfs, name)
         assert f"pnfs::{name}" in FVCORE_HANDLES
 
@@ -177,7 +112,7 @@ def test_compiled_reference_path_has_no_graph_break(monkeypatch):
 
     def step(xs, w, v, t, wt):
         loss = squash_mse_loss(v * weighted_sum(xs, w, relu=True).mean(), 2, t, wt)
-        return loss + argmax_decode_vectors(v, 2)[1].sum()
+        return loss + argmax_decode(v[:, :2])[1].sum()
 
     xs = [torch.randn(2, 4, 5, 5) for _ in range(3)]
     w = torch.randn(3, requires_grad=True)
@@ -211,7 +146,72 @@ class _KernelModel(torch.nn.Module):
         return squash_score(weighted_sum([y, y * 2, y + 1], self.w, relu=True), 2)
 
 
+#  Triton under the interpreter: custom ops, compile, fvcore, the shared reduction
+
+
+@pytest.mark.interpret
+def test_custom_ops_pass_opcheck():
+    """Schema, fake (meta) kernels and autograd registration, checked by torch itself."""
+    xs = [torch.randn(2, 3, 4, 5, requires_grad=True) for _ in range(3)]
+    w = torch.randn(3, requires_grad=True)
+    torch.library.opcheck(torch.ops.pnfs.weighted_sum.default, (xs, w, True))
+    v = torch.randn(2, 2 * 4, 3, 5, requires_grad=True)
+    torch.library.opcheck(torch.ops.pnfs.squash_score.default, (v, 4))
+    t, wt = torch.rand(2, 2, 3, 5), torch.ones(2, 2)
+    torch.library.opcheck(torch.ops.pnfs.squash_mse_loss.default, (v, 4, t, wt, True))
+    torch.library.opcheck(torch.ops.pnfs.argmax_decode.default, (t,))
+
+
+@pytest.mark.interpret
+def test_compile_fullgraph_through_the_kernels():
+    def step(xs, w, v, t, wt):
+        y = weighted_sum(xs, w, relu=True)
+        s = squash_score(v * y.mean(), 2)
+        loss = squash_mse_loss(v, 2, t, wt)
+        return s.sum() + loss + argmax_decode(s)[1].sum()
+
+    xs = [torch.randn(2, 4, 5, 5, requires_grad=True) for _ in range(3)]
+    w = torch.randn(3, requires_grad=True)
+    v, t, wt = torch.randn(2, 4, 5, 5, requires_grad=True), torch.rand(2, 2, 5, 5), torch.ones(2, 2)
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    got = torch.autograd.grad(compiled(xs, w, v, t, wt), [*xs, w, v])
+    want = torch.autograd.grad(step(xs, w, v, t, wt), [*xs, w, v])
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.interpret
+def test_fvcore_counts_the_custom_ops_like_their_reference(monkeypatch):
+    from fvcore.nn import FlopCountAnalysis
+
+    model, image = _KernelModel(torch.nn.Conv2d(3, 8, 1, bias=False)), torch.randn(1, 3, 4, 4)
+
+    def count(backend: str, handles: dict) -> FlopCountAnalysis:
+        monkeypatch.setenv("PNFS_KERNELS", backend)
+        analysis = FlopCountAnalysis(model, image).unsupported_ops_warnings(False).set_op_handle(**handles)
+        analysis.total()
+        return analysis
+
+    on_torch = count("torch", FVCORE_HANDLES)
+    on_triton = count("triton", FVCORE_HANDLES)
+    assert on_triton.total() == on_torch.total() == 8 * 3 * 16  # the 1x1 convolution only
+    assert not [op for op in on_triton.unsupported_ops() if op.startswith("pnfs::")]
+    elementwise = count("triton", fvcore_handles(elementwise=True))
+    # + 3 * numel(out) for the weighted sum, + numel(vectors) for n^2
+    assert elementwise.total() == 8 * 3 * 16 + 3 * 8 * 16 + 8 * 16
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("cols", [1, 1023, 1025, 4100])
+def test_sum_rows_over_thousands_of_columns(cols):
+    partials = torch.randn(3, cols)
+    got = importlib.import_module("pnfs.kernels._reduce").sum_rows(partials, 0.5)
+    torch.testing.assert_close(got.double(), 0.5 * partials.double().sum(dim=1), **FP32)
+
+
 # ------------------------------------------------------------- bench/kernels.py
+
 
 BENCH = Path(__file__).resolve().parents[1] / "bench" / "kernels.py"
 
@@ -234,7 +234,7 @@ def test_benchmark_covers_the_issues_shapes_and_counts_the_bytes_each_kernel_mus
     assert {c.shape for c in squash} == {(32, 8 * j, h, w) for j in (16, 17) for h, w in ((64, 64), (96, 72))}
     assert {c.dtype for c in full} == {"fp32", "bf16"} and {c.mode for c in ws} == {"fwd", "fwd+bwd"}
     assert {c.kernel for c in full} == {
-        "weighted_sum", "squash_score", "squash_mse_loss", "argmax_decode", "argmax_decode_vectors",
+        "weighted_sum", "squash_score", "squash_mse_loss", "argmax_decode",
     }  # fmt: skip
     numel = 32 * 40 * 64 * 64
     relu3 = bench.Case("weighted_sum", "fwd+bwd", (32, 40, 64, 64), "bf16", k=3, relu=True)
@@ -264,7 +264,6 @@ def test_benchmark_quick_run_on_cpu_writes_its_json(tmp_path):
         "squash_score",
         "squash_mse_loss",
         "argmax_decode",
-        "argmax_decode_vectors",
     }
     for case in report["cases"]:
         assert set(case["median_ms"]) == {"eager", "compiled"}
@@ -274,91 +273,7 @@ def test_benchmark_quick_run_on_cpu_writes_its_json(tmp_path):
     assert len(lines) == len(report["cases"])  # one line per case
 
 
-# ------------------------------------------------------------- Triton on a GPU (skipped without CUDA)
-
-GPU_TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.bfloat16: dict(atol=1e-2, rtol=1e-2)}
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("k, relu, channels_last", [(3, True, True), (8, False, False), (12, False, True)])
-def test_weighted_sum_on_gpu_matches_reference(monkeypatch, dtype, k, relu, channels_last):
-    monkeypatch.setenv("PNFS_KERNELS", "triton")
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    xs = [
-        torch.randn(32, 40, 64, 48, device="cuda").to(dtype, memory_format=fmt).requires_grad_()
-        for _ in range(k)
-    ]
-    w = torch.randn(k, device="cuda", requires_grad=True)
-    out = weighted_sum(xs, w, relu)
-    g = torch.randn_like(out)
-    grads = torch.autograd.grad(out, [*xs, w], g)
-    xs64 = [x.detach().double().requires_grad_() for x in xs]
-    w64 = w.detach().double().requires_grad_()
-    ref = weighted_sum_reference(xs64, w64, relu)
-    ref_grads = torch.autograd.grad(ref, [*xs64, w64], g.double())
-    torch.testing.assert_close(out.double(), ref, **GPU_TOL[dtype])
-    for got, want in zip(grads[:-1], ref_grads[:-1]):
-        torch.testing.assert_close(got.double(), want, **GPU_TOL[dtype])
-    torch.testing.assert_close(grads[-1].double(), ref_grads[-1], rtol=1e-4, atol=1e-3)
-    again = torch.autograd.grad(weighted_sum(xs, w, relu), [w], g)[0]
-    assert torch.equal(again, grads[-1]), "dw must be bitwise reproducible"
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_squash_and_loss_on_gpu_match_reference(monkeypatch, dtype):
-    monkeypatch.setenv("PNFS_KERNELS", "triton")
-    v = torch.randn(32, 17 * 8, 96, 72, device="cuda").to(dtype).requires_grad_()
-    s = squash_score(v, 8)
-    g = torch.randn_like(s)
-    (dv,) = torch.autograd.grad(s, v, g)
-    v64 = v.detach().double().requires_grad_()
-    ref = squash_score_reference(v64, 8)
-    (ref_dv,) = torch.autograd.grad(ref, v64, g.double())
-    torch.testing.assert_close(s.double(), ref, **GPU_TOL[dtype])
-    torch.testing.assert_close(dv.double(), ref_dv, **GPU_TOL[dtype])
-    t = torch.rand(32, 17, 96, 72, device="cuda")
-    wt = (torch.rand(32, 17, device="cuda") > 0.2).float()
-    loss = squash_mse_loss(v, 8, t, wt)
-    (dv,) = torch.autograd.grad(loss, v)
-    ref_loss = squash_mse_loss_reference(v64, 8, t, wt)
-    (ref_dv,) = torch.autograd.grad(ref_loss, v64)
-    torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-5, atol=1e-7)
-    torch.testing.assert_close(dv.double(), ref_dv, rtol=GPU_TOL[dtype]["rtol"], atol=1e-9)
-
-
-@pytest.mark.gpu
-def test_weighted_sum_weight_gradient_is_bitwise_reproducible_on_gpu(monkeypatch):
-    """Programs run concurrently on a GPU: the two-pass dw reduction must give the same bits every run
-    (the interpreter runs programs one after another, so only CUDA can show this)."""
-    monkeypatch.setenv("PNFS_KERNELS", "triton")
-    xs = [torch.randn(4, 40, 64, 48, device="cuda", requires_grad=True) for _ in range(3)]
-    w = torch.rand(3, device="cuda", requires_grad=True)
-    g = torch.randn(4, 40, 64, 48, device="cuda")
-    runs = [torch.autograd.grad(weighted_sum(xs, w, relu=True), w, g)[0] for _ in range(5)]
-    loss = [
-        squash_mse_loss(xs[0][:, :34], 2, xs[1][:, :17].detach().sigmoid(), w.new_ones(4, 17))
-        for _ in range(5)
-    ]
-    assert all(torch.equal(runs[0], r) for r in runs[1:])
-    assert all(torch.equal(loss[0], x) for x in loss[1:])
-
-
-@pytest.mark.gpu
-def test_argmax_decode_on_gpu_matches_reference(monkeypatch):
-    monkeypatch.setenv("PNFS_KERNELS", "triton")
-    maps, expected_xy, peak = decode_batch()
-    assert_decoded(*(t.cpu() for t in argmax_decode(maps.cuda())), expected_xy, peak)
-    vectors, expected_xy, peak = vector_batch()
-    assert_decoded(*(t.cpu() for t in argmax_decode_vectors(vectors.cuda(), 3)), expected_xy, peak)
-    s = torch.rand(32, 17, 96, 72, device="cuda")
-    torch.testing.assert_close(argmax_decode(s), argmax_decode_reference(s), rtol=0, atol=0)
-    v = torch.randn(32, 17 * 8, 96, 72, device="cuda")
-    coords, maxvals = argmax_decode_vectors(v, 8)
-    ref_coords, ref_maxvals = argmax_decode_vectors_reference(v, 8)
-    torch.testing.assert_close(coords, ref_coords, rtol=0, atol=0)
-    torch.testing.assert_close(maxvals, ref_maxvals)
+# -------------------------------------------- on a GPU: several kernels at once
 
 
 @pytest.mark.gpu
@@ -399,7 +314,7 @@ def test_offsets_past_two_to_the_31_elements(monkeypatch):
     assert coords.tolist() == [[[2**15 + 0.25, 2**16 - 2.0]]] and maxvals.item() == 1.0
 
 
-# ------------------------------------------------------------- auto: capability gating, fallback, amp
+# ------------------------- auto: capability gating, fallback, amp, device guard
 
 
 class _FakeCudaTensor:

@@ -1,4 +1,4 @@
-"""Every Triton kernel compiled ahead of time for A100 (sm_80) and H100 (sm_90), on this CPU.
+"""Ahead-of-time compilation for A100 (sm_80) and H100 (sm_90), on this CPU: the shared parts.
 
 Triton's pipeline down to PTX, the wheel's ``ptxas`` to a cubin and ``cuobjdump`` for its
 resources (see ``pnfs/kernels/aot.py``), at every specialisation the presets and the
@@ -7,8 +7,10 @@ no local memory (no register spills), fits the device's shared memory, vectorise
 loads of its dense paths, and contains no atomic operation (the reductions are two-pass and
 deterministic: weight gradients and losses give the same bits every run).
 
-The ids name the kernel (``-k squash`` selects the squash kernels' AOT, interpreter and GPU cases).
-Compiled kernels are cached per process; Triton's own disk cache serves later runs.
+Each kernel's AOT cases sit with its other cases in ``test_kernel_<name>.py`` (marker ``aot``;
+``-m aot`` selects them all); here: the shared two-pass row sum (``_reduce``), that the
+specialisations cover every kernel, and that the atomics check can fail. Compiled kernels are
+cached per process; Triton's own disk cache serves later runs.
 """
 
 from __future__ import annotations
@@ -16,6 +18,12 @@ from __future__ import annotations
 import os
 
 import pytest
+from kernel_cases import (
+    aot_cases,
+    assert_compiles_without_spills_within_shared_memory,
+    assert_no_atomic_operations,
+    assert_vectorised_global_loads,
+)
 
 from pnfs.kernels import aot
 
@@ -26,38 +34,26 @@ pytestmark = [
     ),
 ]
 
-CASES = [
-    pytest.param(spec, device, id=f"{spec.label}-{device.name}")
-    for spec in aot.SPECIALISATIONS
-    for device in aot.DEVICES
-]
+
+@pytest.mark.aot
+@pytest.mark.parametrize("spec, device", aot_cases("_reduce"))
+def test_aot_compiles_without_spills_within_shared_memory(spec, device):
+    assert_compiles_without_spills_within_shared_memory(spec, device)
 
 
-@pytest.mark.parametrize("spec, device", CASES)
-def test_kernel_compiles_without_spills_within_shared_memory(spec, device):
-    compiled = aot.compile_spec(spec, device.arch)
-    assert compiled.local == 0 and compiled.stack == 0, (
-        f"{spec.label}: spills to local memory on {device.name}"
-    )
-    assert 0 < compiled.registers <= 255
-    assert compiled.shared <= device.smem_per_block, f"{spec.label}: {compiled.shared} B of shared memory"
-    assert compiled.occupancy(device) > 0, f"{spec.label} cannot be resident on {device.name}"
+@pytest.mark.aot
+@pytest.mark.parametrize("spec, device", aot_cases("_reduce"))
+def test_aot_has_no_atomic_operations(spec, device):
+    assert_no_atomic_operations(spec, device)
 
 
-@pytest.mark.parametrize("spec, device", CASES)
-def test_kernel_has_no_atomic_operations(spec, device):
-    """The weight-gradient and loss reductions are per-program partials plus a fixed-order second pass."""
-    compiled = aot.compile_spec(spec, device.arch)
-    assert compiled.atomics() == []
-    assert "atomic" not in compiled.ttgir
+@pytest.mark.aot
+@pytest.mark.parametrize("spec, device", aot_cases("_reduce", dense_only=True))
+def test_aot_dense_paths_vectorise_their_global_loads(spec, device):
+    assert_vectorised_global_loads(spec, device)
 
 
-@pytest.mark.parametrize("spec, device", [case for case in CASES if case.values[0].dense])
-def test_dense_paths_vectorise_their_global_loads(spec, device):
-    compiled = aot.compile_spec(spec, device.arch)
-    assert max(compiled.load_widths()) >= 2, f"{spec.label}: scalar loads only on {device.name}"
-
-
+@pytest.mark.aot
 def test_the_specialisations_cover_every_kernel():
     """A new @triton.jit kernel in pnfs/kernels must be added to SPECIALISATIONS."""
     import importlib
@@ -74,6 +70,7 @@ def test_the_specialisations_cover_every_kernel():
     assert launched == {spec.kernel for spec in aot.SPECIALISATIONS}
 
 
+@pytest.mark.aot
 def test_an_atomic_add_is_caught():
     """The atomics check can fail: a kernel reducing with tl.atomic_add is seen in PTX and TTGIR."""
     import triton
