@@ -52,7 +52,8 @@ from pnfs.config import load_config  # noqa: E402
 from pnfs.data.batch import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 from pnfs.data.coco import read_coco_persons  # noqa: E402
 from pnfs.data.geometry import Augment, box_to_region, region_to_input  # noqa: E402
-from pnfs.data.loader import build_loader  # noqa: E402
+from pnfs.data.loader import build_loader  # noqa
+from pnfs.data.plan_reader import worker_init  # noqa: E402
 from pnfs.data.records import SkipReport  # noqa: E402
 from pnfs.data.targets import gaussian_targets  # noqa: E402
 from pnfs.keypoints import COCO  # noqa: E402
@@ -113,11 +114,6 @@ class HRNetStyleDataset(torch.utils.data.Dataset):
             ys = np.arange(y0, y1, dtype=np.float32)[:, None]
             target[j, y0:y1, x0:x1] = np.exp(-((xs - u) ** 2 + (ys - vv) ** 2) / (2 * self.sigma**2))
         return target, weight
-
-
-def _worker_init(_):
-    torch.set_num_threads(1)
-    cv2.setNumThreads(1)
 
 
 class ShardServer:
@@ -252,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
                 batch_size=args.batch_size,
                 shuffle=True,
                 num_workers=args.workers,
-                worker_init_fn=_worker_init,
+                worker_init_fn=worker_init,
                 drop_last=True,
             )
 

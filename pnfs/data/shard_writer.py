@@ -8,8 +8,8 @@ One sample per person, key ``<image_id>_<ann_id>``, with the components
                image_size [width, height], crop_size [width, height], image_file, area, joint_set
     kp.f32     [K, 3] keypoints (crop px), little-endian float32      } the same numbers as raw
     bbox.f32   [4] box (original px)                                  } arrays, for DALI and the
-    c2i.f32    [2, 3] crop_to_image                                   } torch loader (no json
-    score.f32  [1] box score                                          } parsing on the hot path)
+    c2i.f32    [2, 3] crop_to_image                                   } torch loader (they only
+    score.f32  [1] box score                                          } check the json parses)
     ids.i64    [2] image_id, ann_id, little-endian int64
 
 Each shard is written under a temporary name and renamed when complete, together with its
