@@ -114,6 +114,29 @@ def test_argmax_decode_on_drawn_shapes(n, j, h, w, dtype, layout, seed):
     torch.testing.assert_close(maxvals, ref_maxvals, rtol=0, atol=0)
 
 
+@pytest.mark.interpret
+def test_argmax_decode_batch_offsets_past_two_to_the_31_are_int64():
+    """n * sN = 2 * (2^30 + 16) > 2^31 - 1 with both factors below 2^31: in int32 it wraps.
+
+    A view of 3 uint8 maps whose batch stride is 2^30 + 16, starting 2^31 elements into a
+    4 GiB storage that is allocated but never touched (only 48 elements and the decoy are
+    written). Wrapped int32 offsets would land on element 2^31 + 2^31 + 32 - 2^32 = 32 of the
+    storage, where a decoy peak of 7 sits; int64 offsets read map 2's real peak of 9.
+    """
+    batch_stride = 2**30 + 16
+    storage = torch.empty(2**32 + 64, dtype=torch.uint8)
+    maps = storage.as_strided((3, 1, 4, 4), (batch_stride, 16, 4, 1), storage_offset=2**31)
+    maps.zero_()
+    maps[2, 0, 1, 2], maps[2, 0, 1, 3] = 9, 5  # peak at (x=2, y=1), larger right neighbour
+    storage[:64] = 0
+    storage[32 + 1 * 4 + 3] = 7  # where map 2's (x=3, y=1) would be read with wrapped offsets
+    coords, maxvals = argmax_decode(maps)
+    assert coords[2].tolist() == [[2.25, 1.0]] and maxvals[2].tolist() == [9.0]
+    ref_coords, ref_maxvals = argmax_decode_reference(maps)
+    torch.testing.assert_close(coords, ref_coords, rtol=0, atol=0)
+    torch.testing.assert_close(maxvals, ref_maxvals, rtol=0, atol=0)
+
+
 # ------------------------------------------------- ahead of time (sm_80, sm_90)
 
 
