@@ -22,6 +22,9 @@ affine map, so (paper eqs. (1)-(3), :mod:`pnfs.model.cell`):
   strongest op of each edge and the strongest slot of each input node, so no node goes dead.
   Pruning changes the outputs; :func:`output_change` measures by how much.
 
+A Table VI baseline (:class:`pnfs.model.BaselinePoseNet`) has no alpha/beta: freezing it folds
+its BatchNorms, those after SimpleBaseline's deconvolutions included.
+
 Without pruning the frozen model equals the training model in eval mode up to float32
 rounding (within 1e-4 on the scores; ``tests/test_deploy.py``). It is in eval mode, takes no
 gradient and is in ``channels_last`` memory format. Its forward is plain PyTorch, so it
@@ -42,6 +45,7 @@ from torch import nn
 
 from pnfs.inference import HEATMAP_STRIDE, back_project, decode, predict_scores
 from pnfs.model.backbones import FabricBackbone
+from pnfs.model.baseline import BaselinePoseNet
 from pnfs.model.cell import BETA_ORDER, Cell, Downsample, Upsample
 from pnfs.model.fabric import Fabric, cell_name
 from pnfs.model.ops import DilConv, PoolBN, SepConv
@@ -98,6 +102,28 @@ def _sum_convs(convs: Sequence[nn.Conv2d]) -> nn.Conv2d:
     return total
 
 
+def fold_deconv_bn(deconv: nn.ConvTranspose2d, bn: nn.BatchNorm2d) -> nn.ConvTranspose2d:
+    """A new transposed conv (groups 1) equal to ``bn(deconv(x))`` in eval mode: its weight
+    [in, out, k, k] scaled by a per output channel, b' = a * b_deconv + b_bn (float64)."""
+    weight = deconv.weight.detach().double()
+    bias = deconv.bias.detach().double() if deconv.bias is not None else weight.new_zeros(deconv.out_channels)
+    a, b = _bn_affine(bn)
+    folded = nn.ConvTranspose2d(
+        deconv.in_channels,
+        deconv.out_channels,
+        deconv.kernel_size,
+        stride=deconv.stride,
+        padding=deconv.padding,
+        output_padding=deconv.output_padding,
+        dilation=deconv.dilation,
+        bias=True,
+    )
+    dtype = deconv.weight.dtype
+    folded.weight.data = (weight * a.view(1, -1, 1, 1)).to(dtype)
+    folded.bias.data = (a * bias + b).to(dtype)
+    return folded.to(deconv.weight.device)
+
+
 def fold_batchnorms(module: nn.Module) -> nn.Module:
     """Fold, in place, every BatchNorm2d that directly follows a Conv2d, and return ``module``.
 
@@ -115,6 +141,9 @@ def fold_batchnorms(module: nn.Module) -> nn.Module:
             conv, bn = module._modules[first], module._modules[second]
             if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d):
                 module._modules[first] = fold_conv_bn(conv, bn)
+                module._modules[second] = nn.Identity()
+            elif isinstance(conv, nn.ConvTranspose2d) and conv.groups == 1 and isinstance(bn, nn.BatchNorm2d):
+                module._modules[first] = fold_deconv_bn(conv, bn)
                 module._modules[second] = nn.Identity()
     for suffix in ("", "1", "2", "3"):
         conv, bn = getattr(module, f"conv{suffix}", None), getattr(module, f"bn{suffix}", None)
@@ -289,8 +318,11 @@ def freeze_fabric(fabric: Fabric, prune_below: float = 0.0) -> FrozenFabric:
 
 
 @torch.no_grad()
-def freeze(model: PoseNFS, prune_below: float = 0.0, channels_last: bool = True) -> PoseNFS:
-    """A frozen copy of a trained PoseNFS for inference (eval mode, no grad, BN/alpha/beta folded).
+def freeze(
+    model: PoseNFS | BaselinePoseNet, prune_below: float = 0.0, channels_last: bool = True
+) -> PoseNFS | BaselinePoseNet:
+    """A frozen copy of a trained PoseNFS (or baseline) for inference (eval mode, no grad,
+    BN/alpha/beta folded).
 
     ``model`` is not changed. ``prune_below`` in [0, 1): also drop ops/slots whose softmax
     weight is below it (0: exact, nothing dropped beyond ``zero``).
@@ -298,7 +330,7 @@ def freeze(model: PoseNFS, prune_below: float = 0.0, channels_last: bool = True)
     if not 0.0 <= prune_below < 1.0:
         raise ValueError(f"--prune-below {prune_below!r} must be in [0, 1)")
     frozen = copy.deepcopy(model).eval()
-    for part in frozen.parts:
+    for part in frozen.parts if isinstance(frozen, PoseNFS) else ():
         part.fabric = freeze_fabric(part.fabric, prune_below)
     if isinstance(frozen.backbone, FabricBackbone):
         frozen.backbone.fabric = freeze_fabric(frozen.backbone.fabric, prune_below)

@@ -11,6 +11,7 @@ from test_train_step import random_batch, step_parts
 
 from pnfs.config import ConfigError, load_config
 from pnfs.data.targets import gaussian_targets
+from pnfs.deploy import freeze
 from pnfs.engine.step import weight_step
 from pnfs.engine.strategies import build_optimizers
 from pnfs.engine.trainer import run_training
@@ -94,6 +95,28 @@ def test_the_trunk_takes_the_full_imagenet_checkpoint_layout(preset):
     fit_backbone_state(model.backbone, state, "test")
     own = model.backbone.state_dict()
     assert all(torch.equal(own[k], state[k]) for k in own if not k.endswith("num_batches_tracked"))
+
+
+@pytest.mark.parametrize("preset", ["mpii_simplebaseline_r50_vec8_256", "mpii_hrnetw32_256"])
+def test_frozen_baseline_equals_the_eval_mode_model(preset):
+    """pnfs.deploy.freeze (predict/export): every BN folded, the deconvolutions' included."""
+    cfg = load_config(preset, SMALL)
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    for m in model.modules():  # BN statistics and affine parameters away from the identity
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.normal_(0.0, 0.1)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.normal_(0.0, 0.1)
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        expected = model.eval()(images)
+    frozen = freeze(model)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in frozen.modules())
+    assert expected.std() > 0.01
+    # float32 rounding relative to the output's scale (an untrained HRNet's heatmaps reach ~1e7)
+    assert (frozen(images) - expected).abs().max() <= 1e-5 * expected.abs().max()
 
 
 def test_darts1_is_refused_and_sync_random_train_the_weights():
