@@ -54,7 +54,7 @@ class BackboneConfig:
 
 @dataclass
 class ModelConfig:
-    name: ModelName = "pnfs"  # a baseline uses backbone and vector_dim only (docs/design.md §2)
+    name: ModelName = "pnfs"  # a Table VI baseline uses backbone and vector_dim only (pnfs.model.baseline)
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     num_parts: int = 3  # P of Table I (1, 3, 5 or 8) unless custom_parts is given
     custom_parts: list[list[int]] | None = None  # a grouping of our joint indices
