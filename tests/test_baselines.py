@@ -133,7 +133,8 @@ def test_darts1_is_refused_and_sync_random_train_the_weights():
 
 
 def test_a_baseline_trains_with_the_default_strategy(tmp_path, tmp_path_factory):
-    """The whole engine: run_training on tiny COCO-format shards, no architecture export."""
+    """The whole engine: run_training on tiny COCO-format shards, evaluated (COCO AP), no
+    architecture export."""
     data = tiny_dataset(tmp_path_factory)
     baseline = [
         "model.name=simplebaseline_resnet50",
@@ -143,10 +144,11 @@ def test_a_baseline_trains_with_the_default_strategy(tmp_path, tmp_path_factory)
     cfg = load_config(
         None,
         [*TINY_OVERRIDES, *data["overrides"], *baseline, "train.epochs=1", "train.max_steps_per_epoch=2",
-         f"train.out_dir={tmp_path / 'run'}"],
+         "train.eval_every=1", f"train.out_dir={tmp_path / 'run'}"],
     )  # fmt: skip
     result = run_training(cfg)
     assert result["global_step"] == 2 and result["skipped_steps"] == 0
+    assert 0 <= result["metrics"]["AP"] <= 1
     log = (tmp_path / "run" / "train.log").read_text()
     assert "model.name 'simplebaseline_resnet50' has no alpha/beta" in log
     assert not (tmp_path / "run" / "architecture").exists()
