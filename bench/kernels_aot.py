@@ -1,6 +1,7 @@
 """Resource report of every Triton kernel compiled ahead of time for A100 (sm_80) and H100 (sm_90).
 
     python bench/kernels_aot.py [--json FILE]      (also: python bench/kernels.py --aot)
+    python bench/kernels_aot.py --markdown FILE    (the bench/README.md table of a saved report)
 
 No GPU needed: each specialisation of ``pnfs/kernels/aot.py`` (the ones the presets and the
 train/eval paths launch) is compiled with Triton down to a cubin (the ``ptxas`` in the triton
@@ -75,12 +76,50 @@ def report() -> dict:
     }
 
 
+def _pair(a, b) -> str:
+    return f"{a}/{b}"
+
+
+def markdown(report: dict) -> str:
+    """One table row per kernel, specialisation and dtype: H100/A100 side by side (smem and the
+    H100 load/store widths once when both targets agree). ``NO_INDEX`` (a constant) is left out."""
+    rows: dict[tuple, dict[str, dict]] = {}
+    for case in report["cases"]:
+        consts = {k: v for k, v in case["specialisation"].items() if k != "NO_INDEX"}
+        key = (case["kernel"], ",".join(f"{k}={int(v)}" for k, v in consts.items()), case["dtype"])
+        rows.setdefault(key, {})[case["device"]] = case
+    lines = [
+        "| kernel | specialisation | dtype | regs H100/A100 | spills | smem B | ld / st width "
+        "| occupancy H100/A100 |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for (kernel, consts, dtype), by_device in rows.items():
+        h, a = by_device["H100"], by_device["A100"]
+        spills = _pair(h["local_bytes"] + h["stack_bytes"], a["local_bytes"] + a["stack_bytes"])
+        smem = (
+            str(h["shared_bytes"])
+            if h["shared_bytes"] == a["shared_bytes"]
+            else _pair(h["shared_bytes"], a["shared_bytes"])
+        )
+        widths = f"{_widths(set(h['load_widths']))} / {_widths(set(h['store_widths']))}"
+        lines.append(
+            f"| `{kernel}` | {consts} | {dtype} | {_pair(h['registers'], a['registers'])} | {spills} "
+            f"| {smem} | {widths} | {h['occupancy']:.2f}/{a['occupancy']:.2f} |"
+        )
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--json", type=Path, help="also write the report here")
+    parser.add_argument("--markdown", type=Path, help="print the table of this saved report; compile nothing")
     args = parser.parse_args(argv)
+    if args.markdown:
+        saved = json.loads(args.markdown.read_text())
+        print(markdown(saved))
+        return saved
     result = report()
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

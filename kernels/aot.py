@@ -7,12 +7,14 @@ registers, stack and local memory (spills) back. No GPU and no CUDA driver are n
 
 :data:`SPECIALISATIONS` lists the constexpr specialisations the presets and the train/eval
 paths launch (``vector_dim`` 4 and 8, K of the input node and of hidden nodes with H <= 2 over
-four or six ops, chunk remainders, fp32 and bf16 tensors). Pointers are compiled as 16-byte
-aligned, as ``torch`` allocates them, and the flat sizes as multiples of 16, as Triton's
-launcher specialises them at run time for the presets' shapes.
+four or six ops, chunk remainders, the FLAT (NCHW) and strided paths of squash and decoding,
+fp32 and bf16 tensors). Pointers are compiled as 16-byte aligned, as ``torch`` allocates them,
+and the flat sizes (and, on FLAT paths, the batch and channel strides, multiples of H*W) as
+multiples of 16, as Triton's launcher specialises them at run time for the presets' shapes.
 
-Used by ``tests/test_kernels_aot.py`` (compiles, no spills, shared memory within the device's
-limit, vectorised dense loads, no atomics) and ``bench/kernels.py --aot`` (the resource report).
+Used by the ``aot``-marked tests (``tests/test_kernel_<name>.py``, ``tests/test_kernels_aot.py``:
+compiles, no spills, shared memory within the device's limit, vectorised dense loads, no atomics)
+and ``bench/kernels.py --aot`` (the resource report).
 """
 
 from __future__ import annotations
