@@ -11,7 +11,7 @@ from pnfs.config import load_config
 from pnfs.data.batch import PoseBatch
 from pnfs.data.targets import gaussian_targets
 from pnfs.engine.guard import NonFiniteGuard, NonFiniteLossError, StepRecord
-from pnfs.engine.step import StepParts, apply_if_finite, poison_non_finite, weight_step
+from pnfs.engine.step import StepParts, apply_if_finite, clipped_norm, poison_non_finite, weight_step
 from pnfs.engine.strategies import build_optimizers
 from pnfs.loss import batch_loss, loss_setup, pose_loss
 from pnfs.model import build_model
@@ -144,6 +144,23 @@ def test_the_fused_update_is_bitwise_adams_own_step():
         twin.zero_grad(set_to_none=True)
     assert all(torch.equal(a, b) for a, b in zip(snapshot(ours), snapshot(theirs)))
     assert int(ours.optimizer.state[ours.params[0]]["step"]) == 3
+
+
+@pytest.mark.parametrize("max_norm", [0.0, 1e-3])
+def test_the_norm_is_clip_grad_norms_and_clips_only_with_a_max_norm(max_norm):
+    cfg, model = tiny("model.num_parts=3")
+    batch_loss(model, random_batch(cfg), step_parts(cfg, model).setup).backward()
+    params = [p for p in model.parameters() if p.grad is not None]
+    grads = [p.grad.clone() for p in params]
+    norm = clipped_norm(params, max_norm)
+    twins = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    for t, g in zip(twins, grads):
+        t.grad = g.clone()
+    want_norm = torch.nn.utils.clip_grad_norm_(twins, max_norm if max_norm > 0 else float("inf"))
+    assert torch.equal(norm, want_norm) and norm > 10 * max_norm
+    assert all(torch.equal(p.grad, t.grad) for p, t in zip(params, twins))
+    if max_norm == 0:  # no clipping: the gradients are left as they were
+        assert all(torch.equal(p.grad, g) for p, g in zip(params, grads))
 
 
 SYNCS = ("item", "tolist", "__bool__", "__float__", "__int__")
