@@ -17,6 +17,9 @@ Cases: baseline and lean with ``PNFS_KERNELS=torch`` (PyTorch references), lean 
 (Triton on CUDA; on CPU ``auto`` is the references again), and, unless ``--no-compile``, the
 model under ``torch.compile`` for both steps; last, baseline and lean (torch, eager) once more in
 one process with their blocks interleaved, the ratio least moved by a changing load.
+On the CPU a last child times, by process CPU time, the pieces in which the two steps differ
+(loss forward+backward from the vectors, the Adam update, the gradient norm, the two host syncs;
+``measure_parts``): what the lean step can save there at most.
 ``--baseline`` runs only the baseline case. Steps
 run in blocks of ``--block`` (the log interval); a block ends with one read (and a device sync),
 the median block time / block is the step time. ``ops_per_step`` counts the ``aten::`` events
@@ -32,6 +35,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import platform
 import resource
@@ -203,6 +207,88 @@ def measure_interleaved(args: argparse.Namespace) -> dict:
     return {"rounds": len(wall), "wall_ratio": statistics.median(wall), "cpu_ratio": statistics.median(cpu)}
 
 
+def measure_parts(args: argparse.Namespace, reps: int = 7) -> dict:
+    """Process CPU ms (median of ``reps``) of the pieces in which the two steps differ, on the
+    config's model with the gradients of one batch (CPU only: there every operator runs
+    synchronously, so the host time of a piece is its cost). The loss pieces run forward and
+    backward from the head's vectors (a detached copy): ``squash_score`` then ``pose_loss`` (the
+    baseline's path, less its per-part ``index_add``) against ``pose_loss`` of the vectors (the
+    fused loss's reference)."""
+    from pnfs.config import load_config
+    from pnfs.data.targets import gaussian_targets
+    from pnfs.engine.step import clipped_norm, fused_adam_update
+    from pnfs.kernels import squash_score
+    from pnfs.loss import JointVectors, pose_loss
+    from pnfs.model import build_model
+
+    cfg = load_config(args.config, [*args.overrides, "train.device=cpu"])
+    n = args.batch or cfg.train.batch_size
+    batch = random_batch(n, cfg.num_joints, tuple(cfg.data.input_size), torch.device("cpu"))
+    torch.manual_seed(0)
+    model = build_model(cfg).to(memory_format=torch.channels_last)
+    images = batch.image.contiguous(memory_format=torch.channels_last)
+    vectors = model(images, vectors=True)
+    vectors.square().mean().backward()
+    vectors = vectors.detach()
+    targets, weights = gaussian_targets(batch.keypoints, tuple(vectors.shape[-2:]), cfg.data.sigma)
+    targets = targets.index_select(1, torch.tensor(model.vector_joints))
+    weights = weights.index_select(1, torch.tensor(model.vector_joints))
+    d = model.vector_dim
+    params = [p for p in model.parameters() if p.grad is not None]
+    loop_adam = torch.optim.Adam(params, lr=cfg.train.lr)  # PyTorch's default on the CPU: for-loop
+    fused_adam = torch.optim.Adam(params, lr=cfg.train.lr, fused=True)
+    loop_adam.step()
+    fused_adam.step()
+    no_inf = torch.zeros(())
+    max_norm = cfg.train.grad_clip if cfg.train.grad_clip > 0 else math.inf
+    loss, norm = torch.ones(()), torch.ones(())
+
+    def loss_backward(prediction) -> None:
+        v = vectors.clone().requires_grad_()
+        pose_loss(prediction(v), targets, weights).backward()
+
+    pieces = {
+        "loss_scores": lambda: loss_backward(lambda v: squash_score(v, d).float()),
+        "loss_vectors": lambda: loss_backward(lambda v: JointVectors(v, d)),
+        "adam_for_loop": loop_adam.step,
+        "adam_fused_update": lambda: fused_adam_update(fused_adam, no_inf),
+        "clip_grad_norm": lambda: torch.nn.utils.clip_grad_norm_(params, max_norm),
+        "clipped_norm": lambda: clipped_norm(params, cfg.train.grad_clip),
+        "two_host_syncs": lambda: math.isfinite(loss.item()) and bool(torch.isfinite(norm)),
+    }
+    ms = {}
+    for name, piece in pieces.items():
+        piece()
+        times = []
+        for _ in range(reps):
+            c = time.process_time()
+            piece()
+            times.append(time.process_time() - c)
+        ms[name] = 1000 * statistics.median(times)
+    return {"reps": reps, "params": len(params), "numel": sum(p.numel() for p in params), "cpu_ms": ms}
+
+
+def source_commit() -> str:
+    """HEAD of the checkout the script runs from, ``+dirty`` with uncommitted changes; ``PNFS_COMMIT``
+    where it is not a git checkout."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        code = ["pnfs", "kernels", "bench/train_step.py"]
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", *code],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return os.environ.get("PNFS_COMMIT", "unknown")
+    return head + ("+dirty" if dirty else "")
+
+
 def run_case(argv: list[str], step: str, kernels: str, compiled: bool) -> dict:
     """``measure`` in a child process; its last stdout line is the row as JSON."""
     case = f"{step}:{kernels}:{'compiled' if compiled else 'eager'}"
@@ -242,14 +328,16 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("--device cuda: CUDA is not available here")
     if args.case:
         step, kernels, mode = args.case.split(":")
-        row = (
-            measure_interleaved(args)
-            if step == "interleaved"
-            else measure(args, step, kernels, mode == "compiled")
-        )
+        if step == "interleaved":
+            row = measure_interleaved(args)
+        elif step == "parts":
+            row = measure_parts(args)
+        else:
+            row = measure(args, step, kernels, mode == "compiled")
         print(json.dumps(row))
         return 0
 
+    load_before = os.getloadavg()
     rows = []
     for step, kernels, compiled in CASES:
         if (compiled and args.no_compile) or (args.baseline and step != "baseline"):
@@ -280,6 +368,18 @@ def main(argv: list[str] | None = None) -> int:
             f" x{interleaved['wall_ratio']:.2f} wall, x{interleaved['cpu_ratio']:.2f} CPU time",
             flush=True,
         )
+    parts = None
+    if not args.baseline and args.device == "cpu":
+        parts = run_case(argv, "parts", "torch", False)
+        ms = parts["cpu_ms"]
+        print(
+            "CPU ms of the pieces that differ (baseline -> lean):"
+            f" loss fwd+bwd {ms['loss_scores']:.1f} -> {ms['loss_vectors']:.1f},"
+            f" Adam {ms['adam_for_loop']:.1f} -> {ms['adam_fused_update']:.1f},"
+            f" norm {ms['clip_grad_norm']:.1f} -> {ms['clipped_norm']:.1f},"
+            f" host syncs {ms['two_host_syncs']:.2f} -> 0",
+            flush=True,
+        )
     device = torch.device(args.device)
     report = {
         "config": str(args.config),
@@ -291,11 +391,16 @@ def main(argv: list[str] | None = None) -> int:
         if device.type == "cuda"
         else platform.processor() or "cpu",
         "torch": torch.__version__,
+        "commit": source_commit(),
+        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "loadavg_1min_before_after": [load_before[0], os.getloadavg()[0]],
+        "cpu_count": os.cpu_count(),
         "threads": torch.get_num_threads(),
         "steps": args.steps,
         "block": args.block,
         "rows": rows,
         "interleaved": interleaved,
+        "parts": parts,
     }
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
