@@ -337,7 +337,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(row))
         return 0
 
-    load_before = os.getloadavg()
+    load_before, commit = os.getloadavg(), source_commit()  # at the start: others may commit meanwhile
     rows = []
     for step, kernels, compiled in CASES:
         if (compiled and args.no_compile) or (args.baseline and step != "baseline"):
@@ -391,7 +391,7 @@ def main(argv: list[str] | None = None) -> int:
         if device.type == "cuda"
         else platform.processor() or "cpu",
         "torch": torch.__version__,
-        "commit": source_commit(),
+        "commit": commit,
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "loadavg_1min_before_after": [load_before[0], os.getloadavg()[0]],
         "cpu_count": os.cpu_count(),
