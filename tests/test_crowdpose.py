@@ -13,6 +13,7 @@ import pytest
 from pnfs.data.coco import read_coco_persons
 from pnfs.data.records import SkipReport
 from pnfs.evaluate.coco import crowd_bins, main
+from pnfs.evaluate.coco import crowdpose_ground_truth as scored_ground_truth
 from pnfs.keypoints import CROWDPOSE
 
 CROWD_INDEX = {1: 0.05, 2: 0.5, 3: 0.93}  # one image per bin
@@ -93,6 +94,22 @@ def test_ground_truth_as_predictions_scores_ap_one_with_the_split(tmp_path, caps
     assert set(stats) == {"AP", "AP50", "AP75", "AR", "AP_easy", "AP_medium", "AP_hard"}
     for key, value in stats.items():
         assert math.isclose(value, 1.0), (key, value)
+
+
+def test_ground_truth_without_area_is_scored_with_the_toolkit_area(tmp_path, capsys):
+    """CrowdPose's files have no area: crowdposetools takes 0.53 * box w * h for every person."""
+    gt = crowdpose_ground_truth()
+    results = [
+        {"image_id": a["image_id"], "category_id": 1, "keypoints": a["keypoints"], "score": 1.0}
+        for a in gt["annotations"]
+    ]
+    gt_path, res_path = tmp_path / "gt.json", tmp_path / "res.json"
+    gt_path.write_text(json.dumps(gt))
+    res_path.write_text(json.dumps(results))
+    assert {a["area"] for a in scored_ground_truth(gt_path).anns.values()} == {0.53 * 200.0 * 400.0}
+    argv = ["--annotations", str(gt_path), "--results", str(res_path), "--keypoints", "crowdpose", "--json"]
+    assert main(argv) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["AP"] == pytest.approx(1.0)
 
 
 def test_a_miss_in_the_hard_image_shows_in_ap_hard_only(tmp_path, capsys):

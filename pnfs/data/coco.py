@@ -3,7 +3,8 @@
 Any keypoint set in COCO format reads the same way (``joints``: COCO's 17 by default, CrowdPose's
 14, a custom set's K). Filter (the usual top-down protocol): ``iscrowd == 0``, ``area > 0`` and at
 least one labelled keypoint (v > 0); an annotation without ``area`` (CrowdPose's) gets the box's
-w × h, the area the CrowdPose toolkit scores such people with. The box is widened to cover
+w × h for that filter (the evaluation scores CrowdPose people with its toolkit's 0.53 × w × h,
+:func:`pnfs.evaluate.coco.crowdpose_ground_truth`). The box is widened to cover
 every labelled keypoint. Bad annotations (malformed, wrong keypoint count, NaN/negative
 numbers, zero-area box) are skipped and counted by reason in a :class:`SkipReport`, never raised.
 """

@@ -46,6 +46,9 @@ CROWD_BINS: tuple[tuple[str, float, float], ...] = (
     ("medium", 0.2, 0.8),
     ("hard", 0.8, float("inf")),
 )
+# crowdposetools (computeOks, evaluateImg) scores every CrowdPose person with 0.53 * box w * h
+# as the OKS scale and for the area ranges, whatever ``area`` the file holds (its files have none)
+CROWDPOSE_AREA_FACTOR = 0.53
 PERSON_CATEGORY = 1
 
 
@@ -198,6 +201,15 @@ def evaluate_keypoints(
     return {k: float(v) for k, v in zip(STAT_KEYS, evaluator.stats)}
 
 
+def crowdpose_ground_truth(annotations):
+    """The ground truth (path or ``COCO``, changed in place) as crowdposetools scores it: every
+    person's ``area`` = :data:`CROWDPOSE_AREA_FACTOR` * box w * h."""
+    gt = load_ground_truth(annotations)
+    for ann in gt.anns.values():
+        ann["area"] = CROWDPOSE_AREA_FACTOR * ann["bbox"][2] * ann["bbox"][3]
+    return gt
+
+
 def crowd_bins(annotations) -> dict[str, list[int]]:
     """Image ids per CrowdPose bin (easy/medium/hard) by each image's ``crowdIndex``.
 
@@ -223,9 +235,10 @@ def crowd_split_stats(
 ) -> dict[str, float]:
     """CrowdPose numbers: AP, AP50, AP75, AR over all images, AP_easy/medium/hard per bin.
 
-    Each bin's AP is COCOeval's AP restricted to that bin's images (an empty bin gives NaN).
+    Each bin's AP is COCOeval's AP restricted to that bin's images (an empty bin gives NaN); the
+    persons' areas are the toolkit's (:func:`crowdpose_ground_truth`).
     """
-    gt = load_ground_truth(annotations)
+    gt = crowdpose_ground_truth(annotations)
     overall = evaluate_keypoints(gt, results, sigmas=sigmas, verbose=verbose)
     stats = {k: overall[k] for k in ("AP", "AP50", "AP75", "AR")}
     for name, image_ids in crowd_bins(gt).items():

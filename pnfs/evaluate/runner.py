@@ -20,7 +20,14 @@ from pnfs.config import Config
 from pnfs.data.batch import PoseBatch
 from pnfs.deploy import freeze
 from pnfs.engine.distributed import all_gather_objects
-from pnfs.evaluate.coco import box_pck, coco_results, crowd_split_stats, evaluate_keypoints, format_table
+from pnfs.evaluate.coco import (
+    box_pck,
+    coco_results,
+    crowd_split_stats,
+    crowdpose_ground_truth,
+    evaluate_keypoints,
+    format_table,
+)
 from pnfs.evaluate.mpii import load_mpii_ground_truth, table_iv
 from pnfs.evaluate.oks import joint_sigmas
 from pnfs.inference import inference_amp, predict
@@ -142,10 +149,14 @@ def coco_metrics(pred: dict[str, np.ndarray], cfg: Config) -> tuple[dict, list[d
         rescore_threshold=cfg.eval.rescore_threshold,
         nms_threshold=cfg.eval.oks_nms_threshold,
     )
-    stats = evaluate_keypoints(cfg.data.val_annotations, results, sigmas=sigmas, verbose=False)
+    crowdpose = (
+        joints.name == "crowdpose"
+    )  # its toolkit's areas and split by crowd index (pnfs.evaluate.coco)
+    gt = crowdpose_ground_truth(cfg.data.val_annotations) if crowdpose else cfg.data.val_annotations
+    stats = evaluate_keypoints(gt, results, sigmas=sigmas, verbose=False)
     print(format_table(stats), flush=True)
-    if joints.name == "crowdpose":  # its own split by crowd index (pnfs.evaluate.coco)
-        stats.update(crowd_split_stats(cfg.data.val_annotations, results, sigmas, verbose=False))
+    if crowdpose:
+        stats.update(crowd_split_stats(gt, results, sigmas, verbose=False))
     return {**stats, "score": stats["AP"]}, results
 
 
