@@ -11,11 +11,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from known_model import TRAINED_AP
 from pose_oracle import PerfectNetwork
 
 from pnfs.config import load_config
 from pnfs.data.loader import build_loader
 from pnfs.evaluate import evaluate_model
+from pnfs.evaluate.loading import load_for_inference
 from pnfs.keypoints import joint_set
 
 REPO = Path(__file__).resolve().parents[1]
@@ -72,6 +74,20 @@ def mpii_config(shared_data, shards: Path, *extra: str):
     )
 
 
+def pycocotools_stats(annotations: Path, results: Path) -> dict[str, float]:
+    """pycocotools' own ten keypoint stats of a results json, named in COCOeval.summarize's order."""
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    gt = COCO(str(annotations))
+    ev = COCOeval(gt, gt.loadRes(str(results)), "keypoints")
+    ev.evaluate()
+    ev.accumulate()
+    ev.summarize()
+    names = ("AP", "AP50", "AP75", "APm", "APl", "AR", "AR50", "AR75", "ARm", "ARl")
+    return dict(zip(names, map(float, ev.stats), strict=True))
+
+
 def perfect_network(cfg) -> PerfectNetwork:
     """The oracle for every sample of the val loader (all ranks' samples)."""
     batches = list(build_loader(cfg, "val"))
@@ -112,13 +128,16 @@ def test_mpii_pckh_of_a_perfect_network_through_the_loader(shared_data, mpii_sha
     assert quarter["PCKh"] == 100.0 and 50.0 < quarter["PCKh@0.1"] < 100.0
 
 
-def test_real_model_evaluates(shared_data, coco_shards):
-    from pnfs.model import build_model
-
-    cfg = coco_config(shared_data, coco_shards)
-    model = build_model(cfg).train()
-    metrics = evaluate_model(model, build_loader(cfg, "val"), cfg, device="cpu")
-    assert 0.0 <= metrics["AP"] <= 1.0 and metrics["num_samples"] == 12
+def test_a_trained_model_scores_what_pycocotools_finds_in_its_results(known_checkpoint, tmp_path):
+    """The known checkpoint (tests/known_model.py) in train mode: evaluate_model scores it above
+    TRAINED_AP, its ten stats are pycocotools' own for the results.json it wrote, and the model
+    is left in the mode it was found in."""
+    model, cfg = load_for_inference(known_checkpoint.trained)
+    model.train()
+    metrics = evaluate_model(model, build_loader(cfg, "val"), cfg, device="cpu", out_dir=tmp_path)
+    assert metrics["num_samples"] == 12 and metrics["score"] == metrics["AP"] > TRAINED_AP
+    recomputed = pycocotools_stats(known_checkpoint.annotations, tmp_path / "results.json")
+    assert {k: metrics[k] for k in recomputed} == pytest.approx(recomputed, abs=1e-12)
     assert model.training  # evaluation leaves the mode as it found it
 
 
@@ -135,6 +154,7 @@ sys.path.insert(0, {tests!r})
 import test_eval_model as T
 from pnfs.data.loader import build_loader
 from pnfs.evaluate import evaluate_model
+from pnfs.evaluate.loading import load_for_inference
 
 rank, world = int(sys.argv[1]), int(sys.argv[2])
 dist.init_process_group("gloo", init_method="tcp://127.0.0.1:{port}", rank=rank, world_size=world)
