@@ -99,6 +99,21 @@ def test_bad_input_is_a_clear_error(call, message):
         call()
 
 
+def test_flat_planes_is_the_fast_path_for_row_major_planes_only():
+    """The launchers' FLAT flag: pixel p of a plane at plane start + p (sW == 1, sH == W)."""
+    from pnfs.kernels._compat import flat_planes
+
+    x = torch.zeros(2, 6, 5, 7)
+    assert flat_planes(x) and flat_planes(x[:, 1:4]) and flat_planes(x[1:])  # NCHW, channel/batch slices
+    assert flat_planes(torch.zeros(2, 3, 1, 7)[..., :5])  # one row: only sW matters
+    assert flat_planes(torch.zeros(2, 3, 5, 1))  # one column: sH == W == 1
+    assert not flat_planes(torch.zeros(2, 3, 5, 2)[..., :1])  # one column of two: rows 2 apart
+    assert not flat_planes(x.contiguous(memory_format=torch.channels_last))  # channels innermost
+    assert not flat_planes(x[..., 1:])  # rows 7 apart, W = 6
+    assert not flat_planes(x[..., ::2])  # sW = 2
+    assert not flat_planes(x.transpose(2, 3))
+
+
 def test_custom_ops_are_registered():
     for name in ("weighted_sum", "weighted_sum_backward", "squash_score", "squash_score_backward"):
         assert hasattr(torch.ops.pnfs, name)
