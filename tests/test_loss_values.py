@@ -132,3 +132,32 @@ def test_batch_loss_on_the_score_path_uses_every_joint_in_order():
     by_hand = (0.5 * weights * (model.scores.detach() - targets).square().mean(dim=(2, 3))).mean()
     assert loss.item() == pytest.approx(by_hand.item(), rel=1e-6)
     assert model.calls == [{"vectors": False, "channels_last": True}]
+
+
+class ImageHead(nn.Module):
+    """A stand-in whose output is made from the images (so it lives on their device) and
+    which records the autocast state its forward ran under."""
+
+    vector_joints = (2, 0)
+    vector_dim = 1
+
+    def __init__(self):
+        super().__init__()
+        self.autocast: list[tuple[bool, torch.dtype]] = []
+
+    def forward(self, images: torch.Tensor, vectors: bool = False) -> torch.Tensor:
+        self.autocast.append((torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")))
+        return images[:, :2, ::4, ::4].float()
+
+
+def test_batch_loss_moves_images_and_keypoints_to_the_setups_device():
+    model = ImageHead()
+    loss = batch_loss(model, _batch(), loss_setup(model, 2.0, torch.device("meta"), None, False))
+    assert loss.device.type == "meta"  # a CPU batch on a "meta" setup: every tensor was moved
+
+
+def test_batch_loss_runs_the_forward_under_the_setups_autocast():
+    model = ImageHead()
+    batch_loss(model, _batch(), loss_setup(model, 2.0, torch.device("cpu"), torch.bfloat16, False))
+    batch_loss(model, _batch(), loss_setup(model, 2.0, torch.device("cpu"), None, False))
+    assert model.autocast[0] == (True, torch.bfloat16) and model.autocast[1][0] is False
