@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
 
 from pnfs.evaluate.mpii import (
+    PCKhReport,
     head_size_from_box,
+    head_sizes_from_gt_mat,
     load_mpii_ground_truth,
     main,
     pckh,
@@ -103,6 +106,79 @@ def test_table_iv_columns_average_left_and_right():
 
 def test_head_size_is_06_of_the_head_box_diagonal():
     np.testing.assert_allclose(head_size_from_box(np.array([[10, 20, 40, 60]])), [0.6 * 50])
+
+
+def test_head_sizes_are_one_per_box():
+    np.testing.assert_allclose(head_size_from_box([[0, 0, 3, 4], [1, 1, 7, 9]]), [0.6 * 5, 0.6 * 10])
+
+
+def test_gt_mat_errors_name_the_file_and_the_shape(tmp_path):
+    import scipy.io
+
+    bad = tmp_path / "bad.mat"
+    bad.write_text("not a mat")
+    with pytest.raises(
+        ValueError, match=re.escape(f"data.val_head_sizes: '{bad}' cannot be read as a .mat file")
+    ):
+        head_sizes_from_gt_mat(bad)
+    none = tmp_path / "none.mat"
+    scipy.io.savemat(str(none), {"jnt_missing": np.zeros((16, 3))})
+    with pytest.raises(ValueError, match=re.escape(f"data.val_head_sizes: '{none}' has no 'headboxes_src'")):
+        head_sizes_from_gt_mat(none)
+    for shape in [(2, 3, 4), (2, 2)]:
+        odd = tmp_path / f"odd{len(shape)}.mat"
+        scipy.io.savemat(str(odd), {"headboxes_src": np.ones(shape)})
+        want = f"data.val_head_sizes: '{odd}': headboxes_src must be [2, 2, N], got {list(shape)}"
+        with pytest.raises(ValueError, match=re.escape(want)):
+            head_sizes_from_gt_mat(odd)
+    boxes = np.zeros((2, 2, 2), dtype=np.int32)  # integer boxes in the file: sizes still exact
+    boxes[1] = [[3, 6], [4, 8]]
+    scipy.io.savemat(str(tmp_path / "int.mat"), {"headboxes_src": boxes})
+    np.testing.assert_allclose(head_sizes_from_gt_mat(tmp_path / "int.mat", 2), [3.0, 6.0])
+
+
+def _report(low: float) -> PCKhReport:
+    columns = {"Head": 1.0, "Shoulder": 2.0, "Elbow": 3.0, "Wrist": 4.0, "Hip": 5.0, "Knee": 6.0}
+    columns.update({"Ankle": 7.0, "Mean": 8.0, "Mean@0.1": 9.125})
+    return PCKhReport(per_joint=np.zeros(16), columns=columns, threshold=0.5, low_threshold=low)
+
+
+def test_table_text_in_table_iv_layout():
+    head = " | ".join(
+        f"{n:>8}" for n in ["Head", "Shoulder", "Elbow", "Wrist", "Hip", "Knee", "Ankle", "Mean"]
+    )
+    assert _report(0.1).table().splitlines() == [
+        "PCKh@0.5",
+        head + " | Mean@0.1",
+        " | ".join(f"{v:>8.2f}" for v in [1, 2, 3, 4, 5, 6, 7, 8, 9.125]),
+    ]
+    compat = _report(0.11).table().splitlines()
+    assert compat[1] == head + " | Mean@0.1 (at 0.11, HRNet-compat)"
+    assert compat[2].endswith(f" | {9.125:>32.2f}")  # the value as wide as its column name
+
+
+def test_command_line_arguments(shared_data, tmp_path, capsys):
+    root = shared_data / "mpii_sample"
+    gt = load_mpii_ground_truth(root / "test_mpii.json", root / "mpii_headsizes_pose-hg-train_valid_h5.json")
+    preds = tmp_path / "pred.json"  # every joint 0.3 head sizes off
+    off = gt.joints + (0.3 * gt.head_size[:, None])[..., None] * np.array([0.6, 0.8])
+    preds.write_text(json.dumps([{"ann_id": i, "keypoints": off[i].tolist()} for i in range(3)]))
+    args = ["--annotations", str(root / "test_mpii.json"), "--predictions", str(preds)]
+    args += ["--head-sizes", str(root / "mpii_headsizes_pose-hg-train_valid_h5.json")]
+    assert main(args) == 0
+    assert capsys.readouterr().out.splitlines()[0] == "PCKh@0.5"
+    assert main([*args, "--threshold", "0.25", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["PCKh"] == 0.0
+    for missing in ("--annotations", "--predictions"):
+        i = args.index(missing)
+        with pytest.raises(SystemExit) as stop:
+            main(args[:i] + args[i + 2 :])
+        assert stop.value.code == 2 and missing in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    usage = capsys.readouterr().out
+    assert usage.startswith("usage: python -m pnfs.evaluate.mpii ")
+    assert "PCKh" in usage.split("\n\n")[1]  # the module's first docstring line
 
 
 def test_bad_shapes_and_head_sizes_are_refused():
