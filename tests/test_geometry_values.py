@@ -73,6 +73,16 @@ def test_torch_in_torch_out_in_the_inputs_dtype(dtype):
     assert isinstance(flipped, torch.Tensor) and flipped[0, :, 0].tolist() == [3.0, 0.0, 9.0, 6.0]
 
 
+def test_torch_float64_equals_numpy_float64():
+    # python-float scale and rotation are taken in float64 too (a float32 1.1 is off by 2e-8)
+    args = ((32, 48), 1.1, 10.0, True)
+    want = G.region_to_input(np.array([5.0, 6.0]), np.array([40.0, 30.0]), *args)
+    got = G.region_to_input(
+        torch.tensor([5.0, 6.0], dtype=torch.float64), torch.tensor([40.0, 30.0], dtype=torch.float64), *args
+    )
+    np.testing.assert_allclose(got.numpy(), want, rtol=1e-14, atol=1e-14)
+
+
 def test_numpy_float32_stays_float32():
     m = G.region_to_input(np.zeros(2, np.float32), np.full(2, 40.0, np.float32), (32, 32), 1.2, 30.0, True)
     assert isinstance(m, np.ndarray) and m.dtype == np.float32
@@ -80,9 +90,18 @@ def test_numpy_float32_stays_float32():
 
 def test_inside_image_uses_the_pixel_edges():
     points = np.array(
-        [[-0.5, 0.0], [-0.51, 0.0], [9.49, 0.0], [9.5, 0.0], [0.0, -0.5], [0.0, 4.5], [0.0, 4.49]]
+        [
+            [-0.5, 0.0],
+            [-0.51, 0.0],
+            [9.49, 0.0],
+            [9.5, 0.0],
+            [0.0, -0.5],
+            [0.0, -0.51],
+            [0.0, 4.5],
+            [0.0, 4.49],
+        ]
     )
-    assert G.inside_image(points, (5, 10)).tolist() == [True, False, True, False, True, False, True]
+    assert G.inside_image(points, (5, 10)).tolist() == [True, False, True, False, True, False, False, True]
 
 
 def test_reachable_region_by_hand():
