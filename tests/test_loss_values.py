@@ -161,3 +161,9 @@ def test_batch_loss_runs_the_forward_under_the_setups_autocast():
     batch_loss(model, _batch(), loss_setup(model, 2.0, torch.device("cpu"), torch.bfloat16, False))
     batch_loss(model, _batch(), loss_setup(model, 2.0, torch.device("cpu"), None, False))
     assert model.autocast[0] == (True, torch.bfloat16) and model.autocast[1][0] is False
+    batch_loss(model, _batch(), loss_setup(model, 2.0, torch.device("cpu"), torch.float16, False))
+    assert model.autocast[2] == (True, torch.float16)  # the setup's dtype, not autocast's default
+
+
+def test_loss_setup_puts_the_joint_order_on_the_device():
+    assert loss_setup(ImageHead(), 2.0, torch.device("meta"), None, False).vector_joints.device.type == "meta"
