@@ -15,7 +15,15 @@ from pose_oracle import PerfectNetwork
 
 from pnfs.data.geometry import Augment, box_to_region, flip_joints, invert, region_to_input, transform_points
 from pnfs.data.targets import gaussian_targets
-from pnfs.inference import back_project, decode, mirror_images, predict, predict_scores, unmirror_scores
+from pnfs.inference import (
+    back_project,
+    decode,
+    heatmap_stride,
+    mirror_images,
+    predict,
+    predict_scores,
+    unmirror_scores,
+)
 from pnfs.keypoints import COCO
 
 STRIDE = 4
@@ -238,3 +246,13 @@ def test_mixed_precision_stops_at_the_forward_pass():
         mixed = predict(net, images, affine, flip_permutation=PERM, amp_dtype=torch.bfloat16)
     assert mixed.keypoints.dtype == torch.float32
     torch.testing.assert_close(mixed.keypoints, full.keypoints, atol=1e-3, rtol=0)
+
+
+def test_heatmap_stride_is_the_exact_integer_ratio():
+    assert heatmap_stride(64, 16) == 4 and isinstance(heatmap_stride(64, 16), int)
+    assert heatmap_stride(64, 1) == 64
+    for heatmap_width in (5, 0, -16):
+        with pytest.raises(
+            ValueError, match=f"input width 64 is not a multiple of the heatmap width {heatmap_width}"
+        ):
+            heatmap_stride(64, heatmap_width)
