@@ -120,3 +120,10 @@ def test_pckh_refuses_each_mismatched_shape(gt_shape, head_shape):
 def test_pckh_names_the_person_with_a_bad_head_size():
     with pytest.raises(ValueError, match=re.escape("pckh: head sizes must be > 0; person 1 has -2.0")):
         pckh(np.zeros((2, 16, 2)), np.zeros((2, 16, 2)), np.ones((2, 16)), np.array([1.0, -2.0]), 0.5)
+
+
+def test_pckh_with_one_visible_joint():
+    visible = np.zeros((1, 16))
+    visible[0, 0] = 1  # one ankle: 1 of 1 correct
+    per_joint, mean = pckh(np.zeros((1, 16, 2)), np.zeros((1, 16, 2)), visible, np.ones(1), 0.5)
+    assert mean == 100.0 and per_joint[0] == 100.0 and np.isnan(per_joint[1:]).all()
