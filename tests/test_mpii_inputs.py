@@ -124,6 +124,6 @@ def test_pckh_names_the_person_with_a_bad_head_size():
 
 def test_pckh_with_one_visible_joint():
     visible = np.zeros((1, 16))
-    visible[0, 0] = 1  # one ankle: 1 of 1 correct
+    visible[0, 0] = 1  # one head top: 1 of 1 correct
     per_joint, mean = pckh(np.zeros((1, 16, 2)), np.zeros((1, 16, 2)), visible, np.ones(1), 0.5)
     assert mean == 100.0 and per_joint[0] == 100.0 and np.isnan(per_joint[1:]).all()
