@@ -9,7 +9,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
+from pose_oracle import PerfectNetwork
 
 from pnfs.config import ConfigError, load_config
 from pnfs.data.loader import build_loader
@@ -236,6 +238,24 @@ def test_a_new_set_shards_trains_evaluates_and_draws_without_code_changes(tmp_pa
     metrics = evaluate_model(model, loader, no_sigmas, device="cpu")
     assert "AP" not in metrics and 0.0 <= metrics["PCK"] <= 1.0 and metrics["score"] == metrics["PCK"]
     assert set(HAND_SET["joints"]) == {k.split("/")[1] for k in metrics if k.startswith("PCK/")}
+
+    # values, not ranges: a perfect network on the new set scores AP 1.0 (OKS with the set's
+    # sigmas) and PCK 1.0 (no sigmas); the same network shifted by 0.3 of each box loses both
+    batches = list(build_loader(cfg, "val"))
+    images = torch.cat([b.image for b in batches])
+    keypoints = torch.cat([b.keypoints for b in batches])
+    flip = load_keypoint_set(with_sigmas).flip_permutation()
+    exact = [*overrides, "eval.refine=gaussian"]
+    for config, metric in (
+        (load_config(None, exact), "AP"),
+        (load_config(None, [*exact, f"data.keypoints={without_sigmas}"]), "PCK"),
+    ):
+        net = PerfectNetwork(images, keypoints, flip)
+        assert evaluate_model(net, build_loader(config, "val"), config, device="cpu")[metric] == 1.0, metric
+        shifted = keypoints.clone()
+        shifted[..., 0] += 0.3 * images.shape[-1]
+        net = PerfectNetwork(images, shifted, flip)
+        assert evaluate_model(net, build_loader(config, "val"), config, device="cpu")[metric] < 0.5, metric
 
 
 def test_box_pck_counts_joints_within_alpha_of_the_box_size(tmp_path):
