@@ -157,3 +157,16 @@ def test_a_baseline_trains_with_the_default_strategy(tmp_path, tmp_path_factory)
 def test_a_baseline_needs_its_own_trunk():
     with pytest.raises(ConfigError, match=r"model\.backbone\.name: 'mobilenetv2' is not the trunk"):
         load_config("mpii_hrnetw32_256", ["model.backbone.name=mobilenetv2"])
+
+
+def test_a_checkpoint_of_the_other_head_is_refused_naming_the_baseline(tmp_path):
+    """A d=1 SimpleBaseline checkpoint read with a d=8 config: the error names the model and
+    d (a baseline has no P or C to report)."""
+    from pnfs.evaluate.loading import load_for_inference
+
+    cfg = load_config("mpii_simplebaseline_r50_256", SMALL)
+    path = tmp_path / "sb.pt"
+    torch.save(build_model(cfg).state_dict(), path)
+    with pytest.raises(ValueError, match=r"\(simplebaseline_resnet50, d=8\): size mismatch for head") as err:
+        load_for_inference(path, "mpii_simplebaseline_r50_256", [*SMALL, "model.vector_dim=8"])
+    assert "P=" not in str(err.value) and str(path) in str(err.value)

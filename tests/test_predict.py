@@ -86,4 +86,6 @@ def test_bad_inputs_give_clear_errors(shared_data, tiny_checkpoint, tmp_path, ca
     other = tmp_path / "other.pt"
     torch.save({"model": build_model(load_config("demo", ["model.channels=5"])).state_dict()}, other)
     assert predict_cli.main(["--checkpoint", str(other), "--config", "demo", "--image", str(photo)]) == 2
-    assert "does not fit" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "does not fit" in err and "P=3, C=6" in err
+    assert 'Unexpected key(s) in state_dict: "parts.0.adapters' in err

@@ -61,9 +61,27 @@ def load_for_inference(
     try:
         model.load_state_dict(state)
     except RuntimeError as err:
-        m = cfg.model
         raise ValueError(
-            f"checkpoint {str(path)!r} does not fit the config's model (backbone {m.backbone.name}, "
-            f"P={m.num_parts}, C={m.channels}, d={m.vector_dim}): {str(err).splitlines()[0]}"
+            f"checkpoint {str(path)!r} does not fit the config's model ({_model_label(cfg)}): "
+            f"{_first_mismatch(err)}"
         ) from None
     return model.eval(), cfg
+
+
+def _model_label(cfg: Config) -> str:
+    """What the config builds, in the terms that tell two checkpoints apart: a PoseNFS by its
+    backbone, P, C and d; a Table VI baseline by its name and d (it has no parts or fabric)."""
+    m = cfg.model
+    if m.name != "pnfs":
+        return f"{m.name}, d={m.vector_dim}"
+    return f"backbone {m.backbone.name}, P={m.num_parts}, C={m.channels}, d={m.vector_dim}"
+
+
+def _first_mismatch(err: RuntimeError) -> str:
+    """The first line of a failed ``load_state_dict`` after torch's "Error(s) in loading
+    state_dict for ...:" header (missing, unexpected or mis-sized keys), cut at 240 characters."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    if len(lines) > 1 and lines[0].startswith("Error(s) in loading state_dict"):
+        lines = lines[1:]
+    first = lines[0] if lines else type(err).__name__
+    return first if len(first) <= 240 else first[:240] + " ..."
