@@ -1,18 +1,22 @@
 """Clean vs corrupt: the same short demo training on the synthetic shards and on a copy with
 one garbled JPEG and one truncated shard (issue 13's "done when").
 
-    python bench/corrupt_data.py [--work runs/corrupt-bench] [--train 600] [--val 100] [--epochs 3]
+    python bench/corrupt_data.py [--work runs/corrupt-bench] [--train 600] [--val 100] [--epochs 3] \
+        [--seeds 0,1,2] [--json FILE]
 
 1. ``data_prep/make_synthetic.py`` + ``data_prep/shard_coco.py`` (shards of 75 people);
 2. a copy of the train shards where sample 2 of ``train-000001.tar`` has a quarter of its JPEG
    zeroed in the middle (the decoder's "Corrupt JPEG data") and ``train-000003.tar`` is cut in
    the middle of its third-to-last sample's JPEG (an upload cut short: its last 3 samples are
    lost);
-3. ``launch/train.py --config pnfs/configs/demo.yaml`` on each (one process, same seed, the
-   demo's model at ``--epochs`` epochs, evaluated once at the end; ``data.max_bad_samples=10``,
-   as the default, 0.1% of an epoch, would stop this run at its second bad sample);
-4. prints one JSON line: both runs' final COCO AP / AR and the corrupt run's bad-sample report
-   (reason, shard, key per sample, counts), as ``result.json`` holds them.
+3. ``launch/train.py --config pnfs/configs/demo.yaml`` on each, for every training seed of
+   ``--seeds`` (one process, the demo's model at ``--epochs`` epochs, evaluated once at the
+   end; ``data.max_bad_samples=10``, as the default, 0.1% of an epoch, would stop this run at
+   its second bad sample);
+4. prints one line per seed (clean and corrupt AP / AR, steps, the corrupt - clean AP) and, with
+   several seeds, the clean runs' AP range: the noise the corrupt runs' difference is set
+   against; then one JSON line with all of it and each corrupt run's bad-sample report
+   (reason, shard, key per sample, counts), as ``result.json`` holds them (``--json`` writes it).
 """
 
 from __future__ import annotations
@@ -71,12 +75,12 @@ def corrupt(clean: Path, folder: Path) -> None:
         f.truncate(off + size // 2)
 
 
-def train(raw: Path, shards: Path, val: Path, out: Path, epochs: int) -> dict:
+def train(raw: Path, shards: Path, val: Path, out: Path, epochs: int, seed: int) -> dict:
     run([
         PY, "launch/train.py", "--config", "pnfs/configs/demo.yaml", "--out", str(out),
         f"data.train_shards={shards}", f"data.val_shards={val}",
         f"data.val_annotations={raw / 'annotations' / 'person_keypoints_val.json'}",
-        "train.seed=0", "train.device=cpu", "eval.refine=gaussian", f"train.epochs={epochs}",
+        f"train.seed={seed}", "train.device=cpu", "eval.refine=gaussian", f"train.epochs={epochs}",
         f"train.lr_milestones=[{epochs - 1}]", f"train.eval_every={epochs}", "data.max_bad_samples=10",
     ])  # fmt: skip
     return json.loads((out / "result.json").read_text())
@@ -90,18 +94,41 @@ def main() -> None:
     p.add_argument("--train", type=int, default=600, help="people in the synthetic train split")
     p.add_argument("--val", type=int, default=100, help="people in the synthetic val split")
     p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--seeds", default="0", help="training seeds, comma-separated (the data stay the same)")
+    p.add_argument("--json", help="also write the JSON line to this file")
     args = p.parse_args()
+    seeds = [int(x) for x in args.seeds.split(",")]
     work = (REPO / args.work).resolve()
     shutil.rmtree(work, ignore_errors=True)
     raw, shards = build(work, args.train, args.val)
     corrupt(shards / "train", work / "corrupt-train")
-    out = {}
-    for name, folder in (("clean", shards / "train"), ("corrupt", work / "corrupt-train")):
-        result = train(raw, folder, shards / "val", work / f"run-{name}", args.epochs)
-        out[name] = {k: result["metrics"][k] for k in ("AP", "AR") if k in result["metrics"]}
-        out[name]["global_step"] = result["global_step"]
-        out[name]["bad_samples"] = result.get("bad_samples", [])
-    print(json.dumps(out))
+    runs = []
+    for seed in seeds:
+        row: dict = {"seed": seed}
+        for name, folder in (("clean", shards / "train"), ("corrupt", work / "corrupt-train")):
+            result = train(raw, folder, shards / "val", work / f"run-{name}-seed{seed}", args.epochs, seed)
+            row[name] = {k: result["metrics"][k] for k in ("AP", "AR") if k in result["metrics"]}
+            row[name]["global_step"] = result["global_step"]
+            row[name]["bad_samples"] = result.get("bad_samples", [])
+        row["corrupt_minus_clean_AP"] = row["corrupt"]["AP"] - row["clean"]["AP"]
+        runs.append(row)
+        print(
+            f"seed {seed}: clean AP {row['clean']['AP']:.4f} AR {row['clean']['AR']:.3f} "
+            f"({row['clean']['global_step']} steps) | corrupt AP {row['corrupt']['AP']:.4f} "
+            f"AR {row['corrupt']['AR']:.3f} ({row['corrupt']['global_step']} steps) | "
+            f"corrupt - clean AP {row['corrupt_minus_clean_AP']:+.4f}",
+            flush=True,
+        )
+    out: dict = {"runs": runs}
+    if len(runs) > 1:
+        clean = [r["clean"]["AP"] for r in runs]
+        out["clean_AP_range"] = max(clean) - min(clean)
+        print(f"clean AP over {len(runs)} seeds: {min(clean):.4f} .. {max(clean):.4f} "
+              f"(range {out['clean_AP_range']:.4f})")  # fmt: skip
+    line = json.dumps(out)
+    print(line)
+    if args.json:
+        Path(args.json).write_text(line + "\n")
 
 
 if __name__ == "__main__":
