@@ -141,6 +141,7 @@ def test_squash_mse_loss_matches_reference(shape, d, dtype, layout):
     v = leaf(in_layout((torch.randn(shape) * 0.7).to(dtype), layout))
     targets = torch.rand(n, c // d, h, w)
     weights = (torch.rand(n, c // d) > 0.3).float()
+    weights.view(-1)[0] = 1.0  # one labelled joint at least: with none, dv = 0 compares nothing
     loss = squash_mse_loss(v, d, targets, weights)
     assert loss.shape == () and loss.dtype == torch.float32
     (dv,) = torch.autograd.grad(loss * 3.0, v)  # the incoming gradient scales the stored one
@@ -189,6 +190,7 @@ def _check_loss(v: torch.Tensor, d: int) -> None:
     v = leaf(v)
     targets = torch.rand(n, c // d, h, w)
     weights = (torch.rand(n, c // d) > 0.3).float()
+    weights.view(-1)[0] = 1.0  # one labelled joint at least: with none, dv = 0 compares nothing
     loss = squash_mse_loss(v, d, targets, weights)
     (dv,) = torch.autograd.grad(loss, v)
     v64 = leaf(v.double())
