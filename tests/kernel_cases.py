@@ -113,6 +113,26 @@ FP32 = TOL[torch.float32]
 GPU_TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.bfloat16: dict(atol=1e-2, rtol=1e-2)}
 
 
+def assert_sum_close(got: torch.Tensor, want: torch.Tensor, terms_abs_sum: torch.Tensor) -> None:
+    """A sum of many fp32 terms (``weighted_sum``'s dw) against its float64 reference.
+
+    Tree and blocked summation of N terms err by at most about log2(N) * 2^-24 of the sum of
+    the terms' magnitudes, not of the result: with cancellation the result can be far smaller
+    than its terms (dw = 0.17 from 12,000 products of size ~0.6, 1.4e-5 off in fp32). So the
+    bound is 1e-6 * sum|terms| (log2(N) * 2^-24 < 1e-6 up to N = 2^16), plus 1e-5 of the
+    result; a lost tile or partial is off by a whole partial sum, orders above that.
+    """
+    atol = 1e-6 * terms_abs_sum.double()
+    assert torch.all((got.double() - want).abs() <= atol + 1e-5 * want.abs()), (
+        f"sum off by {(got.double() - want).abs().tolist()}, allowed {(atol + 1e-5 * want.abs()).tolist()}"
+    )
+
+
+def dw_terms_abs_sum(xs: list[torch.Tensor], g: torch.Tensor) -> torch.Tensor:
+    """[k]: sum |x_k * g| over every element, the magnitude dw_k = sum x_k * g is summed from."""
+    return torch.stack([(x.double() * g.double()).abs().sum() for x in xs])
+
+
 @pytest.fixture(autouse=True)
 def triton_for_interpreter_cases(request, monkeypatch):
     """``interpret``-marked tests run the Triton kernels (``PNFS_KERNELS=triton``)."""
