@@ -112,8 +112,7 @@ def test_each_node_is_one_weighted_sum_call(monkeypatch):
     assert calls == [(3, True), (3, False), (6, False), (9, False)]
 
 
-@pytest.mark.parametrize("relu", [False, True])
-def test_many_terms_are_summed_in_chunks(relu):
+def test_many_terms_are_summed_in_chunks():
     """H=3 over six ops gives 15 terms into h3 (3 edges x 5 non-zero ops), more than one kernel
     call takes: the chunked sum equals the unchunked float64 sum."""
     nonzero = [op for op in ALL_OPS if op != "zero"]
@@ -122,11 +121,26 @@ def test_many_terms_are_summed_in_chunks(relu):
     terms = [torch.randn(2, C, 8, 6) for _ in range(n_terms)]
     weights = torch.randn(n_terms)
     expected = sum(w * t for w, t in zip(weights.double(), (t.double() for t in terms)))
-    expected = torch.relu(expected) if relu else expected
-    got = cell_module._weighted_sum(terms, weights, relu=relu)
+    got = cell_module._weighted_sum(terms, weights)
     torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)
     cell = Cell(C, 3, ALL_OPS, True, True, True).eval()
     assert cell(*_inputs(), torch.zeros(6, len(ALL_OPS))).shape == (2, C, 8, 6)
+
+
+@pytest.mark.parametrize("n_terms", [1, 12, 13, 24, 25])
+def test_weighted_sum_of_any_number_of_terms_is_the_plain_sum(n_terms):
+    """Up to MAX_INPUTS (12) terms and just past each chunk boundary: no term lost or doubled."""
+    terms = [torch.randn(2, 3, 4, 5) for _ in range(n_terms)]
+    weights = torch.randn(n_terms)
+    expected = sum(w * t for w, t in zip(weights.double(), (t.double() for t in terms)))
+    torch.testing.assert_close(
+        cell_module._weighted_sum(terms, weights).double(), expected, rtol=1e-5, atol=1e-5
+    )
+
+
+def test_a_cell_without_same_or_finer_input_is_refused():
+    with pytest.raises(ValueError, match="a cell needs a same-scale or a finer input"):
+        Cell(C, 2, ALL_OPS, has_finer=False, has_same=False, has_coarser=True)
 
 
 def test_transforms_follow_design():

@@ -73,15 +73,16 @@ class Upsample(nn.Module):
         return F.interpolate(self.bn(self.conv(x)), scale_factor=2.0, mode="bilinear", align_corners=True)
 
 
-def _weighted_sum(terms: list[torch.Tensor], weights: torch.Tensor, relu: bool = False) -> torch.Tensor:
-    """One kernel call; more terms than the kernel takes (large H with many ops) go in chunks."""
+def _weighted_sum(terms: list[torch.Tensor], weights: torch.Tensor) -> torch.Tensor:
+    """sum_k w_k x_k in one kernel call; more terms than the kernel takes (large H with many
+    ops) go in chunks of ``MAX_INPUTS``. A hidden node has no ReLU (the input node's is fused
+    into its own ``weighted_sum`` call)."""
     if len(terms) <= MAX_INPUTS:
-        return weighted_sum(terms, weights, relu=relu)
-    out = sum(
+        return weighted_sum(terms, weights)
+    return sum(
         weighted_sum(terms[k : k + MAX_INPUTS], weights[k : k + MAX_INPUTS])
         for k in range(0, len(terms), MAX_INPUTS)
     )
-    return torch.relu(out) if relu else out
 
 
 class Cell(nn.Module):

@@ -1,0 +1,98 @@
+"""``pnfs.evaluate.loading``: which files load, with which config, and what a refusal names."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pnfs.config import ConfigError, config_to_dict, load_config
+from pnfs.evaluate.loading import _first_mismatch, load_for_inference
+from pnfs.model import build_model
+
+OVERRIDES = ["model.backbone.weights=none", "train.device=cpu"]
+
+
+@pytest.fixture(scope="module")
+def demo():
+    """(config, a model of it with random weights)."""
+    torch.manual_seed(0)
+    cfg = load_config("demo", OVERRIDES)
+    return cfg, build_model(cfg).eval()
+
+
+def _same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_a_ddp_checkpoint_loads_without_its_module_prefix(demo, tmp_path):
+    cfg, model = demo
+    path = tmp_path / "ddp.pt"
+    state = {f"module.{k}": v for k, v in model.state_dict().items()}
+    torch.save({"model": state, "config": config_to_dict(cfg)}, path)
+    loaded, loaded_cfg = load_for_inference(path)
+    assert _same_weights(loaded, model) and not loaded.training
+    assert loaded_cfg.model == cfg.model
+
+
+def test_a_bare_state_dict_needs_a_config_and_loads_with_one(demo, tmp_path):
+    _, model = demo
+    path = tmp_path / "bare.pt"
+    torch.save(model.state_dict(), path)
+    with pytest.raises(ConfigError, match=rf"checkpoint '{path}' holds a bare state dict .*give --config"):
+        load_for_inference(path)
+    loaded, _ = load_for_inference(path, "demo", OVERRIDES)
+    assert _same_weights(loaded, model)
+
+
+def test_a_config_without_model_weights_is_not_taken_for_a_checkpoint(demo, tmp_path):
+    """A dict with a 'config' but no 'model' dict is a bare state dict: it needs --config."""
+    cfg, _ = demo
+    path = tmp_path / "config_only.pt"
+    torch.save({"config": config_to_dict(cfg)}, path)
+    with pytest.raises(ConfigError, match="bare state dict"):
+        load_for_inference(path)
+
+
+@pytest.mark.parametrize(
+    "content, error, message",
+    [
+        (None, FileNotFoundError, r"checkpoint '{path}' not found"),
+        (b"not a checkpoint\nsecond line", ValueError, r"checkpoint '{path}' cannot be read: \S"),
+        ([1, 2], ValueError, r"checkpoint '{path}' holds a list, not a dict"),
+        ({"model": {"w": 1}}, ValueError, r"checkpoint '{path}': 'model' is not a state dict of tensors"),
+    ],
+    ids=["missing", "unreadable", "not_a_dict", "not_tensors"],
+)
+def test_every_refusal_names_the_file(tmp_path, content, error, message):
+    path = tmp_path / "ckpt.pt"
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    elif content is not None:
+        torch.save(content, path)
+    with pytest.raises(error, match=message.format(path=path)) as err:
+        load_for_inference(path, "demo", OVERRIDES)
+    assert "\n" not in str(err.value), "one line: the first line of the reader's error only"
+
+
+def test_a_checkpoint_config_that_no_longer_validates_names_the_file(demo, tmp_path):
+    cfg, model = demo
+    data = config_to_dict(cfg)
+    data["model"]["num_parts"] = -1
+    path = tmp_path / "old.pt"
+    torch.save({"model": model.state_dict(), "config": data}, path)
+    with pytest.raises(ConfigError, match=rf"checkpoint '{path}': its config is not valid here: "):
+        load_for_inference(path)
+
+
+def test_first_mismatch_drops_torch_header_and_cuts_at_240_characters():
+    header = "Error(s) in loading state_dict for PoseNFS:"
+    assert (
+        _first_mismatch(RuntimeError(f"{header}\n\tMissing key(s): a.b\n\tUnexpected: c"))
+        == "Missing key(s): a.b"
+    )
+    assert _first_mismatch(RuntimeError(header)) == header  # nothing after the header: keep it
+    assert _first_mismatch(RuntimeError("one line")) == "one line"
+    assert _first_mismatch(RuntimeError("")) == "RuntimeError"
+    assert _first_mismatch(RuntimeError("x" * 240)) == "x" * 240
+    assert _first_mismatch(RuntimeError("x" * 241)) == "x" * 240 + " ..."
