@@ -402,6 +402,35 @@ class DecodingModel(nn.Module):
 EXPORT_FORMATS = ("onnx", "torchscript", "exported-program")
 
 
+def _export_onnx(
+    module: torch.nn.Module,
+    inputs: tuple[torch.Tensor, ...],
+    out: Path,
+    names: list[str],
+    outputs: list[str],
+    shapes: dict | None,
+) -> None:
+    """``torch.onnx.export`` (the dynamo exporter, which runs on onnxscript), then
+    ``onnx.checker.check_model(full_check=True)``: the file is valid ONNX and its shapes infer,
+    so a broken graph fails here, naming the file, not later in the user's runtime."""
+    try:
+        import onnx
+        import onnxscript  # noqa: F401  (what torch.onnx's dynamo exporter builds the graph with)
+    except ImportError as err:
+        raise RuntimeError(
+            f"--format onnx needs the onnx and onnxscript packages ({err.name} is missing): "
+            "pip install onnx onnxscript"
+        ) from None
+    torch.onnx.export(
+        module, inputs, str(out), input_names=names, output_names=outputs,
+        dynamic_shapes=shapes, dynamo=True, external_data=False,
+    )  # fmt: skip
+    try:
+        onnx.checker.check_model(str(out), full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as err:
+        raise ValueError(f"exported {str(out)!r} is not a valid ONNX model: {err}") from None
+
+
 def export_file(
     module: torch.nn.Module,
     inputs: tuple[torch.Tensor, ...],
@@ -422,10 +451,7 @@ def export_file(
     os.environ["PNFS_KERNELS"] = "torch"
     try:
         if fmt == "onnx":
-            torch.onnx.export(
-                module, inputs, str(out), input_names=names, output_names=outputs,
-                dynamic_shapes=shapes, dynamo=True, external_data=False,
-            )  # fmt: skip
+            _export_onnx(module, inputs, out, names, outputs, shapes)
         elif fmt == "exported-program":
             torch.export.save(torch.export.export(module, inputs, dynamic_shapes=shapes), str(out))
         else:

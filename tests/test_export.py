@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -164,3 +165,33 @@ def test_pruned_export_reports_the_score_change(checkpoint, tmp_path, capsys):
     assert "pruned below 0.3:" in printed and "score change on random inputs: max" in printed
     kept, total = (int(v) for v in printed.split("pruned below 0.3: ")[1].split(" ops kept")[0].split(" of "))
     assert kept < total
+
+
+class _Double(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return 2 * x
+
+
+def test_onnx_export_without_onnxscript_names_the_missing_package(tmp_path, monkeypatch):
+    from pnfs.deploy import export_file
+
+    monkeypatch.setitem(sys.modules, "onnxscript", None)  # import fails as if not installed
+    with pytest.raises(
+        RuntimeError, match=r"needs the onnx and onnxscript packages \(onnxscript is missing\)"
+    ):
+        export_file(_Double(), (torch.ones(1, 3),), ["x"], "onnx", tmp_path / "d.onnx", dynamic=False)
+
+
+def test_an_exported_file_the_onnx_checker_rejects_is_an_error_naming_it(tmp_path, monkeypatch):
+    import onnx
+
+    from pnfs.deploy import export_file
+
+    def reject(path, full_check=False):
+        assert full_check, "the shapes must be inferred too"
+        raise onnx.checker.ValidationError("bad node")
+
+    monkeypatch.setattr(onnx.checker, "check_model", reject)
+    out = tmp_path / "d.onnx"
+    with pytest.raises(ValueError, match=rf"exported '{out}' is not a valid ONNX model: bad node"):
+        export_file(_Double(), (torch.ones(1, 3),), ["x"], "onnx", out, dynamic=False)
