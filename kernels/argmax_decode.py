@@ -17,7 +17,8 @@ NaN neighbour gives no offset: coordinates are always finite.
 Triton: one program per (n, j) scans H*W in blocks keeping a per-lane running maximum (strict
 ``>``, so each lane keeps its first index), then reduces the lanes (max value, lowest index
 among equal values), then reads the peak and its four neighbours. fp32 compares, any input
-dtype and strides, int64 offsets. Outputs: coords [N, J, 2] float32, maxvals [N, J] float32.
+dtype (fp32, bf16, fp16, fp64: compared in fp32) and strides, int64 offsets. Outputs: coords
+[N, J, 2] float32, maxvals [N, J] float32, under autocast too.
 
 Addressing: when each map's pixels are one contiguous row-major plane (``sW == 1``,
 ``sH == W``: NCHW maps, channel slices of them; ``FLAT``, chosen by the launcher) pixel p is at
@@ -28,7 +29,7 @@ Addressing: when each map's pixels are one contiguous row-major plane (``sW == 1
 import torch
 
 from pnfs.kernels._compat import flat_planes, jit, next_power_of_2, tl
-from pnfs.kernels.backend import run, use_triton
+from pnfs.kernels.backend import run, traced, use_triton
 
 BLOCK_P = 1024  # pixels per scan step of a score map (bench/README.md: the AOT report)
 
@@ -176,11 +177,12 @@ def argmax_decode(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         raise ValueError(
             f"argmax_decode: expected a 4-d [N, J, H, W] tensor, got shape {tuple(scores.shape)}"
         )
-    if not use_triton(scores):
+    if not use_triton(scores, "argmax_decode"):
         return argmax_decode_reference(scores)
+    decode = _argmax_decode_op if traced() else _decode  # direct launch in eager mode
     return run(
         "argmax_decode",
-        lambda: _argmax_decode_op(scores.detach()),
+        lambda: decode(scores.detach()),
         lambda: argmax_decode_reference(scores),
         scores.device,
     )

@@ -2,18 +2,25 @@
 
 * ``torch``: the pure-PyTorch reference everywhere.
 * ``triton``: the Triton kernel (on CPU tensors only under ``TRITON_INTERPRET=1``).
-* ``auto`` (default): Triton for CUDA tensors on a GPU of compute capability >= 8.0 (A100 and
-  later: :data:`MIN_CAPABILITY`; the paper's Titan Xp, sm_61, gets the reference) when ``triton``
-  imports, the reference otherwise. If a kernel fails to compile or launch, ``auto`` warns once,
+* ``auto`` (default): per kernel, dtype and CUDA compute capability, whatever measured fastest
+  there (:mod:`pnfs.kernels.auto_table`): Triton only where it beat both the eager and the
+  compiled reference on such a GPU, the reference everywhere else (CPU tensors, unmeasured
+  dtypes and GPUs, no ``triton``). If a kernel fails to compile or launch, ``auto`` warns once,
   naming the kernel and the error, and uses the reference for that kernel from then on.
 
 The variable is read at every eager call, so tests can switch it with ``monkeypatch.setenv``;
 a ``torch.compile``d function keeps the choice it was traced with.
+
+How a Triton kernel is called (:func:`traced`): in eager mode through a
+``torch.autograd.Function`` that launches it directly (a few µs of Python per call); while
+``torch.compile``, ``torch.export``, ``make_fx`` or ``torch.jit.trace`` trace, through its
+``torch.library`` custom op, which tracers see as one node with a fake (meta) implementation.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import warnings
 from collections.abc import Callable
@@ -22,9 +29,15 @@ from typing import TypeVar
 import torch
 
 from pnfs.kernels._compat import HAS_TRITON
+from pnfs.kernels.auto_table import auto_choice
+
+try:  # torch >= 2.3; torch._dynamo's own before that
+    from torch.compiler import is_compiling
+except ImportError:  # pragma: no cover - older torch 2.x
+    from torch._dynamo import is_compiling
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 BACKENDS = ("auto", "torch", "triton")
-MIN_CAPABILITY = (8, 0)
 _FAILED: set[str] = set()  # kernels that failed to compile under ``auto``: reference from then on
 T = TypeVar("T")
 
@@ -45,8 +58,10 @@ def triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def use_triton(tensor: torch.Tensor) -> bool:
-    """True when this call should run the Triton kernel for ``tensor``."""
+def use_triton(tensor: torch.Tensor, kernel: str | None = None, dtype: torch.dtype | None = None) -> bool:
+    """True when this call of ``kernel`` should run Triton for ``tensor`` (data of ``dtype``,
+    default ``tensor.dtype``). Under ``auto`` a kernel not named, or not in the measured table,
+    runs the reference."""
     backend = requested_backend()
     if backend == "torch":
         return False
@@ -59,12 +74,22 @@ def use_triton(tensor: torch.Tensor) -> bool:
                 "before triton is imported"
             )
         return True
-    return tensor.device.type == "cuda" and triton_available() and capable(tensor.device)
+    if tensor.device.type != "cuda" or not triton_available():
+        return False
+    return auto_choice(kernel, dtype or tensor.dtype, capability(tensor.device)) == "triton"
 
 
-def capable(device: torch.device) -> bool:
-    """Whether ``device``'s compute capability is at least :data:`MIN_CAPABILITY`."""
-    return tuple(torch.cuda.get_device_capability(device)) >= MIN_CAPABILITY
+@functools.cache
+def capability(device: torch.device) -> tuple[int, int]:
+    """``device``'s CUDA compute capability (major, minor), asked once per device."""
+    return tuple(torch.cuda.get_device_capability(device))
+
+
+def traced() -> bool:
+    """Whether a tracer is running (``torch.compile``, ``torch.export``, ``make_fx``, a fake-tensor
+    or other dispatch mode, ``torch.jit.trace`` as fvcore uses it): then the kernels go through
+    their custom ops, else direct launches."""
+    return is_compiling() or torch.jit.is_tracing() or _get_current_dispatch_mode() is not None
 
 
 def device_guard(device: torch.device):

@@ -14,6 +14,11 @@ and, when ``vectors`` needs a gradient, also dloss/dv = 2 v / (1+n^2)^2 * w_nj *
 / (N*J*H*W), which the backward only scales by the incoming scalar gradient. The loss sum is a
 per-program fp32 partial and a second deterministic pass (no atomics).
 
+Dtypes (``pnfs.kernels._dtypes``): n^2 and the loss are fp32 whatever the vectors' dtype;
+scores have ``result_dtype([vectors])`` (the autocast dtype under autocast, else the vectors'
+dtype); the loss is a 0-dim fp32 tensor; targets and loss weights may have any floating dtype
+(read as fp32); dloss/dvectors and dscore/dvectors have the vectors' dtype.
+
 Any strides are read in place (NCHW, channels_last, slices); scores come back channels_last
 when the vectors are channels_last, NCHW-contiguous otherwise. The launcher picks the tile per
 tensor: NCHW planes (``sW == 1``, ``sH == W``; ``FLAT`` for the vectors and their gradient,
@@ -25,8 +30,9 @@ layout (channels_last: channels innermost) goes through ``(p // W, p % W)``.
 import torch
 
 from pnfs.kernels._compat import block_size, cdiv, flat_planes, jit, next_power_of_2, tl
+from pnfs.kernels._dtypes import compute_dtype, result_dtype
 from pnfs.kernels._reduce import sum_rows
-from pnfs.kernels.backend import device_guard, run, use_triton
+from pnfs.kernels.backend import device_guard, run, traced, use_triton
 
 # pixels per program on a GPU, from the AOT report (bench/README.md): the flat path's
 # [BLOCK_D, 512] tile loads 4 pixels per thread as one 128-bit load (32-56 registers at d = 8,
@@ -40,16 +46,16 @@ STRIDED_BLOCK_P = block_size(compiled=STRIDED_BLOCK_P_COMPILED, interpreted=1024
 
 def _accumulation_dtype(x: torch.Tensor) -> torch.Tensor:
     """``x`` in fp32, or in fp64 when it is fp64 (so the reference passes float64 gradcheck)."""
-    return x.to(torch.promote_types(x.dtype, torch.float32))
+    return x.to(compute_dtype(x.dtype))
 
 
 def squash_score_reference(vectors: torch.Tensor, d: int) -> torch.Tensor:
-    """Eager PyTorch, accumulating n^2 in fp32 (fp64 for fp64), returning the input dtype."""
+    """Eager PyTorch, accumulating n^2 in fp32 (fp64 for fp64), returning ``result_dtype([vectors])``."""
     n, c, h, w = vectors.shape
     if c % d:
         raise ValueError(f"squash_score: {c} channels are not a multiple of d={d}")
     n2 = _accumulation_dtype(vectors).reshape(n, c // d, d, h, w).square().sum(dim=2)
-    return (n2 / (1.0 + n2)).to(vectors.dtype)
+    return (n2 / (1.0 + n2)).to(result_dtype([vectors]))
 
 
 def squash_mse_loss_reference(
@@ -194,11 +200,11 @@ def _block_d(d: int) -> int:
     return max(2, next_power_of_2(d))
 
 
-def _empty_scores(vectors: torch.Tensor, d: int) -> torch.Tensor:
+def _empty_scores(vectors: torch.Tensor, d: int, dtype: torch.dtype) -> torch.Tensor:
     n, c, h, w = vectors.shape
     channels_last = vectors.is_contiguous(memory_format=torch.channels_last) and not vectors.is_contiguous()
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    return torch.empty((n, c // d, h, w), device=vectors.device, dtype=vectors.dtype, memory_format=fmt)
+    return torch.empty((n, c // d, h, w), device=vectors.device, dtype=dtype, memory_format=fmt)
 
 
 def _grid(vectors: torch.Tensor, d: int, flat: bool) -> tuple[tuple[int, int], int]:
@@ -208,8 +214,8 @@ def _grid(vectors: torch.Tensor, d: int, flat: bool) -> tuple[tuple[int, int], i
     return (n * (c // d), cdiv(h * w, block)), block
 
 
-def _squash_forward(vectors: torch.Tensor, d: int) -> torch.Tensor:
-    scores = _empty_scores(vectors, d)
+def _squash_forward(vectors: torch.Tensor, d: int, out_dtype: torch.dtype) -> torch.Tensor:
+    scores = _empty_scores(vectors, d, out_dtype)
     if scores.numel() == 0:
         return scores
     _, j, h, w = scores.shape
@@ -264,15 +270,11 @@ def _squash_mse_forward(
 # ----------------------------------------------------------------------------- autograd
 
 
-def _squash_setup(ctx, vectors: torch.Tensor, d: int) -> None:
-    ctx.d = d
-    ctx.save_for_backward(vectors)
-
-
-def _squash_grad(ctx, grad: torch.Tensor) -> torch.Tensor:
+def _squash_grad(ctx, grad: torch.Tensor, backward) -> torch.Tensor:
+    """``backward`` is :func:`_squash_backward` (eager) or its custom op (traced)."""
     (vectors,) = ctx.saved_tensors
     with device_guard(vectors.device):
-        return _squash_backward_op(grad, vectors, ctx.d)
+        return backward(grad, vectors, ctx.d)
 
 
 def _mse_grad(ctx, grad_loss: torch.Tensor) -> torch.Tensor:
@@ -280,14 +282,42 @@ def _mse_grad(ctx, grad_loss: torch.Tensor) -> torch.Tensor:
     return dv * grad_loss.to(dv.dtype)
 
 
+class _SquashFunction(torch.autograd.Function):
+    """Eager mode: direct launches, without the custom op's dispatch (backend.traced)."""
+
+    @staticmethod
+    def forward(ctx, vectors: torch.Tensor, d: int, out_dtype: torch.dtype) -> torch.Tensor:
+        ctx.d = d
+        ctx.save_for_backward(vectors)
+        return _squash_forward(vectors, d, out_dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _squash_grad(ctx, grad, _squash_backward), None, None
+
+
+class _SquashMseFunction(torch.autograd.Function):
+    """Eager mode: the loss and, when needed, dloss/dvectors in one launch; the backward scales it."""
+
+    @staticmethod
+    def forward(ctx, vectors, d: int, targets, weights, compute_grad: bool) -> torch.Tensor:
+        loss, dv = _squash_mse_forward(vectors, d, targets, weights, compute_grad)
+        ctx.save_for_backward(dv)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        return _mse_grad(ctx, grad_loss), None, None, None, None
+
+
 @torch.library.custom_op("pnfs::squash_score", mutates_args=())
-def _squash_op(vectors: torch.Tensor, d: int) -> torch.Tensor:
-    return _squash_forward(vectors, d)
+def _squash_op(vectors: torch.Tensor, d: int, out_dtype: torch.dtype) -> torch.Tensor:
+    return _squash_forward(vectors, d, out_dtype)
 
 
 @_squash_op.register_fake
-def _(vectors, d):
-    return _empty_scores(vectors, d)
+def _(vectors, d, out_dtype):
+    return _empty_scores(vectors, d, out_dtype)
 
 
 @torch.library.custom_op("pnfs::squash_score_backward", mutates_args=())
@@ -301,11 +331,13 @@ def _(grad, vectors, d):
 
 
 def _squash_op_setup(ctx, inputs, output):
-    _squash_setup(ctx, *inputs)
+    vectors, d, _ = inputs
+    ctx.d = d
+    ctx.save_for_backward(vectors)
 
 
 def _squash_op_backward(ctx, grad):
-    return _squash_grad(ctx, grad), None
+    return _squash_grad(ctx, grad, _squash_backward_op), None, None
 
 
 torch.library.register_autograd("pnfs::squash_score", _squash_op_backward, setup_context=_squash_op_setup)
@@ -346,16 +378,20 @@ def _check(vectors: torch.Tensor, d: int) -> None:
 
 
 def squash_score(vectors: torch.Tensor, d: int) -> torch.Tensor:
-    """[N, J*d, H, W] -> [N, J, H, W] scores n^2/(1+n^2) in [0, 1), in the vectors' dtype."""
+    """[N, J*d, H, W] -> [N, J, H, W] scores n^2/(1+n^2) in [0, 1), n^2 summed in fp32.
+
+    The scores have ``result_dtype([vectors])``: the autocast dtype under autocast for the
+    vectors' device, else the vectors' dtype. Their gradient has the vectors' dtype.
+    """
     _check(vectors, d)
-    if not use_triton(vectors):
+    out_dtype = result_dtype([vectors])
+    if not use_triton(vectors, "squash_score", out_dtype):
         return squash_score_reference(vectors, d)
-    return run(
-        "squash_score",
-        lambda: _squash_op(vectors, d),
-        lambda: squash_score_reference(vectors, d),
-        vectors.device,
-    )
+    if traced():
+        kernel = lambda: _squash_op(vectors, d, out_dtype)
+    else:
+        kernel = lambda: _SquashFunction.apply(vectors, d, out_dtype)
+    return run("squash_score", kernel, lambda: squash_score_reference(vectors, d), vectors.device)
 
 
 def squash_mse_loss(
@@ -363,8 +399,9 @@ def squash_mse_loss(
 ) -> torch.Tensor:
     """Training loss straight from the vectors: ``mean_{n,j} 0.5 w mean_hw (score - target)^2``.
 
-    vectors [N, J*d, H, W], targets [N, J, H, W], weights [N, J] -> 0-dim fp32 loss. Targets and
-    weights are data: they take no gradient.
+    vectors [N, J*d, H, W], targets [N, J, H, W], weights [N, J] -> 0-dim fp32 loss (fp64 on the
+    reference path for fp64 vectors), under autocast too; any floating dtypes, mixed. Targets and
+    weights are data: they take no gradient. dloss/dvectors has the vectors' dtype.
     """
     _check(vectors, d)
     n, c, h, w = vectors.shape
@@ -372,14 +409,18 @@ def squash_mse_loss(
         raise ValueError(f"squash_mse_loss: targets {tuple(targets.shape)}, expected {(n, c // d, h, w)}")
     if weights.shape != (n, c // d):
         raise ValueError(f"squash_mse_loss: weights {tuple(weights.shape)}, expected {(n, c // d)}")
-    if not use_triton(vectors):
+    if not use_triton(vectors, "squash_mse_loss"):
         return squash_mse_loss_reference(vectors, d, targets, weights)
     if targets.requires_grad or weights.requires_grad:
         raise ValueError("squash_mse_loss: targets and weights must not require grad (they are data)")
     compute_grad = torch.is_grad_enabled() and vectors.requires_grad
+    if traced():
+        kernel = lambda: _squash_mse_op(vectors, d, targets, weights, compute_grad)[0]
+    else:
+        kernel = lambda: _SquashMseFunction.apply(vectors, d, targets, weights, compute_grad)
     return run(
         "squash_mse_loss",
-        lambda: _squash_mse_op(vectors, d, targets, weights, compute_grad)[0],
+        kernel,
         lambda: squash_mse_loss_reference(vectors, d, targets, weights),
         vectors.device,
     )

@@ -20,7 +20,12 @@ the kernel reads them in place (dense layouts as one flat range, other strides t
 4-d index). Only when the inputs' strides differ from each other are the odd ones copied
 into the layout of ``torch.empty_like(inputs[0])`` (the output's layout); the incoming
 gradient is likewise copied only when its layout differs from the output's.
-Arithmetic is fp32; loads and stores use the tensors' dtype (fp32, bf16, fp16).
+
+Dtypes (``pnfs.kernels._dtypes``): the inputs may mix fp32, bf16 and fp16, as autocast hands
+them over (on CUDA the up-sampled input of an input node is fp32, the others bf16). Arithmetic
+is fp32; each input is loaded in its own dtype, the result is stored in
+``result_dtype(inputs)`` (the autocast dtype under autocast, else the promoted dtype) and each
+dx_k in input k's dtype; dw is fp32 sums returned in the weights' dtype.
 """
 
 from collections.abc import Sequence
@@ -28,8 +33,9 @@ from collections.abc import Sequence
 import torch
 
 from pnfs.kernels._compat import block_size, cdiv, jit, same_layout, strides4, tl
+from pnfs.kernels._dtypes import compute_dtype, result_dtype
 from pnfs.kernels._reduce import sum_rows
-from pnfs.kernels.backend import device_guard, run, use_triton
+from pnfs.kernels.backend import device_guard, run, traced, use_triton
 
 MAX_INPUTS = 12
 BLOCK_COMPILED = 1024  # elements per program on a GPU, dense layouts
@@ -42,11 +48,22 @@ STRIDED_BLOCK = block_size(compiled=STRIDED_BLOCK_COMPILED, interpreted=4096)
 def weighted_sum_reference(
     inputs: Sequence[torch.Tensor], weights: torch.Tensor, relu: bool = False
 ) -> torch.Tensor:
-    """Eager PyTorch: the fallback and the test oracle. ``weights``: [K]."""
-    out = inputs[0] * weights[0]
-    for k in range(1, len(inputs)):
-        out = out + inputs[k] * weights[k]
-    return torch.relu(out) if relu else out
+    """Eager PyTorch: the fallback and the test oracle. ``weights``: [K].
+
+    Sums in fp32 (fp64 for fp64 inputs) whatever the inputs' dtypes and returns
+    ``result_dtype(inputs)``, like the Triton path. Each weight is a 1-element tensor of the
+    inputs' rank, so ``x_k * w_k`` promotes to the compute dtype in the same kernel (a 0-dim
+    weight would not promote a bf16 ``x_k``).
+    """
+    out_dtype = result_dtype(inputs)
+    w = weights.to(compute_dtype(out_dtype))
+    out = None
+    for k, x in enumerate(inputs):
+        term = x * w[k].reshape((1,) * x.dim())
+        out = term if out is None else out + term
+    if relu:
+        out = torch.relu(out)
+    return out.to(out_dtype)
 
 
 # ----------------------------------------------------------------------------- Triton kernels
@@ -182,16 +199,20 @@ def _read_layout(inputs: Sequence[torch.Tensor], like: torch.Tensor) -> tuple[li
     """Inputs the kernel can read with one stride set, and whether that equals ``like``'s layout.
 
     Inputs sharing strides are used in place; otherwise the ones whose layout differs from
-    ``like`` (a dense tensor) are copied into it.
+    ``like`` (a dense tensor) are copied into it, each keeping its dtype.
     """
     x0 = inputs[0]
     if all(same_layout(x, x0) for x in inputs) and (same_layout(x0, like) or x0.dim() <= 4):
         return list(inputs), same_layout(x0, like)
-    return [x if same_layout(x, like) else torch.empty_like(like).copy_(x) for x in inputs], True
+    return [
+        x if same_layout(x, like) else torch.empty_like(like, dtype=x.dtype).copy_(x) for x in inputs
+    ], True
 
 
-def _weighted_sum_forward(inputs: list[torch.Tensor], weights: torch.Tensor, relu: bool) -> torch.Tensor:
-    out = torch.empty_like(inputs[0])
+def _weighted_sum_forward(
+    inputs: list[torch.Tensor], weights: torch.Tensor, relu: bool, out_dtype: torch.dtype
+) -> torch.Tensor:
+    out = torch.empty_like(inputs[0], dtype=out_dtype)
     numel = out.numel()
     if numel == 0:
         return out
@@ -215,15 +236,19 @@ def _weighted_sum_backward(
     relu: bool,
     need_dw: bool,
 ) -> list[torch.Tensor]:
-    """[dx_0 .. dx_{K-1}, dw]; ``inputs`` are only read when ``need_dw``; ``out`` only with ReLU."""
+    """[dx_0 .. dx_{K-1}, dw]; dx_k in ``inputs[k]``'s dtype and ``inputs[0]``'s layout.
+
+    ``inputs[1:]`` are only read when ``need_dw`` (otherwise only their dtypes matter: they may
+    be empty); ``out`` only with ReLU.
+    """
     k = len(inputs)
-    dxs = [torch.empty_like(inputs[0]) for _ in range(k)]
+    dxs = [torch.empty_like(inputs[0], dtype=x.dtype) for x in inputs]
     numel = dxs[0].numel()
     dw32 = torch.zeros(k, device=grad.device, dtype=torch.float32)
     if numel == 0:
         return [*dxs, dw32.to(weights.dtype)]
-    g = grad if same_layout(grad, dxs[0]) else torch.empty_like(dxs[0]).copy_(grad)
-    xs, dense = _read_layout(inputs, dxs[0]) if need_dw else (list(inputs), True)
+    g = grad if same_layout(grad, dxs[0]) else torch.empty_like(dxs[0], dtype=grad.dtype).copy_(grad)
+    xs, dense = _read_layout(inputs, dxs[0]) if need_dw else ([inputs[0]] * k, True)
     sizes, xstrides = strides4(xs[0]) if not dense else ((1, 1, 1, numel), (0, 0, 0, 1))
     gstrides = strides4(g)[1] if not dense else (0, 0, 0, 1)
     block = BLOCK if dense else STRIDED_BLOCK
@@ -244,30 +269,47 @@ def _weighted_sum_backward(
 
 
 def _save(ctx, inputs: Sequence[torch.Tensor], weights: torch.Tensor, relu: bool, out: torch.Tensor) -> None:
-    ctx.k = len(inputs)
+    """Saves what the backward reads: the weights, ``out`` with ReLU, ``inputs[0]`` (the layout) and
+    the other inputs when dw is needed, else empty tensors standing for their dtypes."""
     ctx.relu = relu
     ctx.need_dw = weights.requires_grad
-    saved_inputs = list(inputs) if ctx.need_dw else [inputs[0]]  # inputs[0] gives the layout
-    ctx.save_for_backward(weights, out if relu else None, *saved_inputs)
+    rest = [x if ctx.need_dw else x.new_empty(0) for x in inputs[1:]]
+    ctx.save_for_backward(weights, out if relu else None, inputs[0], *rest)
 
 
-def _grads(ctx, grad: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+def _grads(ctx, grad: torch.Tensor, backward) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+    """``backward`` is :func:`_weighted_sum_backward` (eager) or its custom op (traced)."""
     weights, out, *inputs = ctx.saved_tensors
-    if not ctx.need_dw:
-        inputs = inputs * ctx.k  # only shape and layout are used
     with device_guard(grad.device):
-        *dxs, dw = _backward_op(grad, inputs, weights, out, ctx.relu, ctx.need_dw)
+        *dxs, dw = backward(grad, inputs, weights, out, ctx.relu, ctx.need_dw)
     return dxs, (dw if ctx.need_dw else None)
 
 
+class _WeightedSumFunction(torch.autograd.Function):
+    """Eager mode: direct launches, without the custom op's dispatch (backend.traced)."""
+
+    @staticmethod
+    def forward(ctx, weights: torch.Tensor, relu: bool, out_dtype: torch.dtype, *inputs: torch.Tensor):
+        out = _weighted_sum_forward(list(inputs), weights, relu, out_dtype)
+        _save(ctx, inputs, weights, relu, out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        dxs, dw = _grads(ctx, grad, _weighted_sum_backward)
+        return dw, None, None, *dxs
+
+
 @torch.library.custom_op("pnfs::weighted_sum", mutates_args=())
-def _weighted_sum_op(inputs: list[torch.Tensor], weights: torch.Tensor, relu: bool) -> torch.Tensor:
-    return _weighted_sum_forward(inputs, weights, relu)
+def _weighted_sum_op(
+    inputs: list[torch.Tensor], weights: torch.Tensor, relu: bool, out_dtype: torch.dtype
+) -> torch.Tensor:
+    return _weighted_sum_forward(inputs, weights, relu, out_dtype)
 
 
 @_weighted_sum_op.register_fake
-def _(inputs, weights, relu):
-    return torch.empty_like(inputs[0])
+def _(inputs, weights, relu, out_dtype):
+    return torch.empty_like(inputs[0], dtype=out_dtype)
 
 
 @torch.library.custom_op("pnfs::weighted_sum_backward", mutates_args=())
@@ -284,17 +326,17 @@ def _backward_op(
 
 @_backward_op.register_fake
 def _(grad, inputs, weights, out, relu, need_dw):
-    return [torch.empty_like(inputs[0]) for _ in inputs] + [torch.empty_like(weights)]
+    return [torch.empty_like(inputs[0], dtype=x.dtype) for x in inputs] + [torch.empty_like(weights)]
 
 
 def _op_setup_context(ctx, inputs, output):
-    xs, weights, relu = inputs
+    xs, weights, relu, _ = inputs
     _save(ctx, xs, weights, relu, output)
 
 
 def _op_backward(ctx, grad):
-    dxs, dw = _grads(ctx, grad)
-    return dxs, dw, None
+    dxs, dw = _grads(ctx, grad, _backward_op)
+    return dxs, dw, None, None
 
 
 torch.library.register_autograd("pnfs::weighted_sum", _op_backward, setup_context=_op_setup_context)
@@ -312,23 +354,28 @@ def _check(inputs: Sequence[torch.Tensor], weights: torch.Tensor) -> None:
     for k, x in enumerate(inputs):
         if x.shape != x0.shape:
             raise ValueError(f"weighted_sum: input {k} has shape {tuple(x.shape)}, input 0 {tuple(x0.shape)}")
-        if x.dtype != x0.dtype or x.device != x0.device:
-            raise ValueError(
-                f"weighted_sum: input {k} is {x.dtype} on {x.device}, input 0 {x0.dtype} on {x0.device}"
-            )
+        if x.device != x0.device:
+            raise ValueError(f"weighted_sum: input {k} is on {x.device}, input 0 on {x0.device}")
+        if not x.is_floating_point():
+            raise ValueError(f"weighted_sum: input {k} is {x.dtype}; expected a floating-point tensor")
 
 
 def weighted_sum(inputs: Sequence[torch.Tensor], weights: torch.Tensor, relu: bool = False) -> torch.Tensor:
     """``act(sum_k weights[k] * inputs[k])`` over K <= 12 same-shape tensors; ``weights``: [K].
 
-    The result has ``inputs[0]``'s dtype and the layout of ``torch.empty_like(inputs[0])``.
+    The inputs may mix floating dtypes (autocast's bf16 next to fp32): the sum is fp32 and the
+    result has ``result_dtype(inputs)`` (the autocast dtype under autocast for the inputs'
+    device, else the promoted dtype of the inputs; ``pnfs.kernels._dtypes``) and the layout
+    of ``torch.empty_like(inputs[0])``. Each input's gradient has that input's dtype.
     """
     _check(inputs, weights)
-    if not use_triton(inputs[0]):
+    out_dtype = result_dtype(inputs)
+    if not use_triton(inputs[0], "weighted_sum", out_dtype):
         return weighted_sum_reference(inputs, weights, relu)
+    if traced():
+        kernel = lambda: _weighted_sum_op(list(inputs), weights, relu, out_dtype)
+    else:
+        kernel = lambda: _WeightedSumFunction.apply(weights, relu, out_dtype, *inputs)
     return run(
-        "weighted_sum",
-        lambda: _weighted_sum_op(list(inputs), weights, relu),
-        lambda: weighted_sum_reference(inputs, weights, relu),
-        inputs[0].device,
+        "weighted_sum", kernel, lambda: weighted_sum_reference(inputs, weights, relu), inputs[0].device
     )

@@ -78,8 +78,8 @@ def test_triton_backend_on_cpu_tensors_needs_the_interpreter(monkeypatch):
         (lambda: weighted_sum([torch.zeros(2)] * 2, torch.ones(3)), r"weights of shape \(3,\) for 2 inputs"),
         (lambda: weighted_sum([torch.zeros(2), torch.zeros(3)], torch.ones(2)), r"input 1 has shape \(3,\)"),
         (
-            lambda: weighted_sum([torch.zeros(2), torch.zeros(2, dtype=torch.float64)], torch.ones(2)),
-            "input 1 is torch.float64",
+            lambda: weighted_sum([torch.zeros(2), torch.zeros(2, dtype=torch.int64)], torch.ones(2)),
+            "input 1 is torch.int64; expected a floating-point tensor",
         ),
         (lambda: squash_score(torch.zeros(1, 6, 2, 2), 4), "6 channels are not a multiple of d=4"),
         (lambda: squash_score(torch.zeros(6, 2, 2), 2), r"\[N, J\*d, H, W\]"),
@@ -169,9 +169,12 @@ def test_custom_ops_pass_opcheck():
     """Schema, fake (meta) kernels and autograd registration, checked by torch itself."""
     xs = [torch.randn(2, 3, 4, 5, requires_grad=True) for _ in range(3)]
     w = torch.randn(3, requires_grad=True)
-    torch.library.opcheck(torch.ops.pnfs.weighted_sum.default, (xs, w, True))
+    torch.library.opcheck(torch.ops.pnfs.weighted_sum.default, (xs, w, True, torch.float32))
+    mixed = [xs[0].detach().bfloat16().requires_grad_(), xs[1], xs[2].detach().half().requires_grad_()]
+    torch.library.opcheck(torch.ops.pnfs.weighted_sum.default, (mixed, w, False, torch.bfloat16))
     v = torch.randn(2, 2 * 4, 3, 5, requires_grad=True)
-    torch.library.opcheck(torch.ops.pnfs.squash_score.default, (v, 4))
+    torch.library.opcheck(torch.ops.pnfs.squash_score.default, (v, 4, torch.float32))
+    torch.library.opcheck(torch.ops.pnfs.squash_score.default, (v, 4, torch.bfloat16))
     t, wt = torch.rand(2, 2, 3, 5), torch.ones(2, 2)
     torch.library.opcheck(torch.ops.pnfs.squash_mse_loss.default, (v, 4, t, wt, True))
     torch.library.opcheck(torch.ops.pnfs.argmax_decode.default, (t,))
@@ -337,14 +340,70 @@ class _FakeCudaTensor:
 
 
 @pytest.mark.parametrize(
-    "capability, expected", [((6, 1), False), ((7, 5), False), ((8, 0), True), ((9, 0), True)]
+    "kernel, dtype, capability, expected",
+    [
+        ("squash_mse_loss", torch.float32, (9, 0), True),  # measured faster on the H200
+        ("squash_mse_loss", torch.bfloat16, (9, 0), False),  # bf16 never measured
+        ("squash_mse_loss", torch.float32, (8, 0), False),  # no A100 measurement
+        ("squash_mse_loss", torch.float32, (6, 1), False),  # the paper's Titan Xp
+        ("weighted_sum", torch.float32, (9, 0), False),  # slower than torch.compile there
+        ("squash_score", torch.float32, (9, 0), False),
+        ("argmax_decode", torch.float32, (9, 0), False),
+        (None, torch.float32, (9, 0), False),  # a kernel that names no measurement
+    ],
 )
-def test_auto_uses_triton_only_from_sm_80(monkeypatch, capability, expected):
+def test_auto_runs_triton_only_where_it_measured_fastest(monkeypatch, kernel, dtype, capability, expected):
     backend = importlib.import_module("pnfs.kernels.backend")
     monkeypatch.setenv("PNFS_KERNELS", "auto")
     monkeypatch.setattr(backend, "triton_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
-    assert backend.use_triton(_FakeCudaTensor()) is expected
+    backend.capability.cache_clear()
+    try:
+        assert backend.use_triton(_FakeCudaTensor(), kernel, dtype) is expected
+    finally:
+        backend.capability.cache_clear()
+
+
+def test_auto_table_is_the_rule_applied_to_the_committed_measurements():
+    """AUTO_TABLE is recomputed from the committed bench/kernels.py results: the two cannot drift."""
+    from pnfs.kernels import auto_table
+
+    root = Path(__file__).resolve().parents[1]
+    recomputed = {}
+    for capability, path in auto_table.RESULTS.items():
+        report = json.loads((root / path).read_text())
+        assert tuple(report["capability"]) == capability and report["device"] == "cuda"
+        recomputed.update(auto_table.choices(report))
+    assert recomputed == auto_table.AUTO_TABLE
+
+
+def _report(medians: list[dict[str, float]], kernel: str = "weighted_sum") -> dict:
+    cases = [{"kernel": kernel, "dtype": "fp32", "measured": "triton", "median_ms": m} for m in medians]
+    return {"capability": [8, 0], "cases": cases}
+
+
+@pytest.mark.parametrize(
+    "medians, expected",
+    [
+        ([{"eager": 2.0, "compiled": 1.5, "triton": 1.0}], "triton"),
+        ([{"eager": 2.0, "compiled": 0.9, "triton": 1.0}], "torch"),  # loses to torch.compile
+        ([{"eager": 0.9, "compiled": 2.0, "triton": 1.0}], "torch"),  # loses to eager
+        ([{"eager": 2.0, "triton": 1.0}], "torch"),  # compiled reference not measured
+        # geometric mean over the cases: 4x in one, 0.5x in the other -> sqrt(2) over both
+        (
+            [{"eager": 4.0, "compiled": 4.0, "triton": 1.0}, {"eager": 1.0, "compiled": 1.0, "triton": 2.0}],
+            "triton",
+        ),
+        (
+            [{"eager": 1.5, "compiled": 1.5, "triton": 1.0}, {"eager": 1.0, "compiled": 1.0, "triton": 2.0}],
+            "torch",
+        ),
+    ],
+)
+def test_auto_rule_chooses_triton_only_over_both_references(medians, expected):
+    from pnfs.kernels.auto_table import choices
+
+    assert choices(_report(medians)) == {("weighted_sum", "fp32", (8, 0)): expected}
 
 
 def test_auto_falls_back_to_the_reference_once_with_one_warning_when_a_kernel_fails(monkeypatch):
@@ -354,10 +413,10 @@ def test_auto_falls_back_to_the_reference_once_with_one_warning_when_a_kernel_fa
     squash_module = importlib.import_module("pnfs.kernels.squash")
     monkeypatch.setenv("PNFS_KERNELS", "auto")
     monkeypatch.setattr(backend, "_FAILED", set())
-    monkeypatch.setattr(squash_module, "use_triton", lambda tensor: True)
+    monkeypatch.setattr(squash_module, "use_triton", lambda *args: True)
     launches = []
 
-    def failing_forward(vectors, d):
+    def failing_forward(vectors, d, out_dtype=None):
         launches.append(d)
         raise RuntimeError("ptxas fatal: forced compile error")
 
