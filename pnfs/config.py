@@ -98,6 +98,7 @@ class TrainConfig:
     amp: Literal["auto", "bf16", "none"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
     channels_last: bool = True
     compile: bool = False
+    cuda_graph: bool = False  # replay the whole step from one CUDA graph (CUDA only; docs/design.md §8)
     seed: int = 0
     deterministic: bool = False
     out_dir: str = "runs/default"
@@ -434,6 +435,18 @@ def validate(cfg: Config) -> None:
     _require(t.max_steps_per_epoch >= 0, "train.max_steps_per_epoch", t.max_steps_per_epoch, "must be >= 0")
     _require(t.checkpoint_every >= 0, "train.checkpoint_every", t.checkpoint_every, "must be >= 0")
     _require(t.stop_at_step >= 0, "train.stop_at_step", t.stop_at_step, "must be >= 0")
+    _require(
+        not (t.cuda_graph and t.device == "cpu"),
+        "train.cuda_graph",
+        t.cuda_graph,
+        "needs CUDA (train.device=cpu)",
+    )
+    _require(
+        not (t.cuda_graph and t.compile),
+        "train.cuda_graph",
+        t.cuda_graph,
+        "and train.compile both capture the step; choose one",
+    )
     _require(s.arch_weight_decay >= 0, "search.arch_weight_decay", s.arch_weight_decay, "must be >= 0")
 
     _require(s.arch_lr > 0, "search.arch_lr", s.arch_lr, "must be > 0")

@@ -3,6 +3,8 @@ changes nothing and is counted, and no step talks to the host between log reads.
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -10,9 +12,11 @@ import torch.distributed as dist
 from pnfs.config import load_config
 from pnfs.data.batch import PoseBatch
 from pnfs.data.targets import gaussian_targets
+from pnfs.engine.distributed import wrap_ddp
+from pnfs.engine.graph import GraphedStep
 from pnfs.engine.guard import NonFiniteGuard, NonFiniteLossError, StepRecord
 from pnfs.engine.step import StepParts, apply_if_finite, clipped_norm, poison_non_finite, weight_step
-from pnfs.engine.strategies import build_optimizers
+from pnfs.engine.strategies import build_optimizers, make_capturable
 from pnfs.loss import batch_loss, loss_setup, pose_loss
 from pnfs.model import build_model
 
@@ -171,6 +175,7 @@ COLLECTIVES = (
     "broadcast",
     "broadcast_object_list",
     "barrier",
+    "_broadcast_coalesced",  # DDP's broadcast of the buffers at a forward (off: wrap_ddp)
 )
 
 
@@ -183,12 +188,34 @@ def single_rank_group(tmp_path):
     dist.destroy_process_group()
 
 
-def test_no_host_sync_between_log_reads(monkeypatch, single_rank_group):
+class Rerun:
+    """A CPU stand-in for a CUDA-graph capture: remembers the step (counted in ``captured``) and
+    reruns it eagerly at each replay, on the static buffers it was recorded with."""
+
+    captured = 0
+
+    def __init__(self, fn):
+        Rerun.captured += 1
+        self.fn = fn
+
+    def replay(self) -> None:
+        self.fn()
+
+
+@pytest.mark.parametrize("graphed", [False, True], ids=["eager", "cuda_graph"])
+def test_no_host_sync_between_log_reads(monkeypatch, single_rank_group, graphed):
+    """Nothing reads the device or talks to other ranks in a step (DDP's per-forward broadcast of
+    the BatchNorm buffers included); with ``train.cuda_graph`` neither the static buffers'
+    copy-in, the capture nor the replays do."""
     cfg, model = tiny("model.num_parts=3")
-    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    ddp = wrap_ddp(model, torch.device("cpu"))
     s = step_parts(cfg, model, forward=ddp)
+    step = partial(weight_step, s)
+    if graphed:
+        make_capturable(s.optimizer, torch.device("cpu"))
+        step = GraphedStep(step, torch.device("cpu"), warmup=1, capture=Rerun)
     batch = random_batch(cfg)
-    weight_step(s, batch)  # the first step builds Adam's state
+    step(batch)  # the first step builds Adam's state (under cuda_graph: the warm-up)
     calls: list[str] = []
 
     def counting(owner, name):
@@ -205,7 +232,7 @@ def test_no_host_sync_between_log_reads(monkeypatch, single_rank_group):
     for name in COLLECTIVES:
         counting(dist, name)
     for _ in range(4):
-        weight_step(s, batch)
+        step(batch)
     assert calls == [], f"host syncs or collectives inside the steps: {calls}"
     loss = s.record.read(step=5, lr=1e-3, world_size=1)
     assert loss > 0 and "tolist" in calls and "all_reduce" in calls  # the read is seen (the wrappers work)

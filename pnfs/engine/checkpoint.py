@@ -195,3 +195,14 @@ def resolve_resume(resume: str | None, checkpoint_dir: str | Path) -> Path | Non
 def new_checkpoint(**entries: Any) -> dict[str, Any]:
     """The resume dict with its format tag and the pnfs version."""
     return {"format": FORMAT, "version": pnfs.__version__, **entries}
+
+
+def optimizer_state(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """``optimizer.state_dict()`` with plain-number learning rates: a ``train.cuda_graph`` run's
+    tensor learning rate (on its GPU) is saved as the float it holds (one host read, at a
+    checkpoint), so any run, eager or graphed, on any device, loads the file alike."""
+    state = optimizer.state_dict()
+    for group in state["param_groups"]:
+        if isinstance(group["lr"], torch.Tensor):
+            group["lr"] = float(group["lr"])
+    return state

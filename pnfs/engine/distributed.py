@@ -14,7 +14,9 @@ hung). We therefore build the process group on a store whose keys are prefixed w
 from __future__ import annotations
 
 import datetime
+import inspect
 import os
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -163,8 +165,8 @@ def average_gradients(params: list[nn.Parameter], world_size: int) -> None:
 def average_buffers(model: nn.Module, world_size: int) -> None:
     """All-reduce mean of the floating-point buffers (BatchNorm running statistics).
 
-    DDP broadcasts rank 0's buffers at every forward, so between epochs the ranks' running
-    statistics differ by the last batch; averaging them at the end of each epoch gives every
+    DDP does not broadcast them at each forward (:func:`wrap_ddp`), so between epochs each rank
+    keeps statistics of its own batches; averaging them at the end of each epoch gives every
     rank (and the evaluation) the same model, with statistics from all ranks' data."""
     if world_size == 1:
         return
@@ -172,3 +174,29 @@ def average_buffers(model: nn.Module, world_size: int) -> None:
         if buf.is_floating_point():
             dist.all_reduce(buf)
             buf.div_(world_size)
+
+
+def wrap_ddp(model: nn.Module, device: torch.device, for_cuda_graph: bool = False) -> nn.Module:
+    """``DistributedDataParallel`` around ``model`` without the broadcast of every buffer (the
+    BatchNorm statistics) from rank 0 at each forward: :func:`average_buffers` averages them at
+    each epoch's end instead (docs/design.md §7). ``for_cuda_graph`` (``train.cuda_graph``): DDP's
+    static graph, built on a side stream, as PyTorch's CUDA-graph notes ask before a capture."""
+    from pnfs.engine.graph import side_stream
+
+    ddp = nn.parallel.DistributedDataParallel
+    # torch >= 2.14 names the switch forward_sync_buffers and deprecates broadcast_buffers
+    if "forward_sync_buffers" in inspect.signature(ddp).parameters:
+        no_forward_broadcast = {"forward_sync_buffers": False}
+    else:
+        no_forward_broadcast = {"broadcast_buffers": False}
+    device_ids = [device.index] if device.type == "cuda" else None
+    with side_stream(device) if for_cuda_graph else nullcontext():
+        return ddp(model, device_ids=device_ids, static_graph=for_cuda_graph, **no_forward_broadcast)
+
+
+def allow_collectives_in_cuda_graphs() -> None:
+    """NCCL's asynchronous error handling off (its watchdog queries events, which a capture
+    forbids): set before the process group starts when ``train.cuda_graph`` is on, as PyTorch's
+    CUDA-graph notes ask for capturing DDP's all-reduces."""
+    os.environ["TORCH_NCCL_ASYNC_ERROR_HANDLING"] = "0"
+    os.environ["NCCL_ASYNC_ERROR_HANDLING"] = "0"  # the name before torch 2.2

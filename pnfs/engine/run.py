@@ -13,16 +13,22 @@ from typing import Any
 import torch
 from torch import nn
 
-from pnfs.config import Config, config_to_dict, dump_config
+from pnfs.config import Config, ConfigError, config_to_dict, dump_config
 from pnfs.engine import checkpoint as ckpt
-from pnfs.engine.distributed import DistContext, all_gather_objects, barrier, broadcast_object
+from pnfs.engine.distributed import DistContext, all_gather_objects, barrier, broadcast_object, wrap_ddp
 from pnfs.engine.export import architecture_entropies, export_architecture
 from pnfs.engine.guard import NonFiniteGuard
 from pnfs.engine.runlog import Scalars, setup_logger
 from pnfs.engine.runtime import amp_dtype, set_determinism
-from pnfs.engine.schedule import learning_rate
+from pnfs.engine.schedule import learning_rate, set_learning_rate
 from pnfs.engine.state import Position, RunState
-from pnfs.engine.strategies import build_optimizers, describe_optimizers, prepare_architecture, split_shards
+from pnfs.engine.strategies import (
+    build_optimizers,
+    describe_optimizers,
+    make_capturable,
+    prepare_architecture,
+    split_shards,
+)
 from pnfs.model import build_model
 from pnfs.model.backbones import load_pretrained_backbone
 
@@ -49,6 +55,7 @@ class Run:
         self.last_export: list[Path] = []  # files of this process's latest architecture export
         self.guard = NonFiniteGuard(cfg.train.max_bad_steps)
         self.use_deepspeed = deepspeed_config is not None
+        check_cuda_graph(cfg, ctx.device, self.use_deepspeed)
         set_determinism(cfg)
 
         # identical initial weights on every rank: the model is drawn from train.seed
@@ -69,13 +76,16 @@ class Run:
         else:  # a fresh start: the backbone's pretrained weights (a resume has them in the checkpoint)
             load_pretrained_backbone(model.backbone, cfg.model.backbone, self.log)
             torch.manual_seed(cfg.train.seed + 1000 * ctx.rank)
+        if cfg.train.cuda_graph:
+            for optimizer in (self.optimizers.weights, self.optimizers.arch):
+                if optimizer is not None:
+                    make_capturable(optimizer, ctx.device)
 
         if self.use_deepspeed:
             self.engine = self._deepspeed_engine(deepspeed_config, checkpoint)
             self.forward_model: nn.Module = self.engine
         elif ctx.distributed:
-            device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
-            self.forward_model = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+            self.forward_model = wrap_ddp(model, ctx.device, for_cuda_graph=cfg.train.cuda_graph)
         else:
             self.forward_model = model
         if cfg.train.compile:  # CUDA graphs of the forward and backward on a GPU (docs/design.md §8)
@@ -183,8 +193,7 @@ class Run:
     def _set_lr(self, epoch: int) -> float:
         t = self.cfg.train
         lr = learning_rate(epoch, t.lr, t.lr_milestones, t.lr_factor)
-        for group in self.optimizers.weights.param_groups:
-            group["lr"] = lr
+        set_learning_rate(self.optimizers.weights, lr)
         return lr
 
     # ------------------------------------------------------------------ checkpoints
@@ -201,10 +210,10 @@ class Run:
             state = ckpt.new_checkpoint(
                 model=self.model.state_dict(),
                 optimizers={
-                    "weights": None if self.use_deepspeed else self.optimizers.weights.state_dict(),
-                    "arch": self.optimizers.arch.state_dict() if self.optimizers.arch else None,
+                    "weights": None if self.use_deepspeed else ckpt.optimizer_state(self.optimizers.weights),
+                    "arch": ckpt.optimizer_state(self.optimizers.arch) if self.optimizers.arch else None,
                 },
-                schedule={"epoch": pos.epoch, "lr": self.optimizers.weights.param_groups[0]["lr"]},
+                schedule={"epoch": pos.epoch, "lr": float(self.optimizers.weights.param_groups[0]["lr"])},
                 position=pos.state_dict(),
                 rng=rng,
                 config=config_to_dict(self.cfg),
@@ -282,3 +291,16 @@ class Run:
         if self.use_deepspeed:
             return f"deepspeed (ZeRO stage {self.engine.zero_optimization_stage()})"
         return "ddp" if self.ctx.distributed else "single process"
+
+
+def check_cuda_graph(cfg: Config, device: torch.device, use_deepspeed: bool) -> None:
+    """ConfigError naming ``train.cuda_graph`` when this process cannot capture its step: not on
+    CUDA (``train.device=auto`` found no GPU), or under DeepSpeed, which owns its step."""
+    if not cfg.train.cuda_graph:
+        return
+    if device.type != "cuda":
+        raise ConfigError(f"train.cuda_graph: true needs a CUDA device; this process runs on {device}")
+    if use_deepspeed:
+        raise ConfigError(
+            "train.cuda_graph: true is not available with --deepspeed (DeepSpeed owns the step)"
+        )

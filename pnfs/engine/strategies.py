@@ -141,3 +141,17 @@ def split_shards(shards: Sequence[str], split: Sequence[int]) -> tuple[list[str]
     weight_set = [s for i, s in enumerate(shards) if i % (w + a) < w]
     arch_set = [s for i, s in enumerate(shards) if i % (w + a) >= w]
     return weight_set, arch_set
+
+
+def make_capturable(optimizer: torch.optim.Optimizer, device: torch.device) -> None:
+    """Ready a fused Adam for CUDA-graph capture (``train.cuda_graph``): ``capturable`` set and
+    each group's learning rate a 0-dim tensor on ``device``, which the schedule then fills in
+    place (:func:`pnfs.engine.schedule.set_learning_rate`). Call it after loading a checkpoint:
+    ``load_state_dict`` puts the saved groups' plain values back.
+
+    The tensor has the precision each fused kernel computes the step size in from a plain
+    number, so the update does not change: float32 on CUDA, float64 on the CPU."""
+    dtype = torch.float32 if device.type == "cuda" else torch.float64
+    for group in optimizer.param_groups:
+        group["capturable"] = True
+        group["lr"] = torch.tensor(float(group["lr"]), dtype=dtype, device=device)

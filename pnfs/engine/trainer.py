@@ -15,7 +15,9 @@ of every rank and the optimizer states this is the whole resume dict, so a run s
 any step and resumed ends bitwise where an uninterrupted run ends (CPU, deterministic).
 
 The host reads the device (loss, skipped steps, the NaN guard) only every ``train.log_every``
-steps, at the end of an epoch and before a checkpoint (docs/design.md §7).
+steps, at the end of an epoch and before a checkpoint (docs/design.md §7). With
+``train.cuda_graph`` each step (and darts1's architecture step) is replayed from a CUDA graph
+after a few eager warm-up steps (:mod:`pnfs.engine.graph`, docs/design.md §8).
 """
 
 from __future__ import annotations
@@ -24,17 +26,23 @@ import json
 import math
 import sys
 import time
+from collections.abc import Callable
+from functools import partial
 from typing import Any
+
+import torch
 
 from pnfs.config import Config
 from pnfs.data.bad_samples import merge_rank_reports
 from pnfs.engine.distributed import (
     DistContext,
     all_gather_objects,
+    allow_collectives_in_cuda_graphs,
     average_buffers,
     init_distributed,
     shutdown,
 )
+from pnfs.engine.graph import WARMUP_STEPS, WARMUP_STEPS_DDP, GraphedStep, cuda_graph_capture
 from pnfs.engine.guard import StepRecord
 from pnfs.engine.run import Run
 from pnfs.engine.runtime import model_digest
@@ -63,18 +71,39 @@ class Trainer(Run):
             self.arch = StepParts(
                 bare, bare, self.optimizers.arch, self.arch_params, setup, self.record, cfg.train.grad_clip
             )
+        self.weight_step, self.arch_step = self._step_functions()
+
+    def _step_functions(self) -> tuple[Callable[[Any], None], Callable[[Any], None] | None]:
+        """(weight step, darts1's architecture step or None), each a function of the batch; with
+        ``train.cuda_graph`` both are replayed from CUDA graphs sharing one memory pool."""
+        weights = partial(weight_step, self.weights, loss_fn=pose_loss)
+        arch = None
+        if self.arch is not None:
+            arch = partial(arch_step, self.arch, world_size=self.ctx.world_size, loss_fn=pose_loss)
+        if not self.cfg.train.cuda_graph:
+            return weights, arch
+        capture = cuda_graph_capture(torch.cuda.graph_pool_handle())
+        warmup = WARMUP_STEPS_DDP if self.ctx.distributed else WARMUP_STEPS
+        self.log.info("train.cuda_graph: %d eager warm-up steps, then each step replays a CUDA graph", warmup)
+
+        def graphed(step: Callable[[Any], None]) -> GraphedStep:
+            return GraphedStep(step, self.ctx.device, warmup, capture)
+
+        # (darts1: the architecture graph is captured and replayed before the weight graph, as it
+        # runs first in every iteration; the order two graphs sharing a pool must keep)
+        return graphed(weights), graphed(arch) if arch is not None else None
 
     def _step(self, batch: Any, arch_batch: Any | None) -> None:
         """darts1's architecture step on a held-out batch first, then the weight step."""
-        if self.arch is not None:
-            arch_step(self.arch, arch_batch, self.ctx.world_size, pose_loss)
+        if self.arch_step is not None:
+            self.arch_step(arch_batch)
         if self.use_deepspeed:
             from pnfs.engine.deepspeed_engine import deepspeed_step
 
             held = self.arch_params if self.arch is not None else []
             deepspeed_step(self.engine, batch, self.weights.setup, self.record, held, pose_loss)
         else:
-            weight_step(self.weights, batch, pose_loss)
+            self.weight_step(batch)
 
     def fit(self) -> dict[str, Any]:
         cfg, ctx, pos = self.cfg, self.ctx, self.state.position
@@ -211,6 +240,8 @@ def run_training(
     cfg: Config, resume: str | None = None, deepspeed_config: str | None = None
 ) -> dict[str, Any]:
     """Set up the process group from the environment, train, tear down."""
+    if cfg.train.cuda_graph:
+        allow_collectives_in_cuda_graphs()
     ctx = init_distributed(cfg.train.device)
     try:
         return Trainer(cfg, ctx, resume=resume, deepspeed_config=deepspeed_config).fit()
