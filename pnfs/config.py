@@ -62,6 +62,9 @@ class ModelConfig:
     channels: int = 10  # C: a node at scale 1/s has C*s channels
     vector_dim: int = 8  # d; 1 is the scalar-heatmap baseline (a Table VI baseline: raw heatmaps)
     ops: list[OpName] = field(default_factory=lambda: list(SUBNETWORK_OPS))
+    # the P part fabrics as one batched fabric (same math and checkpoints; pnfs.model.batched);
+    # auto: batched where the run trains on CUDA (docs/design.md §2)
+    batched_parts: bool | Literal["auto"] = "auto"
 
 
 @dataclass

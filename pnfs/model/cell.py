@@ -54,19 +54,22 @@ def edge_list(hidden_nodes: int) -> list[tuple[int, int]]:
 
 
 class Downsample(nn.Sequential):
-    """finer -> this scale: conv3x3 stride 2 (c_in -> c_out) + BN: [N, c_in, 2h, 2w] -> [N, c_out, h, w]."""
+    """finer -> this scale: conv3x3 stride 2 (c_in -> c_out) + BN: [N, c_in, 2h, 2w] -> [N, c_out, h, w]
+    (``groups`` independent channel blocks: the parts of a batched fabric)."""
 
-    def __init__(self, c_in: int, c_out: int) -> None:
-        super().__init__(nn.Conv2d(c_in, c_out, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(c_out))
+    def __init__(self, c_in: int, c_out: int, groups: int = 1) -> None:
+        super().__init__(
+            nn.Conv2d(c_in, c_out, 3, stride=2, padding=1, groups=groups, bias=False), nn.BatchNorm2d(c_out)
+        )
 
 
 class Upsample(nn.Module):
     """coarser -> this scale: conv1x1 (c_in -> c_out) + BN, then bilinear x2, align_corners=True:
-    [N, c_in, h, w] -> [N, c_out, 2h, 2w]."""
+    [N, c_in, h, w] -> [N, c_out, 2h, 2w] (``groups`` as in :class:`Downsample`)."""
 
-    def __init__(self, c_in: int, c_out: int) -> None:
+    def __init__(self, c_in: int, c_out: int, groups: int = 1) -> None:
         super().__init__()
-        self.conv = nn.Conv2d(c_in, c_out, 1, bias=False)
+        self.conv = nn.Conv2d(c_in, c_out, 1, groups=groups, bias=False)
         self.bn = nn.BatchNorm2d(c_out)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

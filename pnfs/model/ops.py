@@ -23,27 +23,28 @@ from torch import nn
 ZERO = "zero"
 
 
-def _dw_pw_bn_relu(channels: int, dilation: int) -> list[nn.Module]:
+def _dw_pw_bn_relu(channels: int, dilation: int, groups: int) -> list[nn.Module]:
     return [
         nn.Conv2d(channels, channels, 3, padding=dilation, dilation=dilation, groups=channels, bias=False),
-        nn.Conv2d(channels, channels, 1, bias=False),
+        nn.Conv2d(channels, channels, 1, groups=groups, bias=False),
         nn.BatchNorm2d(channels, affine=False),
         nn.ReLU(inplace=False),
     ]
 
 
 class SepConv(nn.Sequential):
-    """sep_conv_3x3: (dw 3x3 -> pw 1x1 -> BN(affine=False) -> ReLU) x 2."""
+    """sep_conv_3x3: (dw 3x3 -> pw 1x1 -> BN(affine=False) -> ReLU) x 2; ``groups`` > 1 splits
+    the pointwise convs into that many independent channel blocks (the parts of a batched fabric)."""
 
-    def __init__(self, channels: int) -> None:
-        super().__init__(*_dw_pw_bn_relu(channels, 1), *_dw_pw_bn_relu(channels, 1))
+    def __init__(self, channels: int, groups: int = 1) -> None:
+        super().__init__(*_dw_pw_bn_relu(channels, 1, groups), *_dw_pw_bn_relu(channels, 1, groups))
 
 
 class DilConv(nn.Sequential):
-    """dil_conv_3x3: dw 3x3 dilation 2 -> pw 1x1 -> BN(affine=False) -> ReLU."""
+    """dil_conv_3x3: dw 3x3 dilation 2 -> pw 1x1 -> BN(affine=False) -> ReLU (``groups`` as SepConv)."""
 
-    def __init__(self, channels: int) -> None:
-        super().__init__(*_dw_pw_bn_relu(channels, 2))
+    def __init__(self, channels: int, groups: int = 1) -> None:
+        super().__init__(*_dw_pw_bn_relu(channels, 2, groups))
 
 
 class PoolBN(nn.Sequential):
@@ -59,17 +60,18 @@ class PoolBN(nn.Sequential):
 
 
 OP_BUILDERS = {
-    "skip_connect": lambda c: nn.Identity(),
+    "skip_connect": lambda c, g: nn.Identity(),
     "sep_conv_3x3": SepConv,
     "dil_conv_3x3": DilConv,
-    "avg_pool_3x3": lambda c: PoolBN(c, "avg"),
-    "max_pool_3x3": lambda c: PoolBN(c, "max"),
+    "avg_pool_3x3": lambda c, g: PoolBN(c, "avg"),
+    "max_pool_3x3": lambda c, g: PoolBN(c, "max"),
 }
 
 
-def build_op(name: str, channels: int) -> nn.Module:
-    """The module of candidate op ``name`` on ``channels`` channels (``zero`` has none)."""
+def build_op(name: str, channels: int, groups: int = 1) -> nn.Module:
+    """The module of candidate op ``name`` on ``channels`` channels (``zero`` has none);
+    ``groups`` independent channel blocks of ``channels // groups`` each (1: one op)."""
     if name not in OP_BUILDERS:
         known = [ZERO, *OP_BUILDERS]
         raise ValueError(f"unknown op {name!r}; expected one of {known}")
-    return OP_BUILDERS[name](channels)
+    return OP_BUILDERS[name](channels, groups)

@@ -25,43 +25,12 @@ from pnfs.config import Config
 from pnfs.kernels import squash_score
 from pnfs.model.backbones import FabricBackbone, build_backbone
 from pnfs.model.baseline import BaselinePoseNet
+from pnfs.model.batched import BatchedCell, BatchedFabric, BatchedParts
 from pnfs.model.cell import Cell
-from pnfs.model.fabric import SCALES, Fabric, part_fabric
-from pnfs.model.head import VectorHead
+from pnfs.model.fabric import Fabric
 from pnfs.model.hrnet import hrnet_w32
+from pnfs.model.part import PartNetwork
 from pnfs.model.simple_baseline import simple_baseline_resnet50
-
-
-def _adapter(c_in: int, c_out: int) -> nn.Module:
-    """Pyramid level -> C*s channels: a bias-free 1x1 conv, or nothing when they already match."""
-    return nn.Identity() if c_in == c_out else nn.Conv2d(c_in, c_out, 1, bias=False)
-
-
-class PartNetwork(nn.Module):
-    """One part: pyramid adapters, the 6-cell part fabric and its vector head."""
-
-    def __init__(
-        self,
-        pyramid_channels: Sequence[int],
-        channels: int,
-        hidden_nodes: int,
-        ops: Sequence[str],
-        num_joints: int,
-        vector_dim: int,
-    ) -> None:
-        super().__init__()
-        self.adapters = nn.ModuleList(_adapter(c, channels * s) for c, s in zip(pyramid_channels, SCALES))
-        self.fabric = part_fabric(channels, hidden_nodes, ops)
-        self.head = VectorHead(channels * SCALES[0], num_joints, vector_dim)
-
-    def vectors(self, pyramid: Sequence[torch.Tensor]) -> torch.Tensor:
-        """pyramid levels [N, c_s, H/s, W/s] -> vectors [N, J_p*d, H/4, W/4]."""
-        inputs = {s: adapt(x) for s, adapt, x in zip(SCALES, self.adapters, pyramid)}
-        return self.head.vectors(self.fabric(inputs)[SCALES[0]])
-
-    def forward(self, pyramid: Sequence[torch.Tensor]) -> torch.Tensor:
-        """pyramid levels [N, c_s, H/s, W/s] -> scores [N, J_p, H/4, W/4]."""
-        return squash_score(self.vectors(pyramid), self.head.vector_dim)
 
 
 class PoseNFS(nn.Module):
@@ -77,6 +46,7 @@ class PoseNFS(nn.Module):
         hidden_nodes: int,
         ops: Sequence[str],
         vector_dim: int,
+        batched_parts: bool = False,
     ) -> None:
         super().__init__()
         self.backbone = backbone
@@ -88,11 +58,18 @@ class PoseNFS(nn.Module):
         order = [j for p in self.part_joints for j in p]
         # the joint of each vector of forward(vectors=True); None when some joint is in several parts or none
         self.vector_joints = order if sorted(order) == list(range(self.num_joints)) else None
-        self.parts = nn.ModuleList(
-            PartNetwork(backbone.channels, channels, hidden_nodes, ops, len(p), vector_dim) for p in parts
-        )
+        self.batched_parts = batched_parts
+        if batched_parts:
+            self.parts = BatchedParts(
+                backbone.channels, channels, hidden_nodes, ops, [len(p) for p in parts], vector_dim
+            )
+        else:
+            self.parts = nn.ModuleList(
+                PartNetwork(backbone.channels, channels, hidden_nodes, ops, len(p), vector_dim) for p in parts
+            )
         for k, joints in enumerate(self.part_joints):
             self.register_buffer(f"joint_index_{k}", torch.tensor(joints, dtype=torch.long), persistent=False)
+        self.register_buffer("joint_index", torch.tensor(order, dtype=torch.long), persistent=False)
 
     def forward(self, images: torch.Tensor, vectors: bool = False) -> torch.Tensor:
         """images [N, 3, H, W] -> scores [N, K, H/4, W/4], joints in several parts summed;
@@ -100,6 +77,13 @@ class PoseNFS(nn.Module):
         if vectors and self.vector_joints is None:
             raise ValueError("PoseNFS: vectors=True needs every joint in exactly one part (not P=8)")
         pyramid = self.backbone(images)
+        if self.batched_parts:
+            all_vectors = self.parts.vectors(pyramid)
+            if vectors:
+                return all_vectors
+            scores = squash_score(all_vectors, self.vector_dim)
+            n, _, h, w = scores.shape
+            return scores.new_zeros(n, self.num_joints, h, w).index_add(1, self.joint_index, scores)
         part_vectors = [part.vectors(pyramid) for part in self.parts]
         if vectors:
             return torch.cat(part_vectors, dim=1)
@@ -116,9 +100,9 @@ class PoseNFS(nn.Module):
         """Every alpha (one per fabric) and beta (one per cell), part fabrics and Fabric backbone."""
         params = []
         for module in self.modules():
-            if isinstance(module, Fabric):
+            if isinstance(module, (Fabric, BatchedFabric)):
                 params.append(module.alpha)
-            elif isinstance(module, Cell) and module.beta is not None:
+            elif isinstance(module, (Cell, BatchedCell)) and module.beta is not None:
                 params.append(module.beta)
         return params
 
@@ -131,17 +115,31 @@ class PoseNFS(nn.Module):
         """The learnt architecture, JSON-ready: softmax(alpha) [edge][op] and softmax(beta)
         per cell (order finer, same, coarser) for every part and the Fabric backbone (or None)."""
         parts = []
-        for name, joints, part in zip(self.part_names, self.part_joints, self.parts):
+        for k, (name, joints) in enumerate(zip(self.part_names, self.part_joints)):
+            fabric = (
+                self.parts.fabric.architecture(k)
+                if self.batched_parts
+                else self.parts[k].fabric.architecture()
+            )
             parts.append(
                 {
                     "name": name,
                     "joints": [self.joint_names[j] for j in joints],
                     "joint_indices": list(joints),
-                    **part.fabric.architecture(),
+                    **fabric,
                 }
             )
         backbone = self.backbone.fabric.architecture() if isinstance(self.backbone, FabricBackbone) else None
         return {"parts": parts, "backbone": backbone}
+
+
+def batched_parts(cfg: Config) -> bool:
+    """``model.batched_parts`` resolved: ``auto`` batches the parts where training runs on CUDA
+    (``train.device`` cuda, or auto with a GPU present), where launches bound the step."""
+    choice = cfg.model.batched_parts
+    if choice != "auto":
+        return choice
+    return cfg.train.device == "cuda" or (cfg.train.device == "auto" and torch.cuda.is_available())
 
 
 def build_model(cfg: Config) -> PoseNFS | BaselinePoseNet:
@@ -161,4 +159,5 @@ def build_model(cfg: Config) -> PoseNFS | BaselinePoseNet:
         hidden_nodes=m.hidden_nodes,
         ops=m.ops,
         vector_dim=m.vector_dim,
+        batched_parts=batched_parts(cfg),
     )
