@@ -1,6 +1,7 @@
 """Speed of the fused kernels against their PyTorch references, at PNFS shapes.
 
-    python bench/kernels.py [--device cuda|cpu] [--json FILE] [--quick] [--reps N]
+    python bench/kernels.py [--device cuda|cpu] [--json FILE] [--quick] [--reps N] [--dtypes fp32,bf16]
+                            [--no-compiled]
     python bench/kernels.py --aot [--json FILE]   (the AOT resource report: bench/kernels_aot.py)
 
 Cases (batch 32; 1/4-resolution maps 64x64 and 96x72, i.e. 256x256 and 384x288 inputs):
@@ -11,20 +12,28 @@ Cases (batch 32; 1/4-resolution maps 64x64 and 96x72, i.e. 256x256 and 384x288 i
 * ``squash_mse_loss``: the same vectors, targets [32, J, H, W] fp32, weights [32, J] -> scalar.
 * ``argmax_decode`` on scores [32, J, H, W].
 
-each in fp32 and bf16, ``fwd`` and ``fwd+bwd`` (the decoder has no backward). Per case: the
-median time of ``--reps`` runs after warm-up (CUDA events on a GPU, ``time.perf_counter`` on the
-CPU), the bandwidth from the bytes the kernel must move (every input read once, every output
-written once, see ``min_bytes``), its share of the device's peak (``PEAK_TBPS``), and the
-speed-ups of the measured implementation over the eager reference and ``torch.compile``d
-reference. On CUDA the measured implementation is the Triton kernel (``PNFS_KERNELS=triton``);
-on the CPU, where there is no Triton, it is ``torch.compile(reference)`` against the eager
-reference, so the script always runs. One line per case, plus JSON with ``--json``.
+each in fp32 and bf16 (one after the other for each shape, so a cut-short run has both), ``fwd``
+and ``fwd+bwd`` (the decoder has no backward). Per case, each implementation is first called once
+outside timing (``compile_s``: Triton's JIT, ``torch.compile``'s compilation of this case's
+graphs), warmed up, then timed: the median of ``--reps`` runs (CUDA events on a GPU,
+``time.perf_counter`` on the CPU); ``recompiled_while_timed`` says whether dynamo compiled
+anything during the timed runs (it should not). The bandwidth from the bytes the kernel must
+move (every input read once, every output written once, see ``min_bytes``), its share of the
+device's peak (``PEAK_TBPS``), and the speed-ups of the measured implementation over the eager
+reference and ``torch.compile``d reference. On CUDA the measured implementation is the Triton
+kernel (``PNFS_KERNELS=triton``); on the CPU, where there is no Triton, it is
+``torch.compile(reference)`` against the eager reference, so the script always runs.
+``--no-compiled`` leaves ``torch.compile`` out (the GPU acceptance run does: its compilations
+cost more than all the timed runs together; ``speedup_vs_compiled`` is then null). One line
+per case with the cases done and an estimate of the time left; the JSON (``--json``, default
+``runs/bench/kernels.json``) is rewritten after every case.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import importlib.util
 import json
 import os
 import platform
@@ -39,7 +48,7 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # run from a checkout without installing
+if importlib.util.find_spec("pnfs") is None:  # run from a checkout without installing
     sys.path.insert(0, str(ROOT))
 
 # Peak DRAM bandwidth, TB/s (vendor figures); the first key found in the device name applies.
@@ -68,18 +77,22 @@ class Case:
         return f"{self.kernel:22s} {self.mode:7s} {self.dtype} {'x'.join(map(str, self.shape))}{extra}"
 
 
-def cases(quick: bool) -> list[Case]:
-    batch, maps, channels, ks, joints, dtypes = BATCH, MAPS, (10, 16), (3, 4, 10), (16, 17), DTYPES
-    if quick:  # a smoke test: two small shapes, fp32
-        batch, maps, channels, ks, joints, dtypes = 2, ((16, 12),), (10,), (3, 10), (17,), ("fp32",)
+def cases(quick: bool, dtypes: tuple[str, ...] | None = None) -> list[Case]:
+    """Every case, the dtypes of one shape next to each other (``dtypes``: default fp32 and bf16,
+    fp32 alone with ``quick``)."""
+    batch, maps, channels, ks, joints = BATCH, MAPS, (10, 16), (3, 4, 10), (16, 17)
+    if quick:  # a smoke test: small shapes
+        batch, maps, channels, ks, joints = 2, ((16, 12),), (10,), (3, 10), (17,)
+    dtypes = dtypes or (("fp32",) if quick else tuple(DTYPES))
     out = []
-    for dtype in dtypes:
-        for h, w in maps:
-            for c in channels:
-                for k in ks:
-                    for mode in ("fwd", "fwd+bwd"):
+    for h, w in maps:
+        for c in channels:
+            for k in ks:
+                for mode in ("fwd", "fwd+bwd"):
+                    for dtype in dtypes:
                         out.append(Case("weighted_sum", mode, (batch, 4 * c, h, w), dtype, k=k, relu=k == 3))
-            for j in joints:
+        for j in joints:
+            for dtype in dtypes:
                 for mode in ("fwd", "fwd+bwd"):
                     out.append(Case("squash_score", mode, (batch, 8 * j, h, w), dtype, d=8))
                 out.append(Case("squash_mse_loss", "fwd+bwd", (batch, 8 * j, h, w), dtype, d=8))
@@ -157,9 +170,31 @@ def runner(fn: Callable, leaves: list[torch.Tensor], backward: bool) -> Callable
     return lambda: torch.autograd.grad(fn(*leaves), needs, gout)
 
 
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def dynamo_graphs() -> int:
+    """Graphs dynamo has compiled in this process so far."""
+    from torch._dynamo.utils import counters
+
+    return sum(counters["stats"].values()) if "stats" in counters else 0
+
+
+def first_call_s(make_step: Callable[[], Callable[[], None]], device: torch.device) -> tuple[Callable, float]:
+    """(the step, seconds of its setup and first call): compilation happens here, outside timing."""
+    t0 = time.perf_counter()
+    step = make_step()
+    step()
+    sync(device)
+    return step, time.perf_counter() - t0
+
+
 def median_ms(step: Callable[[], None], device: torch.device, reps: int, warmup: int) -> float:
     for _ in range(warmup):
         step()
+    sync(device)
     times = []
     if device.type == "cuda":
         for _ in range(reps):
@@ -187,11 +222,15 @@ def peak_tbps(device: torch.device) -> tuple[float | None, str]:
     return None, f"{name}: not in the table ({PEAK_NOTE})"
 
 
-def measure(case: Case, device: torch.device, reps: int, warmup: int, peak: float | None) -> dict:
+def measure(
+    case: Case, device: torch.device, reps: int, warmup: int, peak: float | None, compiled: bool = True
+) -> dict:
     leaves, reference, kernel = inputs_for(case, device)
     backward = case.mode == "fwd+bwd"
-    torch._dynamo.reset()  # each case compiles its own graph (static shapes, no recompile limit)
-    impls = {"eager": reference, "compiled": torch.compile(reference, dynamic=False)}
+    impls = {"eager": reference}
+    if compiled:
+        torch._dynamo.reset()  # each case compiles its own graph (static shapes, no recompile limit)
+        impls["compiled"] = torch.compile(reference, dynamic=False)
     if device.type == "cuda":
         impls["triton"] = kernel
     measured = "triton" if device.type == "cuda" else "compiled"
@@ -209,12 +248,17 @@ def measure(case: Case, device: torch.device, reps: int, warmup: int, peak: floa
         "median_ms": {},
         "gbps": {},
         "pct_peak": {},
+        "compile_s": {},
+        "recompiled_while_timed": False,
     }
     old = os.environ.get("PNFS_KERNELS")
     os.environ["PNFS_KERNELS"] = "triton" if device.type == "cuda" else "torch"
     try:
         for name, fn in impls.items():
-            ms = median_ms(runner(fn, leaves, backward), device, reps, warmup)
+            step, result["compile_s"][name] = first_call_s(lambda fn=fn: runner(fn, leaves, backward), device)
+            graphs = dynamo_graphs()
+            ms = median_ms(step, device, reps, warmup)
+            result["recompiled_while_timed"] |= dynamo_graphs() != graphs
             result["median_ms"][name] = ms
             result["gbps"][name] = nbytes / ms / 1e6
             result["pct_peak"][name] = None if peak is None else 100 * nbytes / ms / 1e9 / peak
@@ -225,7 +269,7 @@ def measure(case: Case, device: torch.device, reps: int, warmup: int, peak: floa
             os.environ["PNFS_KERNELS"] = old
     t = result["median_ms"]
     result["speedup_vs_eager"] = t["eager"] / t[measured]
-    result["speedup_vs_compiled"] = t["compiled"] / t[measured]
+    result["speedup_vs_compiled"] = t["compiled"] / t[measured] if "compiled" in t else None
     return result
 
 
@@ -233,11 +277,22 @@ def line(r: dict, label: str) -> str:
     m = r["measured"]
     pct = r["pct_peak"][m]
     pct_text = f" {pct:5.1f}% peak" if pct is not None else ""
+    compiled = (
+        f"compiled {r['median_ms']['compiled']:9.3f} ms x{r['speedup_vs_compiled']:.2f}"
+        if r["speedup_vs_compiled"] is not None
+        else "compiled -"
+    )
     return (
         f"{label:60s} {m} {r['median_ms'][m]:9.3f} ms {r['gbps'][m]:8.1f} GB/s{pct_text} | "
-        f"eager {r['median_ms']['eager']:9.3f} ms x{r['speedup_vs_eager']:.2f} | "
-        f"compiled {r['median_ms']['compiled']:9.3f} ms x{r['speedup_vs_compiled']:.2f}"
+        f"eager {r['median_ms']['eager']:9.3f} ms x{r['speedup_vs_eager']:.2f} | {compiled}"
+        f"{' RECOMPILED WHILE TIMED' if r['recompiled_while_timed'] else ''}"
     )
+
+
+def progress(done: int, total: int, elapsed_s: float) -> str:
+    """``[done/total, elapsed, ~left]``: the time left estimated from the mean case so far."""
+    left = elapsed_s / done * (total - done)
+    return f"[{done:3d}/{total}, {elapsed_s:4.0f} s, ~{left:4.0f} s left]"
 
 
 def git_commit() -> str | None:
@@ -263,10 +318,24 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument(
         "--device", choices=("cuda", "cpu"), default="cuda" if torch.cuda.is_available() else "cpu"
     )
-    parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument(
+        "--json",
+        type=Path,
+        default=Path("runs/bench/kernels.json"),
+        help="write the results here, after every case (default: runs/bench/kernels.json)",
+    )
     parser.add_argument("--quick", action="store_true", help="smoke test: small shapes, fp32, few reps")
     parser.add_argument("--reps", type=int, help="timed runs per implementation (default 20, 3 with --quick)")
+    parser.add_argument(
+        "--dtypes", help="comma-separated, of fp32,bf16 (default both; fp32 with --quick)", default=None
+    )
+    parser.add_argument(
+        "--no-compiled", action="store_true", help="leave out the torch.compile'd reference (no compilation)"
+    )
     args = parser.parse_args(argv)
+    dtypes = tuple(args.dtypes.split(",")) if args.dtypes else None
+    if dtypes and not set(dtypes) <= set(DTYPES):
+        parser.error(f"--dtypes {args.dtypes}: expected a comma-separated list of {', '.join(DTYPES)}")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: CUDA is not available (use --device cpu)")
     device = torch.device(args.device)
@@ -291,6 +360,7 @@ def main(argv: list[str] | None = None) -> dict:
         "commit": git_commit(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "quick": args.quick,
+        "compiled": not args.no_compiled,
         "reps": reps,
         "threads": torch.get_num_threads(),
     }
@@ -299,14 +369,18 @@ def main(argv: list[str] | None = None) -> dict:
         f"# {header['device_name'] or args.device}; peak: {peak_source}; torch {torch.__version__}, "
         f"triton {triton_version}; median of {reps}; speed-ups of '{measured}' over eager and compiled"
     )
-    results = []
-    for case in cases(args.quick):
-        r = measure(case, device, reps, warmup, peak)
-        print(line(r, case.label), flush=True)
+    results, todo, started = [], cases(args.quick, dtypes), time.perf_counter()
+    for case in todo:
+        r = measure(case, device, reps, warmup, peak, compiled=not args.no_compiled)
         results.append(r)
-        if args.json:  # after every case, so an interrupted run keeps what it measured
-            args.json.parent.mkdir(parents=True, exist_ok=True)
-            args.json.write_text(json.dumps({**header, "cases": results}, indent=1))
+        print(
+            f"{line(r, case.label)} {progress(len(results), len(todo), time.perf_counter() - started)}",
+            flush=True,
+        )
+        # after every case, so an interrupted run keeps what it measured
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({**header, "cases": results}, indent=1))
+    print(f"# wrote {args.json}")
     return {**header, "cases": results}
 
 
