@@ -139,7 +139,7 @@ class EvalConfig:
     hrnet_compat: bool = False  # report MPII "@0.1" at 0.11 like HRNet/SimpleBaseline code
     refine: Literal["quarter", "gaussian"] = "quarter"  # paper's quarter offset, or a log-Gaussian fit
     overlays: int = 8  # pose overlay PNGs written by an evaluation with an output folder
-    amp: Literal["auto", "bf16", "none"] = "auto"  # inference autocast: bf16 where the device has it
+    amp: Literal["auto", "bf16", "none"] = "auto"  # inference autocast: auto = bf16 on CUDA, fp32 on CPU
 
 
 @dataclass

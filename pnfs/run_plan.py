@@ -2,12 +2,15 @@
 
 The plan is computed from the same functions the run uses (the loader's epoch plan, the
 learning-rate schedule); the wall time is measured: a few training steps on the run's own
-device and loader, timed after one warm-up step, times the planned number of steps.
+device and loader, in as many processes as the run will have and with the intra-op threads
+it will have (:func:`threads_per_process`, what torchrun and ``launch/demo.py`` give each
+process), timed after two warm-up steps, times the planned number of steps.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 import tempfile
 import time
 from dataclasses import dataclass
@@ -20,7 +23,28 @@ from pnfs.engine.distributed import DistContext
 from pnfs.engine.schedule import learning_rate
 from pnfs.preflight import ShardFacts, checkpoint_bytes, shard_problems, steps_per_epoch, training_counts
 
-TIMED_STEPS = 3
+WARMUP_STEPS = 2  # the loader's workers start and the allocator settles
+TIMED_STEPS = 6
+
+
+def cpu_cores() -> int:
+    """The cores this process may run on (the affinity mask, else ``os.cpu_count()``)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def threads_per_process(nproc: int, environ: dict[str, str] | None = None) -> int:
+    """Intra-op threads each of ``nproc`` training processes on this machine gets: the
+    ``OMP_NUM_THREADS`` of the environment if set, else the cores shared out evenly (one per
+    core and process, as ``launch/demo.py`` sets it; more threads than cores make every step
+    wait for a thread that has no core)."""
+    environ = os.environ if environ is None else environ
+    given = environ.get("OMP_NUM_THREADS", "").strip()
+    if given.isdigit() and int(given) > 0:
+        return int(given)
+    return max(1, cpu_cores() // max(1, nproc))
 
 
 @dataclass
@@ -36,6 +60,7 @@ class RunPlan:
     checkpoint_mib: float
     seconds_per_step: float | None = None  # measured
     timed_steps: int = 0
+    threads: int = 0  # intra-op threads of each process while timed
 
     def lines(self) -> list[str]:
         lr = ", ".join(
@@ -54,9 +79,12 @@ class RunPlan:
         if self.seconds_per_step is not None:
             total = self.seconds_per_step * self.total_steps
             out.append(
-                f"  wall time (estimate from {self.timed_steps} timed steps, training only, evaluation not "
-                f"included): {self.seconds_per_step:.3f} s/step -> {_duration(total)}"
+                f"  wall time (estimate for {self.world_size} process(es) of {self.threads} thread(s) each, "
+                f"from {self.timed_steps} timed steps, training only, evaluation not included): "
+                f"{self.seconds_per_step:.3f} s/step -> {_duration(total)}"
             )
+            if self.world_size == 1:
+                out.append("  (one process; --check --nproc N plans and times N processes under torchrun)")
         return out
 
 
@@ -112,7 +140,8 @@ def time_steps(
     cfg: Config, ctx: DistContext, deepspeed_config: str | None = None, steps: int = TIMED_STEPS
 ) -> tuple[float, int]:
     """(seconds per step, steps timed): real training steps of a throw-away run (its folder is
-    a temporary one) on ``ctx``'s device, batches from the run's loader, after one warm-up."""
+    a temporary one) on ``ctx``'s device, batches from the run's loader, after
+    :data:`WARMUP_STEPS` untimed ones. Every rank takes the same number of steps."""
     from pnfs.engine.trainer import Trainer
 
     with tempfile.TemporaryDirectory(prefix="pnfs-check-") as tmp:
@@ -122,7 +151,7 @@ def time_steps(
         arch = trainer._arch_batches() if trainer.optimizers.arch is not None else None
         batches = iter(loader)
         timed, start = 0, 0.0
-        for i in range(steps + 1):
+        for i in range(steps + WARMUP_STEPS):
             try:
                 batch = next(batches)
             except StopIteration:
@@ -130,9 +159,9 @@ def time_steps(
             trainer._step(batch, next(arch) if arch is not None else None)
             if ctx.device.type == "cuda":
                 torch.cuda.synchronize(ctx.device)
-            if i == 0:
+            if i == WARMUP_STEPS - 1:
                 start = time.perf_counter()
-            else:
+            elif i >= WARMUP_STEPS:
                 timed += 1
         elapsed = time.perf_counter() - start
         trainer.scalars.close()

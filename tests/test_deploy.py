@@ -95,7 +95,10 @@ def test_eval_amp_uses_bf16_only_where_the_device_has_it(monkeypatch):
     from pnfs import inference
 
     monkeypatch.setattr(inference, "bf16_supported", lambda device: True)
-    assert inference.inference_amp("auto", "cpu")[0] == torch.bfloat16
+    assert inference.inference_amp("auto", "cuda")[0] == torch.bfloat16
+    assert inference.inference_amp("bf16", "cpu")[0] == torch.bfloat16  # asked for by name
+    dtype, line = inference.inference_amp("auto", "cpu")  # the CPU default is float32
+    assert dtype is None and "float32 on cpu" in line
     assert inference.inference_amp("none", "cpu") == (None, "inference: float32 on cpu (eval.amp=none)")
     monkeypatch.setattr(inference, "bf16_supported", lambda device: False)
     dtype, line = inference.inference_amp("bf16", "cpu")

@@ -195,3 +195,40 @@ def test_an_exported_file_the_onnx_checker_rejects_is_an_error_naming_it(tmp_pat
     out = tmp_path / "d.onnx"
     with pytest.raises(ValueError, match=rf"exported '{out}' is not a valid ONNX model: bad node"):
         export_file(_Double(), (torch.ones(1, 3),), ["x"], "onnx", out, dynamic=False)
+
+
+def test_predict_and_the_onnx_export_agree_by_default(checkpoint, shared_data, tmp_path):
+    """launch/predict.py with the default eval.amp and the ONNX export of the same checkpoint give
+    the same joints on a CPU (a bfloat16 default moved a joint 75.8 px from the export)."""
+    spec = importlib.util.spec_from_file_location("pnfs_launch_predict", REPO / "launch" / "predict.py")
+    predict_cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(predict_cli)
+    photo = shared_data / "coco_sample" / "000000000785.jpg"
+    boxes = [[280.0, 40.0, 220.0, 380.0], [20.0, 60.0, 150.0, 300.0]]
+    out = tmp_path / "pred"
+    argv = ["--checkpoint", str(checkpoint), "--image", str(photo), "--out", str(out)]
+    assert predict_cli.main([*argv, *(a for b in boxes for a in ("--box", ",".join(map(str, b))))]) == 0
+    people = json.loads((out / "000000000785_pose.json").read_text())["people"]
+    predicted = np.asarray([p["keypoints"] for p in people])
+
+    onnx_file = tmp_path / "pose.onnx"
+    argv = [
+        "--checkpoint",
+        str(checkpoint),
+        "--format",
+        "onnx",
+        "--out",
+        str(onnx_file),
+        "--decode",
+        "--flip",
+    ]
+    assert export_cli.main(argv) == 0
+    cfg = load_for_inference(checkpoint)[1]
+    images, affine = person_inputs(
+        read_rgb(photo), np.asarray(boxes), tuple(cfg.data.input_size), cfg.data.margin
+    )
+    keypoints, scores = _onnx_run(onnx_file, images, affine)
+    _, _, clear = _expected(checkpoint, images, affine, flip=True)
+    distance = np.abs(predicted[..., :2] - keypoints).max(-1)
+    assert distance[clear].max() <= 0.5, f"predict is {distance[clear].max():.1f} px from the export"
+    np.testing.assert_allclose(predicted[..., 2], scores, atol=2e-3)  # the JSON rounds to 3 digits

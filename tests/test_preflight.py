@@ -14,6 +14,7 @@ from test_engine_support import PY, REPO, TINY_OVERRIDES, free_port, tiny_datase
 
 from pnfs.config import load_config
 from pnfs.preflight import checkpoint_bytes, preflight
+from pnfs.run_plan import cpu_cores, threads_per_process
 
 FAST = 60  # seconds: the checks take a few; the margin is for a loaded 2-core CI machine
 OVERRIDES = [o for o in TINY_OVERRIDES if not o.startswith("train.eval_every")] + ["train.eval_every=1"]
@@ -184,8 +185,41 @@ def test_check_prints_the_plan_and_trains_nothing(data, tmp_path):
     assert "global batch: 4" in out and "total steps: 36" in out
     assert "learning rate: epochs 0-1: 0.003, epoch 2: 0.00075" in out
     assert f"checkpoints: {tmp_path / 'run' / 'checkpoints'}" in out
-    assert "wall time (estimate from 3 timed steps" in out and " s/step -> " in out
+    assert "processes: 1, global batch: 4" in out
+    assert "wall time (estimate for 1 process(es) of 1 thread(s) each, from 6 timed steps" in out
+    assert " s/step -> " in out and "--check --nproc N" in out
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(200)
+def test_check_nproc_plans_and_times_that_many_processes_with_a_thread_per_core(data, tmp_path):
+    """``--check --nproc 2`` from one process is the check of the two-process run: its steps and
+    batch, timed in two processes under torchrun, each with the threads training gives it."""
+    cmd = [PY, "launch/train.py", "--config", "demo", *OVERRIDES, *data["overrides"],
+           "--out", str(tmp_path / "run"), "--check", "--nproc", "2"]  # fmt: skip
+    env = {k: v for k, v in worker_env().items() if k != "OMP_NUM_THREADS"}
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    threads = threads_per_process(2, {})
+    assert proc.stdout.count("preflight: ok") == 1
+    assert "steps per epoch per rank:   6" in proc.stdout and "processes: 2, global batch: 8" in proc.stdout
+    # 6 batches per epoch and rank: two warm-up steps leave 4 to time
+    assert f"estimate for 2 process(es) of {threads} thread(s) each, from 4 timed steps" in proc.stdout
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_threads_per_process_share_the_cores_unless_omp_num_threads_says():
+    cores = cpu_cores()
+    assert threads_per_process(1, {}) == cores
+    assert threads_per_process(2, {}) == max(1, cores // 2)
+    assert threads_per_process(4 * cores, {}) == 1
+    assert threads_per_process(2, {"OMP_NUM_THREADS": "3"}) == 3
+
+
+def test_nproc_without_check_is_refused(data, tmp_path):
+    proc, s = train(data, tmp_path / "run", "--nproc", "2")
+    assert_refused(proc, s, tmp_path / "run", "--nproc goes with --check")
 
 
 @pytest.mark.distributed

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from pnfs.data.records import PersonRecord, SkipReport
-from pnfs.data.shard_writer import ShardOptions, verify_shards, write_shards
+from pnfs.data.shard_writer import ShardOptions, StaleShardsError, verify_shards, write_shards
 
 EXIT_BAD_INPUT = 2
 
@@ -33,6 +33,13 @@ def common_parser(description: str) -> argparse.ArgumentParser:
         help="input width/height ratios the crops must cover (default 0.75 1.0: 256x192 .. square)",
     )
     p.add_argument("--quality", type=int, default=94, help="JPEG quality of the crops (4:4:4 chroma)")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace shards of the split in --out that were written from other annotations, records "
+        "or options (without it such a folder is refused, exit 2); shards written from the same inputs "
+        "are always reused, so an interrupted run resumes",
+    )
     p.add_argument("--verify", action="store_true", help="re-read every shard after writing")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
@@ -88,17 +95,21 @@ def run(
         clip_box=clip_box,
         quality=args.quality,
     )
-    entry = write_shards(
-        records,
-        Path(args.images),
-        opts,
-        skipped,
-        filtered,
-        workers=args.workers,
-        command=argv,
-        annotations_total=total,
-        progress=not args.no_progress,
-    )
+    try:
+        entry = write_shards(
+            records,
+            Path(args.images),
+            opts,
+            skipped,
+            filtered,
+            workers=args.workers,
+            command=argv,
+            annotations_total=total,
+            progress=not args.no_progress,
+            overwrite=args.overwrite,
+        )
+    except StaleShardsError as e:
+        fail(str(e))
     c = entry["counts"]
     print(
         f"{opts.split}: {c['samples']} samples in {len(entry['shards'])} shards -> {opts.out} "

@@ -13,8 +13,14 @@ One sample per person, key ``<image_id>_<ann_id>``, with the components
     ids.i64    [2] image_id, ann_id, little-endian int64
 
 Each shard is written under a temporary name and renamed when complete, together with its
-DALI index (``.idx``, wds2idx v1.2 format) and a stats sidecar in ``OUT/.parts``; a re-run
-skips complete shards. Bad input never crashes the run: it is skipped and counted by reason.
+DALI index (``.idx``, wds2idx v1.2 format) and a stats sidecar in ``OUT/.parts``. A shard is
+a pure function of its inputs: the sidecar stores ``inputs_sha256``, a hash of the shard's
+records, the size of each of their image files and every option that changes the bytes
+(:func:`inputs_digest`). A re-run reuses a complete shard only when that hash matches (an
+interrupted run resumes); shards of the split written from other inputs, or left beyond the
+new shard count, are refused (:class:`StaleShardsError`) unless ``overwrite=True``, which
+deletes them first. The manifest always lists exactly the shards on disk. Bad input never
+crashes the run: it is skipped and counted by reason.
 """
 
 from __future__ import annotations
@@ -40,10 +46,12 @@ from pnfs.data import records as R
 from pnfs.data.geometry import compose, invert, reachable_region, transform_points
 from pnfs.data.records import PersonRecord, SkipReport
 from pnfs.data.shard_reader import read_index, write_index
+from pnfs.errors import DataError
 
 MANIFEST = "manifest.json"
 PARTS_DIR = ".parts"
 COMPONENTS = ("jpg", "json", "kp.f32", "bbox.f32", "c2i.f32", "score.f32", "ids.i64")
+SHARD_FORMAT = 1  # bump when the bytes written for the same inputs change
 
 
 @dataclass
@@ -201,14 +209,93 @@ def _group_by_image(records: Sequence[PersonRecord]) -> list[tuple[str, list[Per
     return list(groups.items())
 
 
-def write_shard(task: tuple[int, list[PersonRecord], Path, ShardOptions]) -> dict:
-    """Write shard ``index`` (unless complete already); returns its stats."""
-    index, records, image_dir, opts = task
+def content_options(opts: ShardOptions) -> dict:
+    """The options that change a shard's bytes (``out`` and ``shard_size`` do not: the size is
+    in the records a shard gets)."""
+    return {
+        "split": opts.split,
+        "joint_set": opts.joint_set,
+        "max_side": opts.max_side,
+        "margin": opts.margin,
+        "max_scale": opts.max_scale,
+        "aspect_range": [float(v) for v in opts.aspect_range],
+        "clip_box": opts.clip_box,
+        "quality": opts.quality,
+    }
+
+
+def _file_size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return -1  # missing or unreadable: the writer skips it, and a new file changes the hash
+
+
+def inputs_digest(records: Sequence[PersonRecord], image_dir: Path, opts: ShardOptions) -> str:
+    """sha256 of what one shard is made from: the format, the content options and, per record,
+    its key, image file (name and byte size), box, keypoints, area and score (float64 bytes)."""
+    h = hashlib.sha256(json.dumps({"format": SHARD_FORMAT, **content_options(opts)}, sort_keys=True).encode())
+    sizes: dict[str, int] = {}
+    for rec in records:
+        if rec.image_file not in sizes:
+            sizes[rec.image_file] = _file_size(image_dir / rec.image_file)
+        h.update(f"\n{rec.key}\t{rec.image_file}\t{sizes[rec.image_file]}\t".encode())
+        h.update(np.asarray(rec.bbox, dtype="<f8").tobytes())
+        h.update(np.asarray(rec.keypoints, dtype="<f8").tobytes())
+        h.update(np.asarray([rec.area, rec.score], dtype="<f8").tobytes())
+    return h.hexdigest()
+
+
+class StaleShardsError(DataError):
+    """``OUT`` holds shards of the split that the current inputs would not write."""
+
+
+def _existing_shards(out: Path, split: str) -> dict[int, list[Path]]:
+    """index -> the files of shard ``<split>-<index>`` present in ``out`` (tar, idx, sidecar)."""
+    found: dict[int, list[Path]] = {}
+    prefix = f"{split}-"
+    candidates = [
+        *out.glob(f"{split}-*.tar"),
+        *out.glob(f"{split}-*.idx"),
+        *(out / PARTS_DIR).glob(f"{split}-*.tar.json"),
+    ]
+    for path in candidates:
+        digits = path.name[len(prefix) :].split(".", 1)[0]
+        if len(digits) == 6 and digits.isdigit():
+            found.setdefault(int(digits), []).append(path)
+    return found
+
+
+def _stored_digest(out: Path, name: str) -> str | None:
+    """The ``inputs_sha256`` of a complete shard (tar, idx and sidecar present), else None."""
+    final, stats_path = out / name, out / PARTS_DIR / f"{name}.json"
+    if not (final.exists() and final.with_suffix(".idx").exists() and stats_path.exists()):
+        return None
+    try:
+        return json.loads(stats_path.read_text()).get("inputs_sha256")
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def stale_shards(out: Path, split: str, digests: Sequence[str]) -> list[Path]:
+    """Files of ``split`` in ``out`` that the shards with these input digests would not reuse:
+    written from other records or options, incomplete, or beyond the new count."""
+    stale: list[Path] = []
+    for index, files in sorted(_existing_shards(out, split).items()):
+        name = shard_name(split, index)
+        if index >= len(digests) or _stored_digest(out, name) != digests[index]:
+            stale += sorted(files)
+    return stale
+
+
+def write_shard(task: tuple[int, list[PersonRecord], Path, ShardOptions, str]) -> dict:
+    """Write shard ``index`` (reused when complete with the same ``inputs_sha256``); returns its stats."""
+    index, records, image_dir, opts, digest = task
     cv2.setNumThreads(1)
     name = shard_name(opts.split, index)
     final = opts.out / name
     stats_path = opts.out / PARTS_DIR / f"{name}.json"
-    if final.exists() and final.with_suffix(".idx").exists() and stats_path.exists():
+    if _stored_digest(opts.out, name) == digest:
         stats = json.loads(stats_path.read_text())
         stats["reused"] = True
         return stats
@@ -241,6 +328,7 @@ def write_shard(task: tuple[int, list[PersonRecord], Path, ShardOptions]) -> dic
         "samples": count,
         "records": len(records),
         "sha256": sha256_file(tmp),
+        "inputs_sha256": digest,
         "bytes": tmp.stat().st_size,
         "skipped": skipped.to_dict(),
     }
@@ -256,14 +344,19 @@ def write_shard(task: tuple[int, list[PersonRecord], Path, ShardOptions]) -> dic
 # --------------------------------------------------------------------------- the run
 
 
-def update_manifest(out: Path, split: str, entry: dict) -> Path:
-    """Merge one split's entry into ``OUT/manifest.json`` (other splits are kept)."""
+def update_manifest(out: Path, split: str, entry: dict | None) -> Path:
+    """Merge one split's entry into ``OUT/manifest.json`` (other splits are kept); ``None``
+    removes the split's entry (its shards are about to change)."""
     path = out / MANIFEST
     manifest = {"format": "pnfs-webdataset-v1", "splits": {}}
     if path.exists():
         with contextlib.suppress(json.JSONDecodeError):
             manifest = json.loads(path.read_text())
-    manifest.setdefault("splits", {})[split] = entry
+    splits = manifest.setdefault("splits", {})
+    if entry is None:
+        splits.pop(split, None)
+    else:
+        splits[split] = entry
     tmp = out / f".{MANIFEST}.tmp"
     tmp.write_text(json.dumps(manifest, indent=1))
     os.replace(tmp, path)
@@ -280,15 +373,33 @@ def write_shards(
     command: Sequence[str] | None = None,
     annotations_total: int | None = None,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> dict:
-    """Write all shards of one split and its manifest entry; returns the entry."""
+    """Write all shards of one split and its manifest entry; returns the entry.
+
+    Raises :class:`StaleShardsError` (nothing written) when ``opts.out`` holds shards of the
+    split that these inputs would not reuse, unless ``overwrite``: then they are deleted first.
+    """
+    size = max(1, opts.shard_size)
+    chunks = [list(records[start : start + size]) for start in range(0, len(records), size)]
+    digests = [inputs_digest(chunk, image_dir, opts) for chunk in chunks]
+    stale = stale_shards(opts.out, opts.split, digests) if opts.out.is_dir() else []
+    if stale and not overwrite:
+        names = sorted(
+            {p.name.removesuffix(".json").removesuffix(".idx").removesuffix(".tar") + ".tar" for p in stale}
+        )
+        shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+        raise StaleShardsError(
+            f"{opts.out} holds '{opts.split}' shards written from other annotations, records or "
+            f"options ({shown}); pass --overwrite to replace them, or choose another --out"
+        )
     opts.out.mkdir(parents=True, exist_ok=True)
     (opts.out / PARTS_DIR).mkdir(exist_ok=True)
-    size = max(1, opts.shard_size)
-    tasks = [
-        (i, list(records[start : start + size]), image_dir, opts)
-        for i, start in enumerate(range(0, len(records), size))
-    ]
+    if stale:
+        update_manifest(opts.out, opts.split, None)  # the manifest never lists a deleted shard
+        for path in stale:
+            path.unlink()
+    tasks = [(i, chunk, image_dir, opts, digest) for i, (chunk, digest) in enumerate(zip(chunks, digests))]
     results: list[dict] = []
     bar = None
     if progress:
@@ -329,6 +440,7 @@ def write_shards(
                 "samples": s["samples"],
                 "bytes": s.get("bytes", (opts.out / s["file"]).stat().st_size),
                 "sha256": s["sha256"],
+                "inputs_sha256": s["inputs_sha256"],
                 "reused": s["reused"],
             }
             for s in results
