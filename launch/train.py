@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     from pnfs.engine.distributed import barrier, broadcast_object, init_distributed, shutdown
     from pnfs.preflight import preflight
 
-    ctx = init_distributed(cfg.train.device)
+    ctx = init_distributed(cfg.train.device, cuda_graph=cfg.train.cuda_graph)
     try:
         problems = None
         if ctx.is_main:

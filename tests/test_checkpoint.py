@@ -103,3 +103,21 @@ def test_rng_states_round_trip_through_a_weights_only_file(tmp_path):
     assert torch.equal(torch.randn(4), expected[0])
     assert np.array_equal(np.random.randn(4), expected[1])
     assert random.random() == expected[2]
+
+
+def test_each_ranks_batchnorm_statistics_round_trip_through_a_weights_only_file(tmp_path):
+    """Under DDP each rank keeps its own running statistics between epochs (no per-forward
+    broadcast): a checkpoint holds every rank's, and each goes back to its own rank."""
+    torch.manual_seed(0)
+    ranks = [torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)) for _ in range(2)]
+    for r, model in enumerate(ranks):
+        model(torch.randn(2, 3, 8, 8) + r)  # a training forward moves each rank's statistics its own way
+    saved = [ckpt.floating_buffers(m) for m in ranks]
+    assert set(saved[0]) == {"1.running_mean", "1.running_var"}  # not the integer batch count
+    assert not torch.equal(saved[0]["1.running_mean"], saved[1]["1.running_mean"])
+    path = ckpt.atomic_save(ckpt.new_checkpoint(rank_buffers=saved), tmp_path / "step-00000001.pt")
+    loaded = torch.load(path, weights_only=True)["rank_buffers"]
+    fresh = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+    ckpt.load_buffers(fresh, loaded[1])
+    assert torch.equal(fresh[1].running_mean, ranks[1][1].running_mean)
+    assert torch.equal(fresh[1].running_var, ranks[1][1].running_var)

@@ -14,11 +14,13 @@ from functools import partial
 
 import pytest
 import torch
+import torch.distributed as dist
 from test_train_step import Rerun, random_batch, snapshot, step_parts, tiny
 
 from pnfs.config import ConfigError, load_config
 from pnfs.engine.checkpoint import optimizer_state
-from pnfs.engine.graph import GraphedStep, StaticBatch, cuda_graph_capture
+from pnfs.engine.distributed import wrap_ddp
+from pnfs.engine.graph import WARMUP_STEPS, WARMUP_STEPS_DDP, GraphedStep, StaticBatch, cuda_graph_capture
 from pnfs.engine.guard import NonFiniteGuard, StepRecord
 from pnfs.engine.run import check_cuda_graph
 from pnfs.engine.schedule import set_learning_rate
@@ -154,6 +156,40 @@ def test_a_graphed_runs_checkpoint_saves_plain_learning_rates_and_loads_back_cap
     assert isinstance(again.param_groups[0]["lr"], torch.Tensor)
 
 
+def test_the_trainer_with_a_stand_in_capture_ends_bitwise_where_the_eager_trainer_ends(
+    tmp_path, tmp_path_factory, monkeypatch
+):
+    """The trainer's ``train.cuda_graph`` wiring on the CPU (the refusal and the CUDA pool
+    lifted, :class:`Rerun` capturing): darts1, 2 epochs of 4 steps (3 warm-up, then the two
+    graphs), the learning rate dropping between them, a checkpoint at steps 4 and 8: the same
+    weights, bit for bit, and checkpoints with the learning rate as a number."""
+    from test_train_resume import config
+
+    import pnfs.engine.run as run_module
+    import pnfs.engine.trainer as trainer_module
+    from pnfs.engine import checkpoint as ckpt
+
+    def final(name: str, *extra: str) -> dict:
+        cfg = config(
+            tmp_path_factory, tmp_path / name, "search.strategy=darts1", "train.max_steps_per_epoch=4",
+            "data.num_workers=0", *extra,
+        )  # fmt: skip
+        return trainer_module.run_training(cfg)
+
+    eager = final("eager")
+    monkeypatch.setattr(run_module, "check_cuda_graph", lambda *args: None)
+    monkeypatch.setattr(trainer_module, "cuda_graph_capture", lambda pool: Rerun)
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: None)
+    Rerun.captured = 0
+    graphed = final("graphed", "train.device=auto", "train.cuda_graph=true")
+    assert Rerun.captured == 2  # the architecture step and the weight step
+    assert graphed["global_step"] == eager["global_step"] == 8
+    assert graphed["weights_sha256"] == eager["weights_sha256"]
+    saved = ckpt.load_checkpoint(ckpt.latest_checkpoint(tmp_path / "graphed" / "checkpoints"))
+    lrs = [saved["schedule"]["lr"], saved["optimizers"]["weights"]["param_groups"][0]["lr"]]
+    assert lrs == [2.5e-4, 2.5e-4] and all(type(lr) is float for lr in lrs)
+
+
 def test_cuda_graph_is_refused_where_it_cannot_capture():
     with pytest.raises(ConfigError, match=r"train\.cuda_graph.*train\.device=cpu"):
         load_config("demo", ["train.device=cpu", "train.cuda_graph=true"])
@@ -170,16 +206,20 @@ def test_cuda_graph_is_refused_where_it_cannot_capture():
 # --------------------------------------------------------------------------- on a GPU
 
 
-def cuda_parts(overrides: tuple[str, ...], graphed: bool):
-    """Tiny model, optimizers and steps on CUDA; with ``graphed`` the steps are captured."""
-    cfg, model = tiny("model.num_parts=3", "train.amp=none", *overrides)
+def cuda_parts(mode: str, graphed: bool):
+    """Tiny model, optimizers and steps on CUDA (``ddp``: the forward through DDP as the trainer
+    builds it); with ``graphed`` the steps are captured after the trainer's warm-up count."""
+    cfg, model = tiny(
+        "model.num_parts=3", "train.amp=none", f"search.strategy={'darts1' if mode == 'darts1' else 'sync'}"
+    )
     device = torch.device("cuda")
     model.to(device)
+    forward = wrap_ddp(model, device, for_cuda_graph=graphed) if mode == "ddp" else model
     opts = build_optimizers(model, cfg, fused_weights=True)
     record = StepRecord(NonFiniteGuard(3), device)
     setup = loss_setup(model, cfg.data.sigma, device, None, False)
     params = [p for g in opts.weights.param_groups for p in g["params"]]
-    w = StepParts(model, model, opts.weights, params, setup, record, 0.0)
+    w = StepParts(forward, model, opts.weights, params, setup, record, 0.0)
     steps = [partial(weight_step, w)]
     if opts.arch is not None:
         a = StepParts(model, model, opts.arch, list(model.arch_parameters()), setup, record, 0.0)
@@ -189,32 +229,74 @@ def cuda_parts(overrides: tuple[str, ...], graphed: bool):
         for opt in (opts.weights, opts.arch):
             if opt is not None:
                 make_capturable(opt, device)
-        steps = [GraphedStep(f, device, warmup=3, capture=capture) for f in steps]
+        warmup = WARMUP_STEPS_DDP if mode == "ddp" else WARMUP_STEPS
+        steps = [GraphedStep(f, device, warmup=warmup, capture=capture) for f in steps]
     return cfg, model, w, steps
 
 
+@pytest.fixture
+def nccl_single_rank(tmp_path, monkeypatch):
+    """An NCCL group of one rank started as under ``train.cuda_graph``: DDP's all-reduces run."""
+    monkeypatch.setenv("TORCH_NCCL_ASYNC_ERROR_HANDLING", "0")
+    store = dist.FileStore(str(tmp_path / "store"), 1)
+    dist.init_process_group("nccl", store=store, rank=0, world_size=1, device_id=torch.device("cuda", 0))
+    yield
+    dist.destroy_process_group()
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("overrides", [(), ("search.strategy=darts1",)], ids=["sync", "darts1"])
-def test_a_captured_step_matches_the_eager_step_on_cuda(overrides):
-    """8 steps (3 eager warm-up, capture, 5 replays; darts1: two graphs): the same losses within
-    1e-5 relative and weights within 1e-4 of their norm (fp32; cuDNN may pick other algorithms)."""
-    torch.backends.cudnn.deterministic = True
+@pytest.mark.parametrize("mode", ["sync", "darts1", "ddp"])
+def test_a_captured_step_matches_the_eager_step_on_cuda(mode, request):
+    """Eager warm-up (3; 11 under DDP), capture, then replays to 16 steps (darts1: two graphs;
+    ddp: DDP's static graph and its all-reduce captured): the same losses within 1e-5 relative
+    and weights within 1e-4 of their norm (fp32; cuDNN may pick other algorithms)."""
+    if mode == "ddp":
+        request.getfixturevalue("nccl_single_rank")
     results = []
     for graphed in (False, True):
-        cfg, model, w, steps = cuda_parts(overrides, graphed)
-        stream = [random_batch(cfg, seed=i) for i in range(8)]
-        held_out = [random_batch(cfg, seed=100 + i) for i in range(8)]
+        cfg, model, w, steps = cuda_parts(mode, graphed)
+        stream = [random_batch(cfg, seed=i) for i in range(16)]
+        held_out = [random_batch(cfg, seed=100 + i) for i in range(16)]
         losses = []
         for i, batch in enumerate(stream):
-            batch = batch.to("cuda")
-            set_learning_rate(w.optimizer, 1e-3 if i < 5 else 2.5e-4)
+            set_learning_rate(w.optimizer, 1e-3 if i < 13 else 2.5e-4)
             if len(steps) == 2:
                 steps[0](held_out[i].to("cuda"))
-            steps[-1](batch)
+            steps[-1](batch.to("cuda"))
             losses.append(w.record.read(step=i, lr=1e-3, world_size=1))
+        if graphed:
+            assert all(step.graph is not None for step in steps)
         results.append((losses, [t.detach().cpu() for t in model.state_dict().values()]))
     (want_losses, want), (got_losses, got) = results
     assert got_losses == pytest.approx(want_losses, rel=1e-5)
     for a, b in zip(want, got):
         if a.is_floating_point():
             assert (a - b).norm() <= 1e-4 * a.norm() + 1e-6
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("strategy", ["sync", "darts1"])
+def test_a_cuda_graph_training_run_ends_where_the_eager_run_ends(tmp_path, tmp_path_factory, strategy):
+    """The trainer end to end on CUDA: 2 epochs of 6 steps with the learning rate dropping between
+    them, a checkpoint mid-way and at each epoch's end, eager and with ``train.cuda_graph``; the
+    final checkpoints hold the same weights within 1e-4 of each tensor's norm (fp32)."""
+    from test_train_resume import config
+
+    from pnfs.engine import checkpoint as ckpt
+    from pnfs.engine.trainer import run_training
+
+    def final_weights(name: str, *extra: str) -> dict[str, torch.Tensor]:
+        cfg = config(
+            tmp_path_factory, tmp_path / name, "train.device=cuda", "train.amp=none",
+            f"search.strategy={strategy}", "train.checkpoint_every=4", *extra,
+        )  # fmt: skip
+        result = run_training(cfg)
+        assert result["global_step"] == 12 and result["skipped_steps"] == 0
+        saved = ckpt.load_checkpoint(ckpt.latest_checkpoint(tmp_path / name / "checkpoints"))
+        assert isinstance(saved["optimizers"]["weights"]["param_groups"][0]["lr"], float)
+        return saved["model"]
+
+    want, got = final_weights("eager"), final_weights("graphed", "train.cuda_graph=true")
+    for name, a in want.items():
+        if a.is_floating_point():
+            assert (a - got[name]).norm() <= 1e-4 * a.norm() + 1e-6, name

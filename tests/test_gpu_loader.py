@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from pnfs.data.assemble import denormalise
 from pnfs.data.geometry import invert
-from pnfs.data.gpu_loader import GpuPoseLoader, sampling_theta, warp_batch
+from pnfs.data.gpu_loader import GpuPoseLoader, _Normalise, sampling_theta, warp_batch
 
 
 def _affines(rng: np.random.Generator, n: int) -> np.ndarray:
@@ -149,3 +149,24 @@ def test_cuda_batches_match_the_cpu_path_while_the_consumer_stream_is_busy():
         assert torch.equal(a.keypoints, keypoints.cpu()) and torch.equal(a.ann_id, ann_id.cpu())
         diff = (denormalise(a.image) - denormalise(image.cpu())).abs()
         assert diff.mean() < 1.5  # nvJPEG vs libjpeg IDCT, same warp
+
+
+@pytest.mark.gpu
+def test_a_decode_does_not_write_into_crops_a_queued_warp_still_reads():
+    """Batch 0's warp waits on the side stream behind a sleep kernel (the stream is busy) when
+    its crops are dropped; batch 1's crops have the same sizes. Decoded with the side stream
+    current, nvJPEG (on its own stream) writes batch 1 into batch 0's crops before that warp
+    reads them; with the decode stream and record_stream the memory is not handed out early."""
+    items = _Items(2)
+    ref = list(GpuPoseLoader(items, num_workers=0, device="cpu"))
+    loader = GpuPoseLoader(items, num_workers=0, device="cuda")
+    normalise = _Normalise(loader.device)
+    side = torch.cuda.Stream(loader.device)
+    with torch.cuda.stream(side):
+        torch.cuda._sleep(200_000_000)
+        first, _ = loader.assemble(items[0], normalise)
+        second, _ = loader.assemble(items[1], normalise)
+    torch.cuda.synchronize()
+    for a, got in zip(ref, (first, second)):
+        diff = (denormalise(a.image) - denormalise(got.image.cpu())).abs()
+        assert diff.mean() < 1.5  # nvJPEG vs libjpeg IDCT, same warp; another batch's pixels: ~50

@@ -325,6 +325,30 @@ def test_dali_batches_are_converted_by_the_plugin_iterator_on_the_cpu_graph_too(
         n += len(b)
 
 
+def test_dali_batches_are_the_graphs_outputs_not_copies(shards, monkeypatch):
+    """A plan batch cut from one graph batch is that batch's image tensor (or a slice of it: the
+    short last one), not a concatenation with the empty remainder of the batch before."""
+    from pnfs.data.dali_loader import dali_available
+
+    if not dali_available()[0]:
+        pytest.skip(dali_available()[1])
+    from nvidia.dali.plugin.pytorch import DALIGenericIterator
+
+    images: list[torch.Tensor] = []
+    plugin_next = DALIGenericIterator.__next__
+
+    def spy(self):
+        out = plugin_next(self)
+        if not any(out[0]["image"] is i for i in images):
+            images.append(out[0]["image"])
+        return out
+
+    monkeypatch.setattr(DALIGenericIterator, "__next__", spy)
+    batches = list(_dali_val_loader(shards, device="cpu"))
+    assert [len(b) for b in batches] == [4, 4, 4, 2]
+    assert [b.image.data_ptr() for b in batches] == [i.data_ptr() for i in images[:4]]
+
+
 def test_dali_cpu_outputs_reach_a_batch_on_another_device(shards):
     """A GPU graph's keypoints/matrices/ids are CPU outputs that must reach the batch's device:
     the same code moves a CPU graph's outputs to a stand-in device (meta) here."""
@@ -367,6 +391,30 @@ def test_dali_gpu_graph_puts_images_on_the_gpu_and_the_rest_on_the_cpu_then_all_
         b = b.to("cpu")
         assert torch.equal(a.ann_id, b.ann_id) and (a.keypoints - b.keypoints).abs().max() <= 1e-4
         assert (denormalise(a.image) - denormalise(b.image)).abs().mean() < 1.5  # nvJPEG vs libjpeg
+
+
+@pytest.mark.gpu
+def test_dali_gpu_batches_reach_cuda_by_pinned_asynchronous_copies(shards, monkeypatch):
+    """The GPU graph's host outputs (keypoints, matrices, ids, scores) are copied to the GPU from
+    page-locked memory with ``non_blocking``: no copy that makes the host wait each batch."""
+    from pnfs.data.dali_loader import dali_available
+
+    if not dali_available()[0]:
+        pytest.skip(dali_available()[1])
+    copies: list[tuple[bool, bool]] = []
+    real_to = torch.Tensor.to
+
+    def spy(self, *args, **kwargs):
+        out = real_to(self, *args, **kwargs)
+        if self.device.type == "cpu" and out.device.type == "cuda":
+            copies.append((self.is_pinned(), bool(kwargs.get("non_blocking", False))))
+        return out
+
+    loader = _dali_val_loader(shards, device="cuda")
+    monkeypatch.setattr(torch.Tensor, "to", spy)
+    batches = list(loader)
+    assert len(batches) == 4 and len(copies) >= 4 * 5  # five host fields per batch
+    assert all(pinned and non_blocking for pinned, non_blocking in copies), copies
 
 
 def test_augmented_grid_png_and_flip_swaps_joints_with_the_pixels(shards, tmp_path):

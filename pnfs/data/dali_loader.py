@@ -18,7 +18,8 @@ become torch tensors through DALI's own PyTorch plugin (``DALIGenericIterator``)
 each output where DALI produced it: a GPU graph's images on its GPU (on torch's current
 stream), the keypoints, matrices, ids and augmentation parameters (CPU operators in both
 graphs) on the CPU. The CPU and GPU graphs therefore share every line of the conversion;
-only the batch's final ``.to(device)`` differs.
+only the batch's final move differs, which copies the host tensors to a GPU from page-locked
+memory without the host waiting (:meth:`pnfs.data.batch.PoseBatch.to_device`).
 
 Order: the reader's own (seeded per epoch when shuffling: ``random_shuffle`` with ``seed``
 from (seed, epoch)); ranks read ``shard_id=rank`` of ``num_shards=world``. Batch counts follow
@@ -249,6 +250,9 @@ class DaliPoseLoader:
         return len(self.plan)
 
     def __iter__(self):
+        """The plan's batches cut from the graph's. When the sizes line up (the usual case: the
+        graph's batch size is the plan's and nothing is skipped) each batch is the graph's
+        outputs as they are; only a remainder carried over is concatenated with the next ones."""
         carry: dict[str, torch.Tensor] | None = None
         skip = self.start_sample
         sizes = [len(b) for b in self.plan.batches]
@@ -260,7 +264,7 @@ class DaliPoseLoader:
                 carry = {k: v[skip:] for k, v in carry.items()}
                 skip = 0
             batch = {k: v[:size] for k, v in carry.items()}
-            carry = {k: v[size:] for k, v in carry.items()}
+            carry = {k: v[size:] for k, v in carry.items()} if len(carry["image"]) > size else None
             yield self._pose_batch(batch)
 
     def _next_output(self) -> dict[str, torch.Tensor]:
@@ -294,4 +298,4 @@ class DaliPoseLoader:
             ann_id=ids[:, 1].long(),
             score=b["score"].reshape(-1).float(),
         )
-        return batch.to(self.device)
+        return batch.to_device(self.device)  # (a GPU graph's host outputs: pinned, asynchronous)

@@ -6,7 +6,16 @@ decodes the batch's crops with ``torchvision.io.decode_jpeg(list, device=...)`` 
 batch), pads them into one tensor [N, 3, h_max, w_max] and warps all of them with one
 ``affine_grid`` + ``grid_sample`` whose sampling matrix is the inverse of each sample's
 crop->input affine (the same matrices as the other loaders), while the training step of the
-previous batch runs on the consumer's stream. Handing a batch over, the consumer's stream
+previous batch runs on the consumer's stream.
+
+nvJPEG writes its outputs on a stream of its own (torchvision's decoder stream), which does not
+wait for the stream the output memory was allocated on. The decode therefore runs with a
+decode stream of ours as the current stream: its outputs come from that stream's memory, the
+side stream waits for the decode and marks the crops as used on it (``record_stream``), so the
+allocator hands a crop's memory to a later decode only after the warp that reads it has run.
+(Decoding with the side stream current, the next batch's decode could reuse the memory of crops
+whose warp is still queued there and overwrite them: two batches' pixels in one image.)
+Handing a batch over, the consumer's stream
 waits on the event recorded after that batch's work, and every tensor of the batch is
 ``record_stream``-ed on the consumer's stream so the allocator does not give its memory back
 to the side stream while the step still reads it. Host->device copies are asynchronous from
@@ -30,7 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from pnfs.data.bad_samples import BadSample, BadSampleReport
-from pnfs.data.batch import IMAGENET_MEAN, IMAGENET_STD, PoseBatch
+from pnfs.data.batch import IMAGENET_MEAN, IMAGENET_STD, PoseBatch, to_device
 from pnfs.data.geometry import invert
 from pnfs.data.plan_reader import CheckedBatch, PlanReader, plan_dataloader
 
@@ -61,16 +70,6 @@ def sampling_theta(
     return theta
 
 
-def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Host tensor -> ``device`` on the current stream; from page-locked memory when on CUDA,
-    so the copy is asynchronous (the caching host allocator keeps the source until it ends)."""
-    if device.type != "cuda":
-        return t.to(device)
-    if not t.is_pinned():
-        t = t.pin_memory()
-    return t.to(device, non_blocking=True)
-
-
 def warp_batch(
     crops: list[torch.Tensor], crop_to_input: np.ndarray | torch.Tensor, input_size: tuple[int, int]
 ) -> torch.Tensor:
@@ -88,7 +87,7 @@ def warp_batch(
         padded[i, :, : c.shape[1], : c.shape[2]] = c
     h, w = input_size
     theta = sampling_theta(np.asarray(crop_to_input), (h_max, w_max), (h, w))
-    theta = _to_device(torch.from_numpy(theta).float(), device)
+    theta = to_device(torch.from_numpy(theta).float(), device)
     grid = F.affine_grid(theta, [n, 3, h, w], align_corners=False)
     return F.grid_sample(padded, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
@@ -138,8 +137,8 @@ class _Normalise:
     """(pixels - 255·mean) / (255·std) with the constants put on the device once."""
 
     def __init__(self, device: torch.device):
-        self.mean = _to_device(torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) * 255.0, device)
-        self.std = _to_device(torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255.0, device)
+        self.mean = to_device(torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) * 255.0, device)
+        self.std = to_device(torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255.0, device)
 
     def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
         return (pixels - self.mean) / self.std
@@ -173,16 +172,31 @@ class GpuPoseLoader:
         if prefetch < 1:
             raise ValueError(f"GpuPoseLoader: prefetch must be >= 1, got {prefetch}")
         self.prefetch = prefetch
+        self.decode_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         # page-locked items on CUDA: asynchronous copies
         self.loader = plan_dataloader(dataset, num_workers, self.device.type == "cuda", _as_is)
 
     def __len__(self) -> int:
         return len(self.dataset)
 
+    def decode(self, jpegs: list[torch.Tensor]) -> list[torch.Tensor]:
+        """:func:`decode_batch` on ``self.device``; on CUDA the crops are allocated on
+        ``decode_stream`` and handed to the current stream (the producer's side stream): it waits
+        for the decode, and their memory returns to a later decode only after its work on them."""
+        if self.decode_stream is None:
+            return decode_batch(jpegs, self.device)
+        user = torch.cuda.current_stream(self.device)
+        with torch.cuda.stream(self.decode_stream):
+            crops = decode_batch(jpegs, self.device)
+        user.wait_stream(self.decode_stream)
+        for crop in crops:
+            crop.record_stream(user)
+        return crops
+
     def _decode_one(self, jpg: bytes, _: np.ndarray) -> torch.Tensor:
         """One crop decoded on the device; ValueError when the decoder refuses it."""
         try:
-            return decode_batch([torch.frombuffer(bytearray(jpg), dtype=torch.uint8)], self.device)[0]
+            return self.decode([torch.frombuffer(bytearray(jpg), dtype=torch.uint8)])[0]
         except RuntimeError as e:
             raise ValueError(str(e)) from None
 
@@ -191,18 +205,18 @@ class GpuPoseLoader:
         bad samples replaced). When the batched decode fails, the batch is read again with a
         decode per crop, so the crops the decoder refuses are replaced as in the workers."""
         try:
-            crops = decode_batch(item["jpg"], self.device)
+            crops = self.decode(item["jpg"])
         except RuntimeError:
             got = self.dataset.checked(item["batch"], self._decode_one)
             item, crops = bytes_item(item["batch"], got), got.decoded
         pixels = warp_batch(crops, item["crop_to_input"], self.dataset.input_size)
         batch = PoseBatch(
             image=normalise(pixels),
-            keypoints=_to_device(item["keypoints"], self.device),
-            affine=_to_device(item["affine"], self.device),
-            image_id=_to_device(item["image_id"], self.device),
-            ann_id=_to_device(item["ann_id"], self.device),
-            score=_to_device(item["score"], self.device),
+            keypoints=to_device(item["keypoints"], self.device),
+            affine=to_device(item["affine"], self.device),
+            image_id=to_device(item["image_id"], self.device),
+            ann_id=to_device(item["ann_id"], self.device),
+            score=to_device(item["score"], self.device),
         )
         return batch, item["bad"]
 

@@ -9,6 +9,8 @@ Layout of the dict (tensors and plain Python types only)::
     schedule      {"epoch": e, "lr": lr}      (the lr is a pure function of the epoch)
     position      {"epoch": e, "samples_seen": n, "global_step": s, ...}
     rng           one entry per rank: torch / cuda / numpy / python generator states
+    rank_buffers  one entry per rank (None for one process): its floating-point buffers by
+                  name (BatchNorm statistics, each rank's own between epoch ends)
     config        the run's config as a plain dict
     metrics       {"score": ..., ...} of the last evaluation, and "best_score"
 
@@ -73,6 +75,23 @@ def restore_rng_state(state: dict[str, Any]) -> None:
     random.setstate(_to_tuple(state["python"]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
+
+
+def floating_buffers(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The model's floating-point buffers (BatchNorm running statistics) by name, on the CPU.
+    Under DDP each rank keeps its own between epoch ends (docs/design.md §7), so a checkpoint
+    holds every rank's and a resume gives each rank its own back: it goes on bitwise."""
+    return {
+        name: b.detach().to("cpu", copy=True) for name, b in model.named_buffers() if b.is_floating_point()
+    }
+
+
+def load_buffers(model: torch.nn.Module, buffers: dict[str, torch.Tensor]) -> None:
+    """Copy :func:`floating_buffers`' entries into ``model``'s buffers of the same names."""
+    own = dict(model.named_buffers())
+    with torch.no_grad():
+        for name, value in buffers.items():
+            own[name].copy_(value)
 
 
 def _to_plain(x: Any) -> Any:

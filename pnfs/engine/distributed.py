@@ -95,8 +95,13 @@ def restart_prefixed_store(rank: int, world_size: int, timeout: datetime.timedel
     return dist.PrefixStore(f"pnfs/restart-{restart}/", store)
 
 
-def init_distributed(device: str = "auto", timeout_s: float = DEFAULT_TIMEOUT_S) -> DistContext:
-    """Read rank/world from the environment, pick the device, start the process group."""
+def init_distributed(
+    device: str = "auto", timeout_s: float = DEFAULT_TIMEOUT_S, cuda_graph: bool = False
+) -> DistContext:
+    """Read rank/world from the environment, pick the device, start the process group.
+
+    ``cuda_graph`` (``train.cuda_graph``): an NCCL group that lets a CUDA graph capture its
+    collectives (:func:`allow_collectives_in_cuda_graphs`, set before the group starts)."""
     world_size = _env_int("WORLD_SIZE", 1)
     rank = _env_int("RANK", 0)
     local_rank = _env_int("LOCAL_RANK", 0)
@@ -104,6 +109,14 @@ def init_distributed(device: str = "auto", timeout_s: float = DEFAULT_TIMEOUT_S)
     if not 0 <= rank < world_size:
         raise RuntimeError(f"RANK={rank} is outside WORLD_SIZE={world_size}")
     dev = pick_device(device, local_rank)
+    if cuda_graph and world_size > 1 and dev.type == "cuda":
+        if dist.is_initialized() and os.environ.get("TORCH_NCCL_ASYNC_ERROR_HANDLING") != "0":
+            raise RuntimeError(
+                "train.cuda_graph: the process group was started with NCCL's asynchronous error "
+                "handling on, which forbids capturing its collectives; start it with "
+                "init_distributed(..., cuda_graph=True)"
+            )
+        allow_collectives_in_cuda_graphs()
     if world_size > 1 and not dist.is_initialized():
         timeout = datetime.timedelta(seconds=timeout_s)
         store = restart_prefixed_store(rank, world_size, timeout)

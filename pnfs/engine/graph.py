@@ -76,9 +76,11 @@ class StaticBatch:
 
 
 def capture_cuda_graph(fn: Callable[[], None], pool: Any = None) -> torch.cuda.CUDAGraph:
-    """Record ``fn``'s launches in a CUDA graph (nothing runs until ``replay``)."""
+    """Record ``fn``'s launches in a CUDA graph (nothing runs until ``replay``). ``thread_local``:
+    only this thread is held to what a capture forbids, so the loaders' threads (the ``gpu``
+    loader's producer, DALI's workers) may go on using CUDA meanwhile."""
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, pool=pool):
+    with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
         fn()
     return graph
 

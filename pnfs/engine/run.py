@@ -88,6 +88,9 @@ class Run:
             self.forward_model = wrap_ddp(model, ctx.device, for_cuda_graph=cfg.train.cuda_graph)
         else:
             self.forward_model = model
+        if checkpoint is not None and len(checkpoint.get("rank_buffers") or []) == ctx.world_size:
+            # each rank's own BatchNorm statistics, after the wrapper's start-up broadcast of rank 0's
+            ckpt.load_buffers(model, checkpoint["rank_buffers"][ctx.rank])
         if cfg.train.compile:  # CUDA graphs of the forward and backward on a GPU (docs/design.md §8)
             mode = "reduce-overhead" if ctx.device.type == "cuda" else None
             self.forward_model = torch.compile(self.forward_model, mode=mode)
@@ -199,8 +202,10 @@ class Run:
     # ------------------------------------------------------------------ checkpoints
 
     def save_checkpoint(self, is_best: bool = False) -> Path | None:
-        """Collective: gathers every rank's RNG state; rank 0 writes the file."""
-        rng = all_gather_objects(ckpt.capture_rng_state())
+        """Collective: gathers every rank's RNG state (and under DDP its BatchNorm statistics);
+        rank 0 writes the file."""
+        own_buffers = ckpt.floating_buffers(self.model) if self.ctx.distributed else None
+        rng, rank_buffers = zip(*all_gather_objects((ckpt.capture_rng_state(), own_buffers)))
         pos = self.state.position
         path = ckpt.step_path(self.ckpt_dir, pos.global_step)
         if self.use_deepspeed:
@@ -215,7 +220,8 @@ class Run:
                 },
                 schedule={"epoch": pos.epoch, "lr": float(self.optimizers.weights.param_groups[0]["lr"])},
                 position=pos.state_dict(),
-                rng=rng,
+                rng=list(rng),
+                rank_buffers=list(rank_buffers) if self.ctx.distributed else None,
                 config=config_to_dict(self.cfg),
                 metrics=dict(self.state.last_metrics),
                 best_score=self.state.best_score,

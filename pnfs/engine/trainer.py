@@ -37,7 +37,6 @@ from pnfs.data.bad_samples import merge_rank_reports
 from pnfs.engine.distributed import (
     DistContext,
     all_gather_objects,
-    allow_collectives_in_cuda_graphs,
     average_buffers,
     init_distributed,
     shutdown,
@@ -240,9 +239,7 @@ def run_training(
     cfg: Config, resume: str | None = None, deepspeed_config: str | None = None
 ) -> dict[str, Any]:
     """Set up the process group from the environment, train, tear down."""
-    if cfg.train.cuda_graph:
-        allow_collectives_in_cuda_graphs()
-    ctx = init_distributed(cfg.train.device)
+    ctx = init_distributed(cfg.train.device, cuda_graph=cfg.train.cuda_graph)
     try:
         return Trainer(cfg, ctx, resume=resume, deepspeed_config=deepspeed_config).fit()
     finally:
