@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 import pytest
-from doc_commands import documented_commands, untagged_command_lines
+from doc_commands import broken_links, documented_commands, untagged_command_lines
 
 REPO = Path(__file__).resolve().parents[1]
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
@@ -211,6 +211,11 @@ def test_no_stale_entries():
 def test_no_command_hides_in_an_untagged_block():
     hidden = untagged_command_lines(DOCS, REPO)
     assert not hidden, "command lines in a fenced block without a bash tag:\n" + "\n".join(hidden)
+
+
+def test_links_between_the_pages_resolve():
+    broken = broken_links(DOCS, REPO)
+    assert not broken, "links to a missing file or heading:\n" + "\n".join(broken)
 
 
 def test_the_tour_runs_first_in_the_readme():
