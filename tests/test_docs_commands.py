@@ -22,6 +22,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -192,6 +193,39 @@ def commands_in_docs() -> dict[str, list[str]]:
 
 
 DOCUMENTED = commands_in_docs()
+
+
+def test_commands_are_cut_out_as_a_reader_types_them(tmp_path):
+    page = tmp_path / "page.md"
+    page.write_text(
+        textwrap.dedent(
+            """\
+            Text.
+            ```bash
+            # a whole-line comment
+            python a.py --x 1 \\
+                --y 'a # b'   # a trailing comment
+            for s in 0 1; do
+              echo $s
+            done
+            ```
+            ```console
+            $ make demo
+            the output
+            ```
+            ```text
+            python hidden.py
+            ```
+            """
+        )
+    )
+    commands = documented_commands([page], tmp_path)
+    assert [(c.line, c.text) for c in commands] == [
+        (4, "python a.py --x 1 --y 'a # b'"),
+        (6, "for s in 0 1; do\necho $s\ndone"),
+        (11, "make demo"),
+    ]
+    assert untagged_command_lines([page], tmp_path) == ["page.md:15: python hidden.py"]
 
 
 def test_every_command_is_classified():
