@@ -150,11 +150,13 @@ SKIP: dict[str, str] = {
         f"{COCO} and a trained COCO model"
     ),
     "python -m pnfs.evaluate.mpii --annotations mpii/annot/valid.json --head-sizes mpii/annot/gt_valid.mat "
-    "--predictions runs/mpii_mobilenetv2_p3_256/eval/results.json --json": f"{MPII} and a trained MPII model",
+    "--predictions runs/mpii_mobilenetv2_p3_256/eval/results.json --json": f"{MPII} and a trained MPII "
+    "model; tests/test_gt_valid_mat.py runs this line on the MPII sample",
     # docs/training.md: the paper's runs
     'DATA_MPII="data.train_shards=data/mpii/train-*.tar data.val_shards=data/mpii/val-*.tar '
     'data.val_annotations=mpii/annot/valid.json data.val_head_sizes=mpii/annot/gt_valid.mat"': (
-        f"sets a variable for the MPII commands that follow; {MPII}"
+        f"sets a variable for the MPII commands that follow; {MPII}; "
+        "tests/test_gt_valid_mat.py loads the preset with it on the MPII sample"
     ),
     'DATA_COCO="data.train_shards=data/coco/train-*.tar data.val_shards=data/coco/val-*.tar '
     'data.val_annotations=coco/annotations/person_keypoints_val2017.json"': (
@@ -336,7 +338,7 @@ def make_demo(root: Path) -> None:
     ]
     for step in steps:
         proc = subprocess.run(
-            [sys.executable, *step], cwd=root, env=bash_env(), capture_output=True, text=True, timeout=300
+            [sys.executable, *step], cwd=root, env=bash_env(), capture_output=True, text=True, timeout=600
         )
         assert proc.returncode == 0, f"{step}:\n{(proc.stdout + proc.stderr)[-4000:]}"
 
@@ -351,7 +353,7 @@ def workspace(tmp_path_factory) -> Workspace:
     return Workspace(root)
 
 
-@pytest.mark.timeout(COMMAND_TIMEOUT * 2 + 300)
+@pytest.mark.timeout(COMMAND_TIMEOUT * 2 + 1200)  # the first one also makes the demo
 @pytest.mark.parametrize("command", list(RUN), ids=[DOCUMENTED.get(c, ["not documented"])[0] for c in RUN])
 def test_documented_command_runs_as_written(workspace, command):
     assert command in DOCUMENTED, f"not in any page: {command!r}"
