@@ -19,7 +19,7 @@ Columns (one image, eval mode, traced on the PyTorch reference kernels):
   deconvolutions) is counted by the same formula, k*k*c_in per output element, as the
   SimpleBaseline/HRNet authors' model summary counts every conv (weight size x output size):
   4x what a 4x4 stride-2 deconvolution really multiplies, but what Table VI's 12.0G is
-  (README, "Size and cost of the presets").
+  (docs/design.md §2, "Size and cost of the presets").
 """
 
 from __future__ import annotations

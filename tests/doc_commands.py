@@ -134,3 +134,30 @@ def untagged_command_lines(docs: list[Path], root: Path) -> list[str]:
                 if COMMAND_WORDS.match(line.strip()):
                     found.append(f"{block.doc}:{block.line + offset}: {line.strip()}")
     return found
+
+
+LINK = re.compile(r"\]\(([^)\s]+)\)")
+
+
+def heading_anchor(heading: str) -> str:
+    """GitHub's anchor of a Markdown heading: lower case, punctuation dropped, spaces to '-'."""
+    text = heading.lstrip("#").strip().lower()
+    return re.sub(r"[^\w\- ]", "", text).replace(" ", "-")
+
+
+def broken_links(docs: list[Path], root: Path) -> list[str]:
+    """``doc: target`` for each relative link whose file, or whose ``#anchor`` heading, is missing."""
+    broken = []
+    for doc in docs:
+        for target in LINK.findall(doc.read_text()):
+            if re.match(r"^[a-z]+:", target):
+                continue  # https:, mailto:
+            path, _, anchor = target.partition("#")
+            file = (doc.parent / path).resolve() if path else doc
+            if not file.exists():
+                broken.append(f"{doc.relative_to(root)}: {target} (no such file)")
+            elif anchor and file.suffix == ".md":
+                headings = [line for line in file.read_text().splitlines() if line.startswith("#")]
+                if anchor not in {heading_anchor(h) for h in headings}:
+                    broken.append(f"{doc.relative_to(root)}: {target} (no such heading)")
+    return broken

@@ -22,16 +22,17 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
 import pytest
-from doc_commands import documented_commands, untagged_command_lines
+from doc_commands import broken_links, documented_commands, untagged_command_lines
 
 REPO = Path(__file__).resolve().parents[1]
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 LINKED = ("launch", "data_prep", "pnfs", "bench", "kernels")
-COMMAND_TIMEOUT = 120  # s; each RUN command takes well under a minute on two cores
+COMMAND_TIMEOUT = 240  # s; each RUN command takes under a minute on two free cores
 
 TOUR_PREDICT = (
     "python launch/predict.py --checkpoint runs/demo/checkpoints/best.pt "
@@ -47,10 +48,6 @@ RUN: dict[str, str | None] = {
     "--image data/demo/raw-seed0/images/val --detector none --out runs/predict": None,
     "python launch/export.py --checkpoint runs/demo/checkpoints/best.pt --format onnx "
     "--out runs/demo/pose.onnx --decode --flip": None,
-    "python launch/export.py --checkpoint runs/demo/checkpoints/best.pt --format exported-program "
-    "--out runs/demo/pose.pt2": None,
-    "python launch/export.py --checkpoint runs/demo/checkpoints/best.pt --format torchscript "
-    "--out runs/demo/pose.ts --decode": None,
     "python launch/evaluate.py --checkpoint runs/demo/checkpoints/best.pt "
     "--data 'data/demo/shards-seed0/val/val-*.tar' --out runs/demo/eval": None,
     "python -m pnfs.evaluate.coco --annotations data/demo/raw-seed0/annotations/person_keypoints_val.json "
@@ -98,6 +95,12 @@ SKIP: dict[str, str] = {
     "--data 'data/demo/shards-seed0/val/val-*.tar' --out runs/demo/eval": (
         "two processes; tests/test_eval_launch.py runs evaluation on two gloo processes"
     ),
+    "python launch/export.py --checkpoint runs/demo/checkpoints/best.pt --format exported-program "
+    "--out runs/demo/pose.pt2": "20-50 s; the same command line is tests/test_export.py::"
+    "test_exported_program_of_the_score_maps, which also checks the file's scores",
+    "python launch/export.py --checkpoint runs/demo/checkpoints/best.pt --format torchscript "
+    "--out runs/demo/pose.ts --decode": "20-25 s; tests/test_export.py::test_torchscript_with_decoding "
+    "runs it (with --flip) and checks the file's keypoints",
     # docs/data.md: real data sets
     "python data_prep/shard_coco.py --images coco/train2017 "
     "--annotations coco/annotations/person_keypoints_train2017.json "
@@ -147,11 +150,13 @@ SKIP: dict[str, str] = {
         f"{COCO} and a trained COCO model"
     ),
     "python -m pnfs.evaluate.mpii --annotations mpii/annot/valid.json --head-sizes mpii/annot/gt_valid.mat "
-    "--predictions runs/mpii_mobilenetv2_p3_256/eval/results.json --json": f"{MPII} and a trained MPII model",
+    "--predictions runs/mpii_mobilenetv2_p3_256/eval/results.json --json": f"{MPII} and a trained MPII "
+    "model; tests/test_gt_valid_mat.py runs this line on the MPII sample",
     # docs/training.md: the paper's runs
     'DATA_MPII="data.train_shards=data/mpii/train-*.tar data.val_shards=data/mpii/val-*.tar '
     'data.val_annotations=mpii/annot/valid.json data.val_head_sizes=mpii/annot/gt_valid.mat"': (
-        f"sets a variable for the MPII commands that follow; {MPII}"
+        f"sets a variable for the MPII commands that follow; {MPII}; "
+        "tests/test_gt_valid_mat.py loads the preset with it on the MPII sample"
     ),
     'DATA_COCO="data.train_shards=data/coco/train-*.tar data.val_shards=data/coco/val-*.tar '
     'data.val_annotations=coco/annotations/person_keypoints_val2017.json"': (
@@ -192,6 +197,39 @@ def commands_in_docs() -> dict[str, list[str]]:
 DOCUMENTED = commands_in_docs()
 
 
+def test_commands_are_cut_out_as_a_reader_types_them(tmp_path):
+    page = tmp_path / "page.md"
+    page.write_text(
+        textwrap.dedent(
+            """\
+            Text.
+            ```bash
+            # a whole-line comment
+            python a.py --x 1 \\
+                --y 'a # b'   # a trailing comment
+            for s in 0 1; do
+              echo $s
+            done
+            ```
+            ```console
+            $ make demo
+            the output
+            ```
+            ```text
+            python hidden.py
+            ```
+            """
+        )
+    )
+    commands = documented_commands([page], tmp_path)
+    assert [(c.line, c.text) for c in commands] == [
+        (4, "python a.py --x 1 --y 'a # b'"),
+        (6, "for s in 0 1; do\necho $s\ndone"),
+        (11, "make demo"),
+    ]
+    assert untagged_command_lines([page], tmp_path) == ["page.md:15: python hidden.py"]
+
+
 def test_every_command_is_classified():
     unclassified = [f"{where[0]}: {text!r}" for text, where in DOCUMENTED.items() if text not in RUN | SKIP]
     assert not unclassified, (
@@ -209,6 +247,11 @@ def test_no_stale_entries():
 def test_no_command_hides_in_an_untagged_block():
     hidden = untagged_command_lines(DOCS, REPO)
     assert not hidden, "command lines in a fenced block without a bash tag:\n" + "\n".join(hidden)
+
+
+def test_links_between_the_pages_resolve():
+    broken = broken_links(DOCS, REPO)
+    assert not broken, "links to a missing file or heading:\n" + "\n".join(broken)
 
 
 def test_the_tour_runs_first_in_the_readme():
@@ -295,7 +338,7 @@ def make_demo(root: Path) -> None:
     ]
     for step in steps:
         proc = subprocess.run(
-            [sys.executable, *step], cwd=root, env=bash_env(), capture_output=True, text=True, timeout=300
+            [sys.executable, *step], cwd=root, env=bash_env(), capture_output=True, text=True, timeout=600
         )
         assert proc.returncode == 0, f"{step}:\n{(proc.stdout + proc.stderr)[-4000:]}"
 
@@ -310,7 +353,7 @@ def workspace(tmp_path_factory) -> Workspace:
     return Workspace(root)
 
 
-@pytest.mark.timeout(COMMAND_TIMEOUT * 2 + 300)
+@pytest.mark.timeout(COMMAND_TIMEOUT * 2 + 1200)  # the first one also makes the demo
 @pytest.mark.parametrize("command", list(RUN), ids=[DOCUMENTED.get(c, ["not documented"])[0] for c in RUN])
 def test_documented_command_runs_as_written(workspace, command):
     assert command in DOCUMENTED, f"not in any page: {command!r}"

@@ -101,17 +101,19 @@ def test_a_mat_of_another_split_or_without_head_boxes_is_named(sample, tmp_path)
         load_mpii_ground_truth(annotations, tmp_path / "bad.mat")
 
 
-def _readme_line(start: str) -> str:
+def _documented_line(start: str) -> str:
+    """The one line of README.md and docs/*.md that starts with ``start`` (continuations joined)."""
     from conftest import REPO
 
-    text = (REPO / "README.md").read_text().replace("\\\n", " ")
+    pages = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+    text = "\n".join(page.read_text() for page in pages).replace("\\\n", " ")
     (line,) = [ln.strip() for ln in text.splitlines() if ln.strip().startswith(start)]
     return line
 
 
-def test_the_readmes_mpii_commands_work_as_written(sample, tmp_path, monkeypatch, capsys):
-    """DATA_MPII and the PCKh command of the README, run in a folder laid out as the README's
-    Data section says (mpii/annot/valid.json + gt_valid.mat, from the sample)."""
+def test_the_documented_mpii_commands_work_as_written(sample, tmp_path, monkeypatch, capsys):
+    """DATA_MPII (docs/training.md) and the PCKh command (docs/inference.md), run in a folder laid
+    out as docs/data.md says (mpii/annot/valid.json + gt_valid.mat, from the sample)."""
     import shlex
 
     from pnfs.config import load_config
@@ -122,14 +124,14 @@ def test_the_readmes_mpii_commands_work_as_written(sample, tmp_path, monkeypatch
     (tmp_path / "mpii" / "annot" / "valid.json").write_text(annotations.read_text())
     (tmp_path / "mpii" / "annot" / "gt_valid.mat").write_bytes(mat.read_bytes())
     monkeypatch.chdir(tmp_path)
-    data_mpii = shlex.split(_readme_line("DATA_MPII=").split("=", 1)[1])[0].split()
+    data_mpii = shlex.split(_documented_line("DATA_MPII=").split("=", 1)[1])[0].split()
     assert "data.val_head_sizes=mpii/annot/gt_valid.mat" in data_mpii
     cfg = load_config("mpii_mobilenetv2_p3_256", data_mpii)
     assert annotation_problems(cfg) == []
     gt = load_mpii_ground_truth(annotations, heads_json)
-    (tmp_path / "P.json").write_text(
-        json.dumps([{"ann_id": i, "keypoints": gt.joints[i].tolist()} for i in range(3)])
-    )
-    argv = shlex.split(_readme_line("python -m pnfs.evaluate.mpii"), comments=True)[3:]
+    argv = shlex.split(_documented_line("python -m pnfs.evaluate.mpii"), comments=True)[3:]
+    predictions = tmp_path / argv[argv.index("--predictions") + 1]
+    predictions.parent.mkdir(parents=True, exist_ok=True)
+    predictions.write_text(json.dumps([{"ann_id": i, "keypoints": gt.joints[i].tolist()} for i in range(3)]))
     assert main([*argv, "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["PCKh"] == 100.0
