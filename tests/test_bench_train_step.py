@@ -95,6 +95,11 @@ def test_the_report_is_on_disk_after_every_case_and_a_failed_case_does_not_stop_
     lean, _, baseline = report["rows"]
     assert lean["ratio_reference"] == "lean" and baseline["ratio_reference"] == "lean"
     assert baseline["ratio_vs_baseline"] == pytest.approx(0.5)
+    assert bench.row_line(report["rows"][1]).split() == [
+        "lean-auto", "FAILED", "(exit", "code", "1):", "ValueError:", "weighted_sum:", "dtypes", "differ",
+    ]  # fmt: skip
+    killed = {"case": "lean", "error": "killed by signal 9: profiler_start\n"}
+    assert bench.row_line(killed).startswith("lean               FAILED (killed by signal 9): profiler_start")
 
 
 def test_paths_are_compared_to_the_first_case_and_ratios_to_the_baseline_of_their_mode(bench):
