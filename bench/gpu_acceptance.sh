@@ -26,9 +26,9 @@
 #      demo_gpu, demo_dali   launch/train.py on the demo's shards with data.loader=gpu / dali
 #      ddp_nccl      torchrun, 2 ranks with NCCL on the one GPU; the ranks' weights must be equal
 #      deepspeed_zero1   the same with --deepspeed launch/deepspeed_zero1.json (ZeRO-1, bf16)
-#    A stage whose modules do not import (or that needs CUDA where there is none) is skipped with a
-#    line naming them. The budget (RUN_BUDGET_S, 530 s) counts from this script's start: a stage
-#    starts only with >= 15 s left and is cut to what is left.
+#    A stage whose modules do not import is skipped with a line naming them (one that needs CUDA
+#    where there is none fails at once: --rehearse). The budget (RUN_BUDGET_S, 500 s) counts from
+#    this script's start: a stage starts only with >= 15 s left and is cut to what is left.
 # Results: $OUT (else bench/results/gpu-acceptance-<date>) receives three files, rewritten after
 # every stage: summary.json, summary.txt and stages.tar.gz (every stage's log and JSON).
 # Environment: PYTHON (default python3: the machine's), OUT, PNFS_COMMIT (the tree is no git
@@ -44,7 +44,7 @@ case "${1:-}" in
     "") ;;
     --dry-run) MODE=dry-run ;;
     --rehearse) MODE=rehearse ;;
-    -h | --help) sed -n '2,33p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h | --help) awk 'NR > 1 && !/^#/ { exit } NR > 1 { sub(/^# ?/, ""); print }' "${BASH_SOURCE[0]}"; exit 0 ;;
     *) echo "gpu_acceptance.sh: unknown option '$1' (expected --dry-run, --rehearse or nothing)" >&2; exit 2 ;;
 esac
 
