@@ -5,7 +5,11 @@
 * every module a stage needs imports (its version, or the error, goes to the JSON);
 * the device: CUDA or not, its name and compute capability, torch/CUDA/triton versions;
 * every script the run calls exists and its ``--help`` lists each flag the run passes;
-* the config overrides the run passes load.
+* the config overrides the run passes load;
+* with ``--site``, pnfs and pnfs.kernels import from that folder (the installed copy).
+
+The shell script starts it the way ``python -m pytest`` starts (the working directory first on
+``sys.path`` unless ``PYTHONSAFEPATH`` is set), so that it sees the pnfs the stages will see.
 
 ``--missing`` writes one line per module that does not import, plus ``cuda`` when no CUDA device
 is visible: the shell script skips a stage whose needs are listed there. Exit code 2 (with one
@@ -55,6 +59,7 @@ MODULES = (
 
 # script -> the flags the run passes to it
 FLAGS = {
+    "bench/kernel_check.py": ("--device", "--json"),
     "bench/kernels.py": ("--device", "--json", "--no-compiled", "--reps"),
     "bench/train_step.py": ("--config", "--batch", "--device", "--json", "--cases", "--steps", "--block"),
     "launch/demo.py": ("--seed", "--nproc", "--train", "--val", "--out", "--data"),
@@ -83,6 +88,17 @@ def import_versions(modules: tuple[str, ...]) -> dict[str, dict]:
         where = getattr(module, "__file__", None)
         found[name] = {"ok": True, "version": str(getattr(module, "__version__", "")), "file": where}
     return found
+
+
+def site_problems(imports: dict[str, dict], site: Path) -> list[str]:
+    """pnfs must come from the installed copy: a checkout's ``pnfs/`` (no ``kernels`` in it) found
+    first on ``sys.path`` would be what the stages import."""
+    problems = []
+    for name in ("pnfs", "pnfs.kernels"):
+        where = imports[name].get("file")
+        if imports[name]["ok"] and not Path(where).resolve().is_relative_to(site.resolve()):
+            problems.append(f"{name} imports from {where}, not from the installed copy under {site}")
+    return problems
 
 
 def device_info() -> dict:
@@ -153,9 +169,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, help="write the findings here (JSON)")
     p.add_argument("--missing", type=Path, help="write the modules that do not import here, one a line")
     p.add_argument("--root", type=Path, default=ROOT, help="the checkout whose scripts are checked")
+    p.add_argument("--site", type=Path, help="pnfs and pnfs.kernels must import from this folder")
     args = p.parse_args(argv)
     imports = import_versions(MODULES)
     problems = flag_problems(args.root, FLAGS)
+    if args.site:
+        problems += site_problems(imports, args.site)
     info = device_info() if imports["torch"]["ok"] else {"cuda_available": False}
     if imports["pnfs"]["ok"]:
         problems += config_problems(CONFIGS)

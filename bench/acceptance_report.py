@@ -65,6 +65,9 @@ def key_numbers(name: str, result) -> dict:
     """The few numbers of a stage's result that the summary shows."""
     if not isinstance(result, dict):
         return {}
+    if "rows" in result and "config" not in result:  # bench/kernel_check.py
+        rows = result["rows"]
+        return {"comparisons": len(rows), "failed": [r for r in rows if not r["ok"]][:10]}
     if "cases" in result and "rows" not in result:  # bench/kernels.py
         done = result["cases"]
         return {"cases": len(done), "dtypes": sorted({c["dtype"] for c in done})}

@@ -17,20 +17,22 @@
 #    called script's flags, the config overrides. A wrong flag or override stops the run (exit 2).
 # 3. stages, in order of value, each in its own time box (seconds, env T_<STAGE>), each recorded
 #    the moment it ends (bench/acceptance_report.py):
-#      kernel_tests  pytest -m "gpu and not interpret and not slow" (Triton compiled for the GPU)
+#      kernel_check  bench/kernel_check.py: every kernel x fp32/bf16 x layouts x ragged sizes, fwd and
+#                    bwd, against float64
+#      gpu_tests     pytest -m "gpu and not interpret and not slow" (Triton compiled for the GPU)
 #      kernels       bench/kernels.py --device cuda --no-compiled: Triton vs eager, fp32 and bf16
 #      train_step    bench/train_step.py --cases ...: eager (torch, Triton), compiled; host vs wall
 #      demo_torch    launch/demo.py on CUDA, data.loader=torch, train.amp=auto (the default)
 #      demo_gpu, demo_dali   launch/train.py on the demo's shards with data.loader=gpu / dali
 #      ddp_nccl      torchrun, 2 ranks with NCCL on the one GPU; the ranks' weights must be equal
 #      deepspeed_zero1   the same with --deepspeed launch/deepspeed_zero1.json (ZeRO-1, bf16)
-#    A stage whose modules do not import (or that needs CUDA where there is none) is skipped with a
-#    line naming them. The budget (RUN_BUDGET_S, 530 s) counts from this script's start: a stage
-#    starts only with >= 15 s left and is cut to what is left.
+#    A stage whose modules do not import is skipped with a line naming them (one that needs CUDA
+#    where there is none fails at once: --rehearse). The budget (RUN_BUDGET_S, 500 s) counts from
+#    this script's start: a stage starts only with >= 15 s left and is cut to what is left.
 # Results: $OUT (else bench/results/gpu-acceptance-<date>) receives three files, rewritten after
 # every stage: summary.json, summary.txt and stages.tar.gz (every stage's log and JSON).
 # Environment: PYTHON (default python3: the machine's), OUT, PNFS_COMMIT (the tree is no git
-# checkout there), RUN_BUDGET_S, T_KERNEL_TESTS, T_KERNELS, T_TRAIN_STEP, T_DEMO, T_RANKS.
+# checkout there), RUN_BUDGET_S, T_KERNEL_CHECK, T_GPU_TESTS, T_KERNELS, T_TRAIN_STEP, T_DEMO, T_RANKS.
 set -u -o pipefail
 STARTED=$(date +%s)
 
@@ -42,7 +44,7 @@ case "${1:-}" in
     "") ;;
     --dry-run) MODE=dry-run ;;
     --rehearse) MODE=rehearse ;;
-    -h | --help) sed -n '2,33p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h | --help) awk 'NR > 1 && !/^#/ { exit } NR > 1 { sub(/^# ?/, ""); print }' "${BASH_SOURCE[0]}"; exit 0 ;;
     *) echo "gpu_acceptance.sh: unknown option '$1' (expected --dry-run, --rehearse or nothing)" >&2; exit 2 ;;
 esac
 
@@ -52,12 +54,13 @@ DEST=${OUT:-bench/results/gpu-acceptance-$DATE}
 SCRATCH=runs/gpu-acceptance    # site-packages, stage files, demo data and runs (not returned)
 SITE=$SCRATCH/site
 RESULTS=$SCRATCH/stages        # packed into $DEST/stages.tar.gz after every stage
-RUN_BUDGET_S=${RUN_BUDGET_S:-530}
-T_KERNEL_TESTS=${T_KERNEL_TESTS:-60}
-T_KERNELS=${T_KERNELS:-70}
-T_TRAIN_STEP=${T_TRAIN_STEP:-150}
-T_DEMO=${T_DEMO:-60}
-T_RANKS=${T_RANKS:-50}
+RUN_BUDGET_S=${RUN_BUDGET_S:-500}
+T_KERNEL_CHECK=${T_KERNEL_CHECK:-30}
+T_GPU_TESTS=${T_GPU_TESTS:-50}
+T_KERNELS=${T_KERNELS:-60}
+T_TRAIN_STEP=${T_TRAIN_STEP:-140}
+T_DEMO=${T_DEMO:-50}
+T_RANKS=${T_RANKS:-45}
 if [ -z "${PNFS_COMMIT:-}" ]; then
     PNFS_COMMIT=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
     if [ "$PNFS_COMMIT" != unknown ] && [ -n "$(git status --porcelain -- pnfs kernels bench launch 2>/dev/null)" ]; then
@@ -100,9 +103,11 @@ add_stage() {  # NAME BOX NEEDS RESULT EXTRA -- COMMAND...
     printf -v shown '%q ' "$@"
     CMD[$name]=$shown
 }
-add_stage kernel_tests "$T_KERNEL_TESTS" "pytest triton pnfs.kernels" "" "--junit $RESULTS/kernel_tests.xml" -- \
+add_stage kernel_check "$T_KERNEL_CHECK" "triton pnfs.kernels" "$RESULTS/kernel_check.raw.json" "" -- \
+    "$PY" bench/kernel_check.py --device cuda --json "$RESULTS/kernel_check.raw.json"
+add_stage gpu_tests "$T_GPU_TESTS" "pytest triton pnfs.kernels" "" "--junit $RESULTS/gpu_tests.xml" -- \
     "$PY" -m pytest -q -m "gpu and not interpret and not slow" -p no:cacheprovider \
-    --junitxml="$RESULTS/kernel_tests.xml" "${GPU_TESTS[@]}"
+    --junitxml="$RESULTS/gpu_tests.xml" "${GPU_TESTS[@]}"
 add_stage kernels "$T_KERNELS" "triton pnfs.kernels" "$RESULTS/kernels.raw.json" "" -- \
     "$PY" bench/kernels.py --device cuda --no-compiled --reps 10 --json "$RESULTS/kernels.raw.json"
 add_stage train_step "$T_TRAIN_STEP" "pnfs.kernels" "$RESULTS/train_step.raw.json" "" -- \
@@ -165,8 +170,9 @@ export PYTHONPATH="$REPO/$SITE"
 export PYTHONSAFEPATH=1  # python 3.11+: neither the script's folder nor the working directory first
 
 echo "== preflight ($(elapsed) s)"
-"$PY" bench/acceptance_preflight.py --out "$RESULTS/preflight.json" --missing "$RESULTS/missing.txt" \
-    2>&1 | tee "$RESULTS/preflight.log"
+# started through -c, as `python -m pytest` starts: it must see the pnfs the stages will see
+"$PY" -c 'import runpy, sys; sys.argv[0] = "bench/acceptance_preflight.py"; runpy.run_path(sys.argv[0], run_name="__main__")' \
+    --out "$RESULTS/preflight.json" --missing "$RESULTS/missing.txt" --site "$SITE" 2>&1 | tee "$RESULTS/preflight.log"
 PREFLIGHT=${PIPESTATUS[0]}
 report() { "$PY" bench/acceptance_report.py --results "$RESULTS" --dest "$DEST" "$@"; }
 if [ "$PREFLIGHT" = 2 ]; then

@@ -16,8 +16,8 @@ Cases, all on the same random batch [N, 3, H, W] of the config's input size, net
 
 Each case: 2 warm-up batches, then ``--reps`` timed batches; the median time per batch gives
 images/s. One line per case with its ratio to ``training-eval`` measured in the same run;
-``--json`` writes the lines and the machine. The model is randomly initialised (the speed of
-a network does not depend on its weights).
+``--json`` (default ``runs/bench/inference.json``) writes the lines and the machine. The model
+is randomly initialised (the speed of a network does not depend on its weights).
 """
 
 from __future__ import annotations
@@ -52,7 +52,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("--threads", type=int, default=None, help="torch/onnxruntime threads (default: torch's)")
-    p.add_argument("--json", default=None, help="write the results here")
+    p.add_argument(
+        "--json", default="runs/bench/inference.json", help="write the results here (default: %(default)s)"
+    )
     return p.parse_args(argv)
 
 

@@ -233,7 +233,7 @@ def measure(
         impls["compiled"] = torch.compile(reference, dynamic=False)
     if device.type == "cuda":
         impls["triton"] = kernel
-    measured = "triton" if device.type == "cuda" else "compiled"
+    measured = "triton" if device.type == "cuda" else "compiled" if compiled else "eager"
     nbytes = min_bytes(case)
     result = {
         "kernel": case.kernel,
@@ -339,6 +339,8 @@ def main(argv: list[str] | None = None) -> dict:
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: CUDA is not available (use --device cpu)")
     device = torch.device(args.device)
+    if args.no_compiled and device.type == "cpu":
+        parser.error("--no-compiled: on the CPU the compiled reference is what is measured (no Triton there)")
     reps = args.reps or (3 if args.quick else 20)
     warmup = 1 if args.quick else 3
     peak, peak_source = peak_tbps(device)

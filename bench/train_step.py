@@ -360,6 +360,8 @@ def run_case(argv: list[str], name: str, kernels: str) -> dict:
     proc = subprocess.run(
         [sys.executable, __file__, *argv, "--case", name], env=env, capture_output=True, text=True
     )
+    if proc.returncode < 0:  # e.g. the kernel's OOM killer: the last stderr line would not say so
+        return {"case": name, "error": f"killed by signal {-proc.returncode}: {proc.stderr[-3000:]}"}
     if proc.returncode != 0:
         return {"case": name, "error": f"exit code {proc.returncode}: {proc.stderr[-3000:]}"}
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -436,8 +438,9 @@ def compare(row: dict, rows: list[dict]) -> None:
 
 def row_line(row: dict) -> str:
     if "error" in row:
+        how = row["error"].split(":", 1)[0]  # "exit code N" or "killed by signal N"
         last = (row["error"].strip().splitlines() or [""])[-1]
-        return f"{row['case']:18s} FAILED: {last}"
+        return f"{row['case']:18s} FAILED ({how}): {last.removeprefix(how + ': ')}"
     return (
         f"{row['case']:18s} {row['img_per_s']:8.1f} img/s {row['step_ms']:8.1f} ms/step"
         f" (host {row['host_ms_per_step']:7.1f} ms, CPU {row['cpu_ms_per_step']:7.1f} ms)"

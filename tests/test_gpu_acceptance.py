@@ -23,7 +23,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "bench" / "gpu_acceptance.sh"
 STAGES = [
-    "kernel_tests",
+    "kernel_check",
+    "gpu_tests",
     "kernels",
     "train_step",
     "demo_torch",
@@ -42,7 +43,7 @@ def _module(name: str):
     return module
 
 
-def _run(script: Path, *args: str, out: Path | None = None, timeout: int = 170, **env: str):
+def _run(script: Path, *args: str, out: Path | None = None, timeout: int = 400, **env: str):
     env = {**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1", **env}
     env.pop("OUT", None)
     if out is not None:
@@ -93,7 +94,7 @@ def rehearsal(tmp_path_factory):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the rehearsal is the run on a machine without CUDA")
-@pytest.mark.timeout(200)
+@pytest.mark.timeout(420)
 def test_rehearsal_installs_checks_imports_and_reports_every_stage_in_three_files(rehearsal):
     proc, out, tree, seconds = rehearsal
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -109,13 +110,15 @@ def test_rehearsal_installs_checks_imports_and_reports_every_stage_in_three_file
     assert list(summary["stages"]) == STAGES
     stages = summary["stages"]
     # pytest ran and skipped every gpu test: reported as a failure, not as a pass
-    assert stages["kernel_tests"]["status"].startswith("failed: no test ran (")
-    assert stages["kernel_tests"]["tests"]["passed"] == 0 and stages["kernel_tests"]["tests"]["skipped"] > 0
+    assert stages["gpu_tests"]["status"].startswith("failed: no test ran (")
+    assert stages["gpu_tests"]["tests"]["passed"] == 0 and stages["gpu_tests"]["tests"]["skipped"] > 0
     # the bench scripts started from the installed pnfs and refused the missing GPU themselves
+    assert stages["kernel_check"]["status"] == "failed (exit 2)"
+    assert any("CUDA is not available" in line for line in stages["kernel_check"]["log_tail"])
     assert stages["kernels"]["status"] == "failed (exit 2)"
     assert any("CUDA is not available" in line for line in stages["kernels"]["log_tail"])
     assert stages["train_step"]["status"] == "failed (exit 1)"
-    for name in STAGES[3:]:
+    for name in STAGES[4:]:
         assert stages[name]["status"] == "failed: no CUDA device" and stages[name]["seconds"] == 0
     with tarfile.open(out / "stages.tar.gz") as tar:
         names = set(tar.getnames())
@@ -161,6 +164,17 @@ def test_preflight_reports_a_module_that_does_not_import_and_goes_on():
         not found["no_such_module_pnfs"]["ok"]
         and "ModuleNotFoundError" in found["no_such_module_pnfs"]["error"]
     )
+
+
+def test_preflight_refuses_a_pnfs_that_is_not_the_installed_copy(tmp_path):
+    preflight = _module("acceptance_preflight")
+    site = tmp_path / "site"
+    inside = {"ok": True, "file": str(site / "pnfs" / "__init__.py")}
+    checkout = {"ok": True, "file": str(tmp_path / "checkout" / "pnfs" / "__init__.py")}
+    assert preflight.site_problems({"pnfs": inside, "pnfs.kernels": inside}, site) == []
+    assert preflight.site_problems({"pnfs": checkout, "pnfs.kernels": inside}, site) == [
+        f"pnfs imports from {checkout['file']}, not from the installed copy under {site}"
+    ]
 
 
 def _junit(path: Path, tests: int, failures: int, skipped: int) -> Path:
