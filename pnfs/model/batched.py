@@ -176,17 +176,16 @@ class Replicate(nn.Module):
         return x.repeat(1, self.parts, 1, 1)
 
 
-class BlockDiagonalConv(nn.Module):
+class BlockDiagonalConv(nn.Conv2d):
     """The parts' head convs as one: [N, P*c_in, h, w] -> [N, sum_p J_p*d, h, w], part p's output
     channels reading only its input block. ``weight`` [sum_p J_p*d, c_in, 1, 1] and ``bias`` are the
-    parts' conv weights stacked in part order; with equal J_p it is a grouped conv, otherwise the
-    weight is spread over a block-diagonal [sum_p J_p*d, P*c_in] (zeros elsewhere)."""
+    parts' conv weights stacked in part order (a 1x1 ``Conv2d(c_in, sum_p J_p*d)``, so the paper's
+    counting in :mod:`pnfs.summary` sees the per-part heads' parameters and multiply-adds). With equal
+    J_p it runs as a grouped conv, otherwise over the block-diagonal [sum_p J_p*d, P*c_in]."""
 
     def __init__(self, in_channels: int, out_channels: Sequence[int]) -> None:
-        super().__init__()
+        super().__init__(in_channels, sum(out_channels), 1, bias=True)
         self.parts = len(out_channels)
-        conv = nn.Conv2d(in_channels, sum(out_channels), 1)  # the per-part head convs' initialisation
-        self.weight, self.bias = conv.weight, conv.bias
         blocks = [torch.ones(o, in_channels) for o in out_channels]
         self.register_buffer("mask", torch.block_diag(*blocks)[:, :, None, None], persistent=False)
         self.grouped = len(set(out_channels)) == 1
