@@ -213,3 +213,10 @@ def test_grouped_weighted_sum_refuses_mismatched_weights():
         grouped_weighted_sum(inputs, torch.ones(3, 3))
     with pytest.raises(ValueError, match="6 channels do not split into 4 parts"):
         grouped_weighted_sum(inputs, torch.ones(4, 2))
+
+
+def test_walking_batched_parts_one_by_one_names_the_conversion():
+    _, batched = _pair(3)
+    with pytest.raises(TypeError, match=r"with_part_layout\(False\)"):
+        list(batched.parts)
+    assert len(list(batched.with_part_layout(False).parts)) == 3

@@ -272,6 +272,12 @@ class BatchedParts(nn.Module):
             {f"{p}.{k}": t for p, template in enumerate(templates) for k, t in template.items()}
         )
 
+    def __iter__(self):
+        raise TypeError(
+            "the parts of this PoseNFS are batched (model.batched_parts); for one part at a time "
+            "take model.with_part_layout(False)"
+        )
+
     def vectors(self, pyramid: Sequence[torch.Tensor]) -> torch.Tensor:
         inputs = {s: adapt(x) for s, adapt, x in zip(SCALES, self.adapters, pyramid)}
         return self.head.vectors(self.fabric(inputs)[SCALES[0]])
@@ -314,8 +320,8 @@ class BatchedParts(nn.Module):
         error_msgs: list,
     ) -> None:
         """load_state_dict pre-hook: per-part keys -> batched tensors. A part's key that is missing
-        is left to load_state_dict to report; a part's tensor of the wrong shape is reported as
-        load_state_dict reports a size mismatch."""
+        is left to load_state_dict to report; a part's tensor of the wrong shape is reported under
+        its per-part key, as load_state_dict reports a size mismatch (and load_state_dict raises)."""
         for key in module.part_keys:
             names = [f"{prefix}{p}.{key}" for p in range(module.num_parts)]
             if not all(name in state_dict for name in names):
@@ -332,5 +338,7 @@ class BatchedParts(nn.Module):
                     f"size mismatch for {name}: copying a param with shape {got} from checkpoint, "
                     f"the shape in current model is {expected}."
                 )
+                owner, _, attr = key.rpartition(".")
+                state_dict[prefix + key] = getattr(module.get_submodule(owner), attr).detach()  # not missing
                 continue
             state_dict[prefix + key] = module._join(key, tensors)
