@@ -23,7 +23,7 @@ from pnfs.model.backbones import (
     load_pretrained_backbone,
 )
 
-TINY = ["model.channels=2", "model.vector_dim=4", "data.input_size=[64, 64]"]
+TINY = ["model.channels=2", "model.vector_dim=4", "data.input_size=[64, 64]", "model.batched_parts=false"]
 
 
 def _tiny(*overrides: str) -> PoseNFS:

@@ -49,9 +49,10 @@ def _mixed_sum(terms: list[torch.Tensor], weights: torch.Tensor) -> torch.Tensor
 class BatchedCell(nn.Module):
     """P cells (:class:`pnfs.model.cell.Cell`) of one fabric position on P*c channels.
 
-    ``forward(finer, same, coarser, alpha)``: inputs [N, P*c/2, 2h, 2w], [N, P*c, h, w],
-    [N, 2*P*c, h/2, w/2] (None where absent), alpha [P, H(H+1)/2, |O|]; returns [N, P*c, h, w].
-    ``beta`` [P, 3]. Submodule names are the Cell's.
+    ``forward(finer, same, coarser, edge_weights)``: inputs [N, P*c/2, 2h, 2w], [N, P*c, h, w],
+    [N, 2*P*c, h/2, w/2] (None where absent), edge_weights [P, H(H+1)/2, |O| - 1] (|O| softmax(alpha)
+    less the ``zero`` column, computed once per fabric); returns [N, P*c, h, w]. ``beta`` [P, 3].
+    Submodule names are the Cell's.
     """
 
     def __init__(
@@ -82,11 +83,9 @@ class BatchedCell(nn.Module):
         self.transforms = nn.ModuleDict({slot: transform[self.sources[slot]]() for slot in BETA_ORDER})
         self.beta = nn.Parameter(torch.zeros(parts, len(BETA_ORDER)))
         self.hidden_nodes = hidden_nodes
-        self.num_ops = len(ops)
-        self.op_columns = [k for k, name in enumerate(ops) if name != ZERO]
         self.edges = edge_list(hidden_nodes)
         self.edge_ops = nn.ModuleList(
-            nn.ModuleList(build_op(ops[k], c, groups=parts) for k in self.op_columns) for _ in self.edges
+            nn.ModuleList(build_op(name, c, groups=parts) for name in ops if name != ZERO) for _ in self.edges
         )
         self.output = nn.Conv2d(hidden_nodes * c, c, 1, groups=parts, bias=True)
 
@@ -95,18 +94,17 @@ class BatchedCell(nn.Module):
         finer: torch.Tensor | None,
         same: torch.Tensor | None,
         coarser: torch.Tensor | None,
-        alpha: torch.Tensor,
+        edge_weights: torch.Tensor,
     ) -> torch.Tensor:
         given = {"finer": finer, "same": same, "coarser": coarser}
         inputs = [self.transforms[slot](given[self.sources[slot]]) for slot in BETA_ORDER]
         nodes = [grouped_weighted_sum(inputs, 3.0 * torch.softmax(self.beta, dim=1), relu=True)]
-        weights = (self.num_ops * torch.softmax(alpha, dim=-1))[:, :, self.op_columns]  # [P, E, |O| - zero]
         for j in range(1, self.hidden_nodes + 1):
             terms, term_weights = [], []
             for e, (i, jj) in enumerate(self.edges):
                 if jj == j:
                     terms += [op(nodes[i]) for op in self.edge_ops[e]]
-                    term_weights.append(weights[:, e])
+                    term_weights.append(edge_weights[:, e])
             nodes.append(_mixed_sum(terms, torch.cat(term_weights, dim=1)))
         if self.hidden_nodes == 1:
             return self.output(nodes[1])
@@ -125,6 +123,9 @@ class BatchedFabric(nn.Module):
         self.ops = list(ops)
         self.hidden_nodes = hidden_nodes
         self.alpha = nn.Parameter(torch.zeros(parts, len(edge_list(hidden_nodes)), len(ops)))
+        kept = [k for k, name in enumerate(ops) if name != ZERO]
+        contiguous = kept == list(range(kept[0], kept[-1] + 1))
+        self.op_columns = slice(kept[0], kept[-1] + 1) if contiguous else kept  # zero dropped
         self.cells = nn.ModuleDict()
         previous = set(SCALES)
         for layer, scales in enumerate(self.layers, start=1):
@@ -141,11 +142,12 @@ class BatchedFabric(nn.Module):
             previous = set(scales)
 
     def forward(self, inputs: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
+        edge_weights = (len(self.ops) * torch.softmax(self.alpha, dim=-1))[:, :, self.op_columns]
         nodes = inputs
         for layer, scales in enumerate(self.layers, start=1):
             nodes = {
                 s: self.cells[cell_name(layer, s)](
-                    nodes.get(s // 2), nodes.get(s), nodes.get(s * 2), self.alpha
+                    nodes.get(s // 2), nodes.get(s), nodes.get(s * 2), edge_weights
                 )
                 for s in scales
             }
@@ -176,17 +178,16 @@ class Replicate(nn.Module):
         return x.repeat(1, self.parts, 1, 1)
 
 
-class BlockDiagonalConv(nn.Module):
+class BlockDiagonalConv(nn.Conv2d):
     """The parts' head convs as one: [N, P*c_in, h, w] -> [N, sum_p J_p*d, h, w], part p's output
     channels reading only its input block. ``weight`` [sum_p J_p*d, c_in, 1, 1] and ``bias`` are the
-    parts' conv weights stacked in part order; with equal J_p it is a grouped conv, otherwise the
-    weight is spread over a block-diagonal [sum_p J_p*d, P*c_in] (zeros elsewhere)."""
+    parts' conv weights stacked in part order (a 1x1 ``Conv2d(c_in, sum_p J_p*d)``, so the paper's
+    counting in :mod:`pnfs.summary` sees the per-part heads' parameters and multiply-adds). With equal
+    J_p it runs as a grouped conv, otherwise over the block-diagonal [sum_p J_p*d, P*c_in]."""
 
     def __init__(self, in_channels: int, out_channels: Sequence[int]) -> None:
-        super().__init__()
+        super().__init__(in_channels, sum(out_channels), 1, bias=True)
         self.parts = len(out_channels)
-        conv = nn.Conv2d(in_channels, sum(out_channels), 1)  # the per-part head convs' initialisation
-        self.weight, self.bias = conv.weight, conv.bias
         blocks = [torch.ones(o, in_channels) for o in out_channels]
         self.register_buffer("mask", torch.block_diag(*blocks)[:, :, None, None], persistent=False)
         self.grouped = len(set(out_channels)) == 1
@@ -273,6 +274,12 @@ class BatchedParts(nn.Module):
             {f"{p}.{k}": t for p, template in enumerate(templates) for k, t in template.items()}
         )
 
+    def __iter__(self):
+        raise TypeError(
+            "the parts of this PoseNFS are batched (model.batched_parts); for one part at a time "
+            "take model.with_part_layout(False)"
+        )
+
     def vectors(self, pyramid: Sequence[torch.Tensor]) -> torch.Tensor:
         inputs = {s: adapt(x) for s, adapt, x in zip(SCALES, self.adapters, pyramid)}
         return self.head.vectors(self.fabric(inputs)[SCALES[0]])
@@ -315,8 +322,8 @@ class BatchedParts(nn.Module):
         error_msgs: list,
     ) -> None:
         """load_state_dict pre-hook: per-part keys -> batched tensors. A part's key that is missing
-        is left to load_state_dict to report; a part's tensor of the wrong shape is reported as
-        load_state_dict reports a size mismatch."""
+        is left to load_state_dict to report; a part's tensor of the wrong shape is reported under
+        its per-part key, as load_state_dict reports a size mismatch (and load_state_dict raises)."""
         for key in module.part_keys:
             names = [f"{prefix}{p}.{key}" for p in range(module.num_parts)]
             if not all(name in state_dict for name in names):
@@ -333,5 +340,7 @@ class BatchedParts(nn.Module):
                     f"size mismatch for {name}: copying a param with shape {got} from checkpoint, "
                     f"the shape in current model is {expected}."
                 )
+                owner, _, attr = key.rpartition(".")
+                state_dict[prefix + key] = getattr(module.get_submodule(owner), attr).detach()  # not missing
                 continue
             state_dict[prefix + key] = module._join(key, tensors)

@@ -17,6 +17,7 @@ i*d+d-1), when every joint is in exactly one part: the loss then squashes them i
 from __future__ import annotations
 
 from collections.abc import Sequence
+from copy import deepcopy
 
 import torch
 from torch import nn
@@ -58,18 +59,36 @@ class PoseNFS(nn.Module):
         order = [j for p in self.part_joints for j in p]
         # the joint of each vector of forward(vectors=True); None when some joint is in several parts or none
         self.vector_joints = order if sorted(order) == list(range(self.num_joints)) else None
+        self.part_structure = (list(backbone.channels), channels, hidden_nodes, list(ops))
         self.batched_parts = batched_parts
-        if batched_parts:
-            self.parts = BatchedParts(
-                backbone.channels, channels, hidden_nodes, ops, [len(p) for p in parts], vector_dim
-            )
-        else:
-            self.parts = nn.ModuleList(
-                PartNetwork(backbone.channels, channels, hidden_nodes, ops, len(p), vector_dim) for p in parts
-            )
+        self.parts = self._build_parts(batched_parts)
         for k, joints in enumerate(self.part_joints):
             self.register_buffer(f"joint_index_{k}", torch.tensor(joints, dtype=torch.long), persistent=False)
         self.register_buffer("joint_index", torch.tensor(order, dtype=torch.long), persistent=False)
+
+    def _build_parts(self, batched: bool) -> nn.Module:
+        pyramid_channels, channels, hidden_nodes, ops = self.part_structure
+        joints = [len(p) for p in self.part_joints]
+        if batched:
+            return BatchedParts(pyramid_channels, channels, hidden_nodes, ops, joints, self.vector_dim)
+        return nn.ModuleList(
+            PartNetwork(pyramid_channels, channels, hidden_nodes, ops, j, self.vector_dim) for j in joints
+        )
+
+    def with_part_layout(self, batched: bool) -> PoseNFS:
+        """A copy of this model with the parts batched (:class:`pnfs.model.batched.BatchedParts`)
+        or per part (an ``nn.ModuleList`` of :class:`PartNetwork`): the same weights, buffers and
+        mode, on the same device. Code that walks ``model.parts`` one part at a time (``pnfs.deploy``)
+        takes ``with_part_layout(False)``."""
+        copy = deepcopy(self)
+        if batched != self.batched_parts:
+            with torch.random.fork_rng(devices=[]):
+                copy.parts = self._build_parts(batched)
+            copy.batched_parts = batched
+            copy.load_state_dict(self.state_dict())
+            copy.to(next(self.parameters()).device)
+            copy.train(self.training)
+        return copy
 
     def forward(self, images: torch.Tensor, vectors: bool = False) -> torch.Tensor:
         """images [N, 3, H, W] -> scores [N, K, H/4, W/4], joints in several parts summed;
