@@ -195,3 +195,40 @@ def test_a_run_logs_checkpoints_and_decays_the_lr_as_its_keys_say(tmp_path_facto
         "step-00000008.pt",
         "step-00000010.pt",
     ]
+
+
+# --------------------------------------------------------------------------- eval.* keys
+
+
+def test_eval_flip_keys_decide_the_evaluated_poses(tmp_path_factory):
+    """eval.flip_test and eval.flip_shift, read by the evaluation's own pass over the val loader,
+    give the poses of ``predict`` with (or without) the flip test and the one-pixel shift."""
+    from pnfs.deploy import freeze
+    from pnfs.evaluate.runner import collect_predictions
+
+    cfg = tiny_cfg(tmp_path_factory)
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    frozen = freeze(model)
+    batches = list(build_loader(cfg, "val"))
+    perm = cfg.joints.flip_permutation()
+
+    def by_hand(**kw) -> np.ndarray:
+        images = [b.image.contiguous(memory_format=torch.channels_last) for b in batches]  # as evaluated
+        return np.concatenate(
+            [predict(frozen, x, b.affine, **kw).keypoints.numpy() for x, b in zip(images, batches)]
+        )
+
+    def evaluated(*overrides: str) -> np.ndarray:
+        c = tiny_cfg(tmp_path_factory, "eval.amp=none", *overrides)  # float32, as by hand
+        return collect_predictions(model, build_loader(c, "val"), c, torch.device("cpu"))["keypoints"]
+
+    cases = {
+        "plain": (evaluated("eval.flip_test=false"), by_hand()),
+        "flip": (evaluated("eval.flip_test=true"), by_hand(flip_permutation=perm)),
+        "shift": (evaluated("eval.flip_shift=true"), by_hand(flip_permutation=perm, flip_shift=True)),
+    }
+    for name, (got, want) in cases.items():
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-3, err_msg=name)
+    wants = [want for _, want in cases.values()]
+    assert not np.allclose(wants[0], wants[1], atol=0.5) and not np.allclose(wants[1], wants[2], atol=0.5)
