@@ -34,8 +34,6 @@ KNOWN_GAPS = {
     "search.arch_lr",
     "search.arch_weight_decay",
     "search.arch_split",
-    "eval.rescore_threshold",
-    "eval.oks_nms_threshold",
     "eval.sigmas",
     "eval.pckh_threshold",
     "eval.pck_alpha",

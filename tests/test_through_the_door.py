@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import re
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -232,3 +233,32 @@ def test_eval_flip_keys_decide_the_evaluated_poses(tmp_path_factory):
         np.testing.assert_allclose(got, want, rtol=0, atol=1e-3, err_msg=name)
     wants = [want for _, want in cases.values()]
     assert not np.allclose(wants[0], wants[1], atol=0.5) and not np.allclose(wants[1], wants[2], atol=0.5)
+
+
+def test_eval_rescore_and_oks_nms_thresholds_shape_the_coco_results(tmp_path_factory):
+    """Two predictions of one person in one image, joint scores 0.3 (A) and 0.6 (B):
+    eval.rescore_threshold=0.2 scores them 1 x 0.3 / 0.6, 0.5 drops A's joints (score 0);
+    eval.oks_nms_threshold=0.9 keeps only B (their OKS is 1), 1.0 keeps both."""
+    import json
+
+    from pnfs.evaluate.runner import coco_metrics
+
+    cfg = tiny_cfg(tmp_path_factory)
+    image_id = json.loads(Path(cfg.data.val_annotations).read_text())["images"][0]["id"]
+    kp = np.stack([np.linspace(10, 50, 17), np.linspace(5, 60, 17)], -1)
+    pred = {
+        "keypoints": np.stack([kp, kp]),
+        "scores": np.stack([np.full(17, 0.3), np.full(17, 0.6)]),
+        "image_id": np.array([image_id, image_id]),
+        "ann_id": np.array([0, 1]),
+        "box_score": np.array([1.0, 1.0]),
+        "area": np.array([3000.0, 3000.0]),
+    }
+
+    def scores(*overrides: str) -> list[float]:
+        _, results = coco_metrics(pred, tiny_cfg(tmp_path_factory, *overrides))
+        return sorted(r["score"] for r in results)
+
+    assert scores("eval.oks_nms_threshold=1.0") == pytest.approx([0.3, 0.6])
+    assert scores("eval.oks_nms_threshold=1.0", "eval.rescore_threshold=0.5") == pytest.approx([0.0, 0.6])
+    assert scores() == pytest.approx([0.6])  # the default 0.9 keeps the better of the two
