@@ -29,7 +29,6 @@ KNOWN_GAPS = {
     "train.grad_clip",
     "train.channels_last",
     "train.compile",
-    "train.seed",
     "train.deterministic",
     "search.arch_lr",
     "search.arch_weight_decay",

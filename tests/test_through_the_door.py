@@ -262,3 +262,22 @@ def test_eval_rescore_and_oks_nms_thresholds_shape_the_coco_results(tmp_path_fac
     assert scores("eval.oks_nms_threshold=1.0") == pytest.approx([0.3, 0.6])
     assert scores("eval.oks_nms_threshold=1.0", "eval.rescore_threshold=0.5") == pytest.approx([0.0, 0.6])
     assert scores() == pytest.approx([0.6])  # the default 0.9 keeps the better of the two
+
+
+def test_train_seed_decides_the_run(tmp_path_factory, tmp_path):
+    """train.seed: the same seed twice ends with the same weights, another seed with others."""
+    from pnfs.engine.trainer import run_training
+
+    def digest(name: str, *overrides: str) -> str:
+        cfg = tiny_cfg(
+            tmp_path_factory,
+            "train.epochs=1",
+            "train.max_steps_per_epoch=2",
+            f"train.out_dir={tmp_path / name}",
+            *overrides,
+        )
+        return run_training(cfg)["weights_sha256"]
+
+    first = digest("a", "train.seed=5")
+    assert digest("b", "train.seed=5") == first
+    assert digest("c", "train.seed=6") != first
