@@ -281,3 +281,35 @@ def test_train_seed_decides_the_run(tmp_path_factory, tmp_path):
     first = digest("a", "train.seed=5")
     assert digest("b", "train.seed=5") == first
     assert digest("c", "train.seed=6") != first
+
+
+def test_eval_pckh_threshold_and_hrnet_compat_set_the_mpii_numbers(shared_data):
+    """Every joint off by 0.3 head sizes: PCKh@0.5 is 100 and eval.pckh_threshold=0.25 gives 0;
+    off by 0.105 head sizes: "@0.1" is 0, and 100 with eval.hrnet_compat=true (read at 0.11)."""
+    from pnfs.evaluate.mpii import load_mpii_ground_truth
+    from pnfs.evaluate.runner import mpii_metrics
+
+    root = shared_data / "mpii_sample"
+    files = [
+        "data.dataset=mpii",
+        f"data.val_annotations={root / 'test_mpii.json'}",
+        f"data.val_head_sizes={root / 'mpii_headsizes_pose-hg-train_valid_h5.json'}",
+    ]
+    gt = load_mpii_ground_truth(root / "test_mpii.json", root / "mpii_headsizes_pose-hg-train_valid_h5.json")
+    n = len(gt.images)
+
+    def metrics(off: float, *overrides: str) -> dict:
+        keypoints = gt.joints[..., :2].astype(np.float64).copy()
+        keypoints[..., 0] += off * gt.head_size[:, None]
+        pred = {
+            "keypoints": keypoints,
+            "scores": np.ones(keypoints.shape[:2]),
+            "image_id": np.arange(n),
+            "ann_id": np.arange(n),
+        }
+        return mpii_metrics(pred, load_config(None, [*files, *overrides]))[0]
+
+    assert metrics(0.3)["PCKh"] == 100.0
+    assert metrics(0.3, "eval.pckh_threshold=0.25")["PCKh"] == 0.0
+    assert metrics(0.105)["PCKh@0.1"] == 0.0
+    assert metrics(0.105, "eval.hrnet_compat=true")["PCKh@0.1"] == 100.0
