@@ -1,6 +1,7 @@
 # make demo   install, build the synthetic demo set, run a real search with torchrun, evaluate, plot
 # make test   install if needed, lint, run the suite (interpreter-run Triton tests in their own pass)
-# make mutation  mutmut over the numeric core (not in CI; up to an hour on two cores, docs/testing.md)
+# make mutation  mutmut over the numeric core, data, preflight, deploy, step, evaluate (not in CI;
+#                hours on two cores: run it module by module as docs/testing.md says)
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv

@@ -74,3 +74,43 @@ def test_max_bad_steps_aborts_exactly_at_its_limit(bad_in_a_row, aborts):
         before = snapshot(s)
         weight_step(s, batch)
         assert not all(torch.equal(a, b) for a, b in zip(before, snapshot(s)))
+
+
+def _run_cfg(tmp_path_factory, out):
+    from test_engine_support import TINY_OVERRIDES, tiny_dataset
+
+    from pnfs.config import load_config
+
+    data = tiny_dataset(tmp_path_factory)
+    return load_config(
+        None,
+        [
+            *TINY_OVERRIDES,
+            *data["overrides"],
+            "train.epochs=1",
+            "train.max_steps_per_epoch=2",
+            f"train.out_dir={out}",
+        ],
+    )
+
+
+def test_resume_auto_in_a_run_folder_without_checkpoints_is_the_fresh_run(tmp_path_factory, tmp_path):
+    """The first launch of a job script that always passes ``--resume auto``: nothing to resume,
+    so it starts at step 0 and ends with the weights of a run started without it."""
+    from pnfs.engine.trainer import run_training
+
+    fresh = run_training(_run_cfg(tmp_path_factory, tmp_path / "fresh"))
+    (tmp_path / "auto" / "checkpoints").mkdir(parents=True)  # the folder exists, empty
+    auto = run_training(_run_cfg(tmp_path_factory, tmp_path / "auto"), resume="auto")
+    assert auto["global_step"] == fresh["global_step"] == 2
+    assert auto["weights_sha256"] == fresh["weights_sha256"]
+
+
+def test_resume_from_a_missing_file_stops_before_any_step_and_names_it(tmp_path_factory, tmp_path):
+    from pnfs.engine.checkpoint import CheckpointError
+    from pnfs.engine.trainer import run_training
+
+    missing = tmp_path / "run" / "checkpoints" / "step-00000004.pt"
+    with pytest.raises(CheckpointError, match=r"step-00000004\.pt: no such checkpoint file"):
+        run_training(_run_cfg(tmp_path_factory, tmp_path / "run"), resume=str(missing))
+    assert not list((tmp_path / "run").rglob("*.pt"))
