@@ -80,10 +80,15 @@ class Spec:
     fp32_inputs: tuple[str, ...] = ()  # data pointers that are fp32 whatever ``dtype`` says
 
     @property
+    def variant(self) -> str:
+        """The dtype, then "/unaligned" and "/<pointer>:fp32" where they apply: "bf16/x2:fp32"."""
+        extras = ("" if self.aligned else "/unaligned") + "".join(f"/{p}:fp32" for p in self.fp32_inputs)
+        return f"{self.dtype}{extras}"
+
+    @property
     def label(self) -> str:
         consts = ",".join(f"{k}={int(v) if isinstance(v, bool) else v}" for k, v in self.constexprs)
-        extras = ("" if self.aligned else "/unaligned") + "".join(f"/{p}:fp32" for p in self.fp32_inputs)
-        return f"{self.kernel}[{consts}]/{self.dtype}{extras}"
+        return f"{self.kernel}[{consts}]/{self.variant}"
 
     @property
     def fn(self):
