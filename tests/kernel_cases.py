@@ -8,6 +8,9 @@
   selects ``PNFS_KERNELS=triton`` for every ``interpret``-marked test.
 * AOT helpers: the ``pnfs.kernels.aot`` specialisations of one kernel module and the checks on
   their cubins (``aot``-marked tests).
+* ``cuda_autocast_policy()``: CPU autocast with CUDA's fp32 op list, so the mixed dtypes a CUDA
+  bf16 run hands the kernels reach them on the CPU (``test_kernels_autocast.py``,
+  ``test_autocast_cuda_policy.py``).
 
 Interpreter oracle: the PyTorch reference evaluated in float64 on the very same (already
 rounded) inputs and incoming gradients. Tolerances per dtype of the compared tensor:

@@ -269,3 +269,29 @@ def test_tracers_get_the_custom_ops():
         "pnfs.squash_score.default",
         "pnfs.squash_mse_loss.default",
     } <= targets
+
+
+@pytest.mark.parametrize("use_autocast", [True, False], ids=["autocast", "no_autocast"])
+def test_compiled_kernels_follow_the_dtype_policy(backend, use_autocast):
+    """``torch.compile`` (fullgraph, as ``train.compile`` runs it) traces the dtype policy: under
+    autocast the compiled step returns what the eager one returns, forward and backward."""
+
+    def step(xs, w, v):
+        return weighted_sum(xs, w, relu=True), squash_score(v, 4)
+
+    gen = torch.Generator().manual_seed(9)
+    xs = [leaf(torch.randn(2, 8, 5, 3, generator=gen).to(dt)) for dt in (BF16, BF16, F32)]
+    w, v = leaf(torch.rand(3, generator=gen)), leaf(torch.randn(2, 8, 5, 3, generator=gen))
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    with autocast(use_autocast):
+        got, want = compiled(xs, w, v), step(xs, w, v)
+    expected = BF16 if use_autocast else F32
+    for a, b in zip(got, want):
+        assert a.dtype == b.dtype == expected
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    leaves = [*xs, w, v]
+    _assert_bitwise(
+        torch.autograd.grad([a.float().sum() for a in got], leaves),
+        torch.autograd.grad([b.float().sum() for b in want], leaves),
+    )
