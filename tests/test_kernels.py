@@ -385,11 +385,8 @@ def test_auto_runs_triton_only_where_it_measured_fastest(monkeypatch, kernel, dt
     monkeypatch.setenv("PNFS_KERNELS", "auto")
     monkeypatch.setattr(backend, "triton_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
-    backend.capability.cache_clear()
-    try:
-        assert backend.use_triton(_FakeCudaTensor(), kernel, dtype) is expected
-    finally:
-        backend.capability.cache_clear()
+    monkeypatch.setattr(backend, "_CAPABILITY", {})
+    assert backend.use_triton(_FakeCudaTensor(), kernel, dtype) is expected
 
 
 def test_auto_table_is_the_rule_applied_to_the_committed_measurements():
@@ -432,6 +429,15 @@ def test_auto_rule_chooses_triton_only_over_both_references(medians, expected):
     from pnfs.kernels.auto_table import choices
 
     assert choices(_report(medians)) == {("weighted_sum", "fp32", (8, 0)): expected}
+
+
+def test_auto_rule_needs_the_capability_the_results_were_measured_on():
+    from pnfs.kernels.auto_table import choices
+
+    report = _report([{"eager": 2.0, "compiled": 1.5, "triton": 1.0}])
+    del report["capability"]
+    with pytest.raises(ValueError, match="no 'capability'"):
+        choices(report)
 
 
 def test_auto_falls_back_to_the_reference_once_with_one_warning_when_a_kernel_fails(monkeypatch):
