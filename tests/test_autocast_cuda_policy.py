@@ -142,3 +142,18 @@ def test_training_and_evaluation_with_bf16_amp_through_the_config(tmp_path, tmp_
     mixed = (BF16, BF16, F32)  # finer (conv), same (conv), coarser (up-sampled: fp32)
     assert ("weighted_sum", True, True, mixed) in seen  # training
     assert ("squash_score", False, True, (BF16,)) in seen  # evaluation
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_posenfs_under_cuda_autocast_on_a_gpu(backend, monkeypatch):
+    """The same forward/backward under CUDA's own bf16 autocast: what crashed on the H200."""
+    model, images = _demo_model("torch", monkeypatch)
+    monkeypatch.setenv("PNFS_KERNELS", backend)
+    model, images = model.cuda(), images.cuda()
+    with torch.autocast("cuda", dtype=BF16):
+        scores = model(images)
+    scores.float().square().mean().backward()
+    assert scores.dtype == BF16 and torch.isfinite(scores).all()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
