@@ -48,7 +48,7 @@ def report() -> dict:
             row = {
                 "kernel": spec.kernel,
                 "specialisation": dict(spec.constexprs),
-                "dtype": spec.dtype,
+                "dtype": spec.variant,  # "bf16", or e.g. "bf16/unaligned"
                 "device": device.name,
                 "target": f"sm_{device.arch}",
                 "num_warps": spec.num_warps,

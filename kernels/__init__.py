@@ -1,9 +1,11 @@
 """Fused kernels of pnfs, installed as ``pnfs.kernels``.
 
 Each kernel has one file holding its Triton kernel(s), the PyTorch reference (fallback and
-test oracle) and the autograd wiring (``torch.library`` custom ops, torch >= 2.4);
-:mod:`pnfs.kernels.backend` picks one per call
-(``PNFS_KERNELS=auto|torch|triton``). :data:`FVCORE_HANDLES` lets fvcore count the custom ops.
+test oracle) and the autograd wiring (a ``torch.autograd.Function`` launching directly in eager
+mode, a ``torch.library`` custom op for tracers; torch >= 2.4); :mod:`pnfs.kernels.backend`
+picks one per call (``PNFS_KERNELS=auto|torch|triton``; ``auto`` from the measured table in
+:mod:`pnfs.kernels.auto_table`). Every entry takes the mixed dtypes autocast produces
+(:mod:`pnfs.kernels._dtypes`). :data:`FVCORE_HANDLES` lets fvcore count the custom ops.
 """
 
 from pnfs.kernels.argmax_decode import argmax_decode, argmax_decode_reference

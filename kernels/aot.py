@@ -11,6 +11,10 @@ four or six ops, chunk remainders, the FLAT (NCHW) and strided paths of squash a
 fp32 and bf16 tensors). Pointers are compiled as 16-byte aligned, as ``torch`` allocates them,
 and the flat sizes (and, on FLAT paths, the batch and channel strides, multiples of H*W) as
 multiples of 16, as Triton's launcher specialises them at run time for the presets' shapes.
+Also the default training layout and bf16 autocast: channels_last vectors with NCHW targets
+(``FLAT=0, MAP_FLAT=1`` in the squash-MSE kernel), the input node's weighted sum with one fp32
+input among bf16 ones (``fp32_inputs``), and sizes that are not multiples of 16 (``aligned``
+False: no divisibility hints, masked tails) for the weighted sum, the loss and bf16 decoding.
 
 Used by the ``aot``-marked tests (``tests/test_kernel_<name>.py``, ``tests/test_kernels_aot.py``:
 compiles, no spills, shared memory within the device's limit, vectorised dense loads, no atomics)
@@ -72,11 +76,19 @@ class Spec:
     dtype: str = "fp32"  # of the data pointers
     num_warps: int = 4
     dense: bool = field(default=False)  # a path whose global loads must be vectorised
+    aligned: bool = True  # sizes (and FLAT plane strides) multiples of 16; else masked tails
+    fp32_inputs: tuple[str, ...] = ()  # data pointers that are fp32 whatever ``dtype`` says
+
+    @property
+    def variant(self) -> str:
+        """The dtype, then "/unaligned" and "/<pointer>:fp32" where they apply: "bf16/x2:fp32"."""
+        extras = ("" if self.aligned else "/unaligned") + "".join(f"/{p}:fp32" for p in self.fp32_inputs)
+        return f"{self.dtype}{extras}"
 
     @property
     def label(self) -> str:
         consts = ",".join(f"{k}={int(v) if isinstance(v, bool) else v}" for k, v in self.constexprs)
-        return f"{self.kernel}[{consts}]/{self.dtype}"
+        return f"{self.kernel}[{consts}]/{self.variant}"
 
     @property
     def fn(self):
@@ -129,6 +141,44 @@ def _specialisations() -> list[Spec]:
             consts = (("FLAT", flat), ("BLOCK_P", block), ("NO_INDEX", argmax_decode._NO_INDEX))
             specs.append(Spec("_argmax_decode_kernel", "argmax_decode", consts, dtype, dense=flat))
     specs.append(Spec("_sum_rows_kernel", "_reduce", (("BLOCK", _reduce.BLOCK),), "fp32", dense=True))
+    return specs + _training_layout_specialisations()
+
+
+def _training_layout_specialisations() -> list[Spec]:
+    """bf16 autocast in the default training layout, and sizes with masked tails."""
+    specs: list[Spec] = []
+    # channels_last vectors (strided) with NCHW targets (flat): the fused loss as training runs it
+    for dtype, d, aligned in (("bf16", 8, True), ("fp32", 8, True), ("bf16", 4, True), ("bf16", 4, False)):
+        consts = (
+            ("D", d), ("BLOCK_D", squash._block_d(d)), ("BLOCK_P", squash.STRIDED_BLOCK_P_COMPILED),
+            ("COMPUTE_GRAD", True), ("FLAT", False), ("MAP_FLAT", True),
+        )  # fmt: skip
+        specs.append(Spec("_squash_mse_kernel", "squash", consts, dtype, squash.NUM_WARPS, aligned=aligned))
+    # the input node under CUDA autocast: finer and same bf16, the up-sampled coarser input fp32
+    base = (("K", 3), ("RELU", True))
+    tail = (("DENSE", True), ("BLOCK", weighted_sum.BLOCK_COMPILED))
+    fwd, bwd = "_weighted_sum_fwd_kernel", "_weighted_sum_bwd_kernel"
+    specs.append(Spec(fwd, "weighted_sum", (*base, *tail), "bf16", dense=True, fp32_inputs=("x2",)))
+    specs.append(
+        Spec(
+            bwd,
+            "weighted_sum",
+            (*base, ("NEED_DW", True), *tail),
+            "bf16",
+            dense=True,
+            fp32_inputs=("x2", "dx2"),
+        )
+    )
+    # numel not a multiple of 16: the masked tail of the dense path
+    specs.append(Spec(fwd, "weighted_sum", (*base, *tail), "bf16", aligned=False))
+    specs.append(Spec(bwd, "weighted_sum", (*base, ("NEED_DW", True), *tail), "bf16", aligned=False))
+    # bf16 score maps of odd sizes (e.g. 17 x 13)
+    consts = (
+        ("FLAT", True),
+        ("BLOCK_P", argmax_decode.block_p(17 * 13)),
+        ("NO_INDEX", argmax_decode._NO_INDEX),
+    )
+    specs.append(Spec("_argmax_decode_kernel", "argmax_decode", consts, "bf16", aligned=False))
     return specs
 
 
@@ -161,18 +211,26 @@ def _signature(fn, spec: Spec) -> tuple[dict[str, str], dict]:
         if param.is_constexpr:
             signature[name] = "constexpr"
         elif name.endswith("ptr") or re.fullmatch(r"d?x\d+", name):
-            fp32 = name in _FP32_POINTERS or f"{name}@{spec.kernel}" in _FP32_POINTERS
+            fp32 = (
+                name in _FP32_POINTERS
+                or f"{name}@{spec.kernel}" in _FP32_POINTERS
+                or name in spec.fp32_inputs
+            )
             signature[name] = "*fp32" if fp32 else _DTYPE[spec.dtype]
             attrs[(i,)] = [["tt.divisibility", 16]]
         elif name in _FLOAT_ARGS:
             signature[name] = "fp32"
         else:
             signature[name] = "i32"
-            if name in _SIZE_ARGS or (spec.dense and _PLANE_STRIDES.fullmatch(name)):
+            hinted = name in _SIZE_ARGS or (spec.dense and _PLANE_STRIDES.fullmatch(name))
+            if spec.aligned and hinted:
                 attrs[(i,)] = [["tt.divisibility", 16]]
     missing = set(consts) - set(signature)
     if missing:
         raise ValueError(f"{spec.label}: no such constexpr {sorted(missing)}")
+    unknown = set(spec.fp32_inputs) - set(signature)
+    if unknown:
+        raise ValueError(f"{spec.label}: no such pointer {sorted(unknown)}")
     return signature, attrs
 
 

@@ -44,6 +44,11 @@ def geometric_mean(values: list[float]) -> float:
 def choices(report: dict) -> dict[Key, str]:
     """The ``auto`` choice per (kernel, dtype) measured in one results JSON of ``bench/kernels.py``
     (its ``capability`` [major, minor] and ``cases``): "triton" or "torch"."""
+    if "capability" not in report:
+        raise ValueError(
+            "auto_table.choices: the results JSON has no 'capability' [major, minor] of the GPU it was "
+            f"measured on (device {report.get('device_name') or report.get('device')!r})"
+        )
     capability = tuple(report["capability"])
     times: dict[tuple[str, str], list[dict]] = defaultdict(list)
     for case in report["cases"]:

@@ -12,7 +12,7 @@ The variable is read at every eager call, so tests can switch it with ``monkeypa
 a ``torch.compile``d function keeps the choice it was traced with.
 
 How a Triton kernel is called (:func:`traced`): in eager mode through a
-``torch.autograd.Function`` that launches it directly (a few µs of Python per call); while
+``torch.autograd.Function`` that launches it directly (no dispatcher round trip); while
 ``torch.compile``, ``torch.export``, ``make_fx`` or ``torch.jit.trace`` trace, through its
 ``torch.library`` custom op, which tracers see as one node with a fake (meta) implementation.
 """
@@ -20,7 +20,6 @@ How a Triton kernel is called (:func:`traced`): in eager mode through a
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 import warnings
 from collections.abc import Callable
@@ -79,10 +78,15 @@ def use_triton(tensor: torch.Tensor, kernel: str | None = None, dtype: torch.dty
     return auto_choice(kernel, dtype or tensor.dtype, capability(tensor.device)) == "triton"
 
 
-@functools.cache
+_CAPABILITY: dict[torch.device, tuple[int, int]] = {}
+
+
 def capability(device: torch.device) -> tuple[int, int]:
-    """``device``'s CUDA compute capability (major, minor), asked once per device."""
-    return tuple(torch.cuda.get_device_capability(device))
+    """``device``'s CUDA compute capability (major, minor), asked once per device (a plain dict,
+    not ``functools.cache``, which torch.compile warns about when it traces through it)."""
+    if device not in _CAPABILITY:
+        _CAPABILITY[device] = tuple(torch.cuda.get_device_capability(device))
+    return _CAPABILITY[device]
 
 
 def traced() -> bool:

@@ -8,6 +8,9 @@
   selects ``PNFS_KERNELS=triton`` for every ``interpret``-marked test.
 * AOT helpers: the ``pnfs.kernels.aot`` specialisations of one kernel module and the checks on
   their cubins (``aot``-marked tests).
+* ``cuda_autocast_policy()``: CPU autocast with CUDA's fp32 op list, so the mixed dtypes a CUDA
+  bf16 run hands the kernels reach them on the CPU (``test_kernels_autocast.py``,
+  ``test_autocast_cuda_policy.py``).
 
 Interpreter oracle: the PyTorch reference evaluated in float64 on the very same (already
 rounded) inputs and incoming gradients. Tolerances per dtype of the compared tensor:
@@ -246,3 +249,73 @@ def assert_no_atomic_operations(spec, device) -> None:
 def assert_vectorised_global_loads(spec, device) -> None:
     compiled = _aot().compile_spec(spec, device.arch)
     assert max(compiled.load_widths()) >= 2, f"{spec.label}: scalar loads only on {device.name}"
+
+
+# --------------------------------------------------------------- CUDA's autocast policy on the CPU
+
+# CUDA autocast runs these aten ops in fp32 where CPU autocast leaves them in the input dtype
+# (torch's aten/src/ATen/autocast_mode.cpp: the CUDA ``fp32`` list, then ``fp32_set_opt_dtype``,
+# whose ops return fp32 unless given a dtype). Bilinear up-sampling is the one that crashed
+# the first bf16 run on an H200 (docs/design.md §3); ``pow`` also catches ``Tensor.square``.
+CUDA_FP32_OPS = (
+    "acos", "asin", "cosh", "erfinv", "exp", "expm1", "log", "log10", "log2", "log1p",
+    "reciprocal", "rsqrt", "sinh", "tan", "pow", "softplus", "layer_norm", "native_layer_norm",
+    "group_norm", "frobenius_norm", "nuclear_norm", "cosine_similarity", "poisson_nll_loss",
+    "cosine_embedding_loss", "nll_loss", "nll_loss2d", "hinge_embedding_loss", "kl_div", "l1_loss",
+    "smooth_l1_loss", "huber_loss", "mse_loss", "margin_ranking_loss", "multilabel_margin_loss",
+    "soft_margin_loss", "triplet_margin_loss", "multi_margin_loss",
+    "binary_cross_entropy_with_logits", "dist", "pdist", "cdist", "renorm", "logsumexp",
+    "upsample_nearest1d", "_upsample_nearest_exact1d", "upsample_nearest2d",
+    "_upsample_nearest_exact2d", "upsample_nearest3d", "_upsample_nearest_exact3d",
+    "upsample_linear1d", "upsample_bilinear2d", "_upsample_bilinear2d_aa", "upsample_trilinear3d",
+    "upsample_bicubic2d", "_upsample_bicubic2d_aa",
+)  # fmt: skip
+CUDA_FP32_UNLESS_DTYPE_OPS = (
+    "prod", "softmax", "log_softmax", "cumprod", "cumsum", "linalg_vector_norm", "linalg_matrix_norm", "sum",
+)  # fmt: skip
+_LOWER = (torch.float16, torch.bfloat16)
+
+
+def _in_fp32(op, unless_dtype: bool):
+    """An AutocastCPU kernel for ``op``: floating inputs to fp32, then ``op`` with autocast off."""
+
+    def kernel(*args, **kwargs):
+        if unless_dtype and kwargs.get("dtype") is not None:
+            with torch.autocast("cpu", enabled=False):
+                return op(*args, **kwargs)
+
+        def to_fp32(value):
+            return value.float() if isinstance(value, torch.Tensor) and value.dtype in _LOWER else value
+
+        args, kwargs = torch.utils._pytree.tree_map(to_fp32, (args, kwargs))
+        with torch.autocast("cpu", enabled=False):
+            return op(*args, **kwargs)
+
+    return kernel
+
+
+@contextlib.contextmanager
+def cuda_autocast_policy():
+    """Inside: CPU autocast follows CUDA's fp32 policy for :data:`CUDA_FP32_OPS` and
+    :data:`CUDA_FP32_UNLESS_DTYPE_OPS` (each op overload that takes a tensor and has no CPU
+    autocast rule of its own gets an ``AutocastCPU`` kernel; ops CPU autocast already runs in
+    fp32 keep theirs). Both autocasts cast convolutions and matmuls to bf16, so under
+    ``torch.autocast("cpu", torch.bfloat16)`` the model sees the dtypes a CUDA run gives it:
+    e.g. an ``Upsample`` returns fp32 next to bf16 convolution outputs. Registered at the
+    dispatcher, so composite ops that call these (``square`` -> ``pow``) follow as on CUDA."""
+    library = torch.library.Library("aten", "IMPL")
+    try:
+        for names, unless_dtype in ((CUDA_FP32_OPS, False), (CUDA_FP32_UNLESS_DTYPE_OPS, True)):
+            for name in names:
+                packet = getattr(torch.ops.aten, name, None)
+                for overload in packet.overloads() if packet is not None else ():
+                    op = getattr(packet, overload)
+                    if not any(isinstance(a.type, torch.TensorType) for a in op._schema.arguments):
+                        continue
+                    qualified = name if overload == "default" else f"{name}.{overload}"
+                    if torch._C._dispatch_has_kernel_for_dispatch_key(f"aten::{qualified}", "AutocastCPU"):
+                        continue
+                    library.impl(qualified, _in_fp32(op, unless_dtype), "AutocastCPU")
+        yield
+    finally:
+        library._destroy()

@@ -29,6 +29,7 @@ from pnfs.kernels import (
     squash_mse_loss_reference,
     squash_score,
     squash_score_reference,
+    use_triton,
     weighted_sum,
     weighted_sum_reference,
 )
@@ -291,6 +292,33 @@ def test_benchmark_quick_run_on_cpu_writes_its_json(tmp_path):
     assert len(lines) == len(report["cases"])  # one line per case
 
 
+def test_kernel_host_benchmark_times_every_entry_three_ways(tmp_path, monkeypatch):
+    """bench/kernel_host.py: one JSON entry per case with the reference, Function and custom-op
+    host times, the Triton launches stubbed out (none runs: no interpreter, no GPU here)."""
+    spec = importlib.util.spec_from_file_location("bench_kernel_host", BENCH.parent / "kernel_host.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    monkeypatch.setenv("PNFS_KERNELS", "auto")
+    report = module.main(["--calls", "2", "--repeats", "1", "--json", str(tmp_path / "host.json")])
+    assert json.loads((tmp_path / "host.json").read_text()) == report
+    assert {(c["kernel"], c["mode"]) for c in report["cases"]} == {(c.kernel, c.mode) for c in module.CASES}
+    assert {c["kernel"] for c in report["cases"]} == {
+        "weighted_sum",
+        "squash_score",
+        "squash_mse_loss",
+        "argmax_decode",
+    }
+    for case in report["cases"]:
+        assert set(case["host_us"]) == {"reference", "function", "custom_op"}
+        assert all(us > 0 for us in case["host_us"].values())
+    assert os.environ["PNFS_KERNELS"] == "auto"  # restored
+    for name in module.KERNEL_MODULES:  # the launches and the backend choice are restored
+        kernel_module = importlib.import_module(f"pnfs.kernels.{name}")
+        stubbed = [k for k, v in vars(kernel_module).items() if isinstance(v, module._NoLaunch)]
+        assert not stubbed and getattr(kernel_module, "use_triton", None) in (None, use_triton)
+
+
 # -------------------------------------------- on a GPU: several kernels at once
 
 
@@ -357,11 +385,8 @@ def test_auto_runs_triton_only_where_it_measured_fastest(monkeypatch, kernel, dt
     monkeypatch.setenv("PNFS_KERNELS", "auto")
     monkeypatch.setattr(backend, "triton_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
-    backend.capability.cache_clear()
-    try:
-        assert backend.use_triton(_FakeCudaTensor(), kernel, dtype) is expected
-    finally:
-        backend.capability.cache_clear()
+    monkeypatch.setattr(backend, "_CAPABILITY", {})
+    assert backend.use_triton(_FakeCudaTensor(), kernel, dtype) is expected
 
 
 def test_auto_table_is_the_rule_applied_to_the_committed_measurements():
@@ -404,6 +429,15 @@ def test_auto_rule_chooses_triton_only_over_both_references(medians, expected):
     from pnfs.kernels.auto_table import choices
 
     assert choices(_report(medians)) == {("weighted_sum", "fp32", (8, 0)): expected}
+
+
+def test_auto_rule_needs_the_capability_the_results_were_measured_on():
+    from pnfs.kernels.auto_table import choices
+
+    report = _report([{"eager": 2.0, "compiled": 1.5, "triton": 1.0}])
+    del report["capability"]
+    with pytest.raises(ValueError, match="no 'capability'"):
+        choices(report)
 
 
 def test_auto_falls_back_to_the_reference_once_with_one_warning_when_a_kernel_fails(monkeypatch):

@@ -84,3 +84,37 @@ def test_an_atomic_add_is_caught():
         _atomic_kernel, aot.Spec("_atomic_kernel", "_reduce", (("BLOCK", 256),)), 90
     )
     assert compiled.atomics() and "atomic" in compiled.ttgir
+
+
+@pytest.mark.aot
+def test_the_specialisations_cover_the_default_training_layout_under_bf16():
+    """channels_last vectors with NCHW targets in the fused loss, the input node's fp32 up-sampled
+    input among bf16 ones, masked tails of sizes that are not multiples of 16, bf16 decoding."""
+    specs = aot.SPECIALISATIONS
+
+    def has(kernel: str, dtype: str, aligned: bool = True, fp32_inputs: tuple = (), **consts) -> bool:
+        return any(
+            s.kernel == kernel
+            and s.dtype == dtype
+            and s.aligned == aligned
+            and s.fp32_inputs == fp32_inputs
+            and consts.items() <= dict(s.constexprs).items()
+            for s in specs
+        )
+
+    for dtype in ("bf16", "fp32"):
+        assert has("_squash_mse_kernel", dtype, FLAT=False, MAP_FLAT=True, COMPUTE_GRAD=True)
+    assert has("_squash_mse_kernel", "bf16", aligned=False, FLAT=False, MAP_FLAT=True)
+    assert has("_weighted_sum_fwd_kernel", "bf16", fp32_inputs=("x2",), K=3, RELU=True)
+    assert has("_weighted_sum_bwd_kernel", "bf16", fp32_inputs=("x2", "dx2"), K=3, NEED_DW=True)
+    assert has("_weighted_sum_fwd_kernel", "bf16", aligned=False, DENSE=True)
+    assert has("_weighted_sum_bwd_kernel", "bf16", aligned=False, DENSE=True)
+    assert has("_argmax_decode_kernel", "bf16", aligned=False)
+
+
+@pytest.mark.aot
+def test_a_mixed_dtype_specialisation_compiles_its_fp32_pointers_as_fp32():
+    spec = next(s for s in aot.SPECIALISATIONS if s.fp32_inputs == ("x2", "dx2"))
+    signature, _ = aot._signature(spec.fn, spec)
+    assert signature["x2"] == signature["dx2"] == "*fp32"
+    assert signature["x0"] == signature["dx0"] == signature["g_ptr"] == signature["out_ptr"] == "*bf16"
