@@ -353,6 +353,8 @@ def main(argv: list[str] | None = None) -> dict:
     header = {
         "device": args.device,
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
+        # pnfs.kernels.auto_table derives PNFS_KERNELS=auto's choice per compute capability from this
+        "capability": list(torch.cuda.get_device_capability(device)) if device.type == "cuda" else None,
         "peak_tbps": peak,
         "peak_source": peak_source,
         "peak_table": PEAK_NOTE,

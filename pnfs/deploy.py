@@ -329,7 +329,8 @@ def freeze(
     """
     if not 0.0 <= prune_below < 1.0:
         raise ValueError(f"--prune-below {prune_below!r} must be in [0, 1)")
-    frozen = copy.deepcopy(model).eval()
+    # freezing walks the parts one at a time: a batched PoseNFS (model.batched_parts) is unbatched first
+    frozen = (model.with_part_layout(False) if isinstance(model, PoseNFS) else copy.deepcopy(model)).eval()
     for part in frozen.parts if isinstance(frozen, PoseNFS) else ():
         part.fabric = freeze_fabric(part.fabric, prune_below)
     if isinstance(frozen.backbone, FabricBackbone):

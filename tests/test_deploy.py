@@ -114,3 +114,16 @@ def test_frozen_bf16_scores_stay_close_to_float32():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         low = frozen(images).float()
     assert (low - frozen(images)).abs().max() < 0.05
+
+
+def test_a_batched_model_freezes_to_what_its_per_part_layout_freezes_to():
+    """model.batched_parts=true (the CUDA default under auto) must freeze and export like per part."""
+    cfg = load_config("demo", ["data.input_size=[64,64]", "model.batched_parts=false"])
+    images = torch.randn(2, 3, 64, 64)
+    per_part = trained_looking(cfg, images)
+    batched = per_part.with_part_layout(True)
+    assert batched.batched_parts
+    frozen = freeze(batched)
+    expected = freeze(per_part)(images)
+    torch.testing.assert_close(frozen(images), expected, rtol=0, atol=1e-5)
+    assert count_ops(frozen) == count_ops(per_part)
