@@ -44,6 +44,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -59,6 +60,7 @@ class Case:
     kernels: str  # PNFS_KERNELS: "torch" (the references) or "auto"
     compiled: bool = False
     overrides: tuple[str, ...] = ()
+    graphed: bool = False  # the whole lean step replayed from a CUDA graph (train.cuda_graph; CUDA only)
 
 
 # The cases, in the order a run without --cases takes them; a new variant is one more line.
@@ -69,6 +71,10 @@ CASES = (
     Case("baseline-compiled", "baseline", "torch", compiled=True),
     Case("lean-compiled", "lean", "torch", compiled=True),
     Case("lean-auto-compiled", "lean", "auto", compiled=True),
+    Case("lean-graphed", "lean", "torch", graphed=True),
+    Case("lean-auto-graphed", "lean", "auto", graphed=True),
+    Case("lean-per-part", "lean", "torch", overrides=("model.batched_parts=false",)),
+    Case("lean-batched", "lean", "torch", overrides=("model.batched_parts=true",)),
 )
 # Measurements of their own, by name in --cases: both eager steps interleaved in one process, and
 # (CPU only) the pieces in which the two steps differ.
@@ -127,7 +133,13 @@ def baseline_step(model, batch, cfg, device, dtype, opt, params):
     model.zero_grad(set_to_none=True)
 
 
-def build_case(args: argparse.Namespace, step: str, compiled: bool, overrides: tuple[str, ...] = ()):
+def build_case(
+    args: argparse.Namespace,
+    step: str,
+    compiled: bool,
+    overrides: tuple[str, ...] = (),
+    graphed: bool = False,
+):
     """(one_step, block, probe, setup, cfg, batch size, autocast dtype) of one case, in this process.
 
     ``block()`` runs ``--block`` steps and returns (host s, wall s): the host time to enqueue them
@@ -157,12 +169,23 @@ def build_case(args: argparse.Namespace, step: str, compiled: bool, overrides: t
     record = StepRecord(NonFiniteGuard(cfg.train.max_bad_steps), device)
     setup = loss_setup(model, cfg.data.sigma, device, dtype, cfg.train.channels_last)
     parts = StepParts(forward, model, opt, params, setup, record, cfg.train.grad_clip)
+    lean_step = partial(weight_step, parts)
+    if graphed:
+        if device.type != "cuda" or step != "lean":
+            raise SystemExit("error: a graphed case replays the lean step from a CUDA graph: --device cuda")
+        from pnfs.engine.graph import WARMUP_STEPS, GraphedStep, cuda_graph_capture
+        from pnfs.engine.strategies import make_capturable
+
+        make_capturable(opt, device)
+        lean_step = GraphedStep(
+            lean_step, device, WARMUP_STEPS, cuda_graph_capture(torch.cuda.graph_pool_handle())
+        )
 
     def one_step() -> None:
         if step == "baseline":
             baseline_step(forward, batch, cfg, device, dtype, opt, params)
         else:
-            weight_step(parts, batch)
+            lean_step(batch)
 
     def block() -> tuple[float, float]:
         t0 = time.perf_counter()
@@ -199,7 +222,9 @@ def measure(args: argparse.Namespace, case: Case) -> dict:
     Before timing: the probe (the first forward and backward: compilation, Triton's JIT), then the
     first step and the other warm-up steps, each timed apart from the steps that follow."""
     device = torch.device(args.device)
-    one_step, block, probe, setup, cfg, n, dtype = build_case(args, case.step, case.compiled, case.overrides)
+    one_step, block, probe, setup, cfg, n, dtype = build_case(
+        args, case.step, case.compiled, case.overrides, case.graphed
+    )
     t0 = time.perf_counter()
     loss, grad_norm = probe()
     synchronize(device)
@@ -231,6 +256,7 @@ def measure(args: argparse.Namespace, case: Case) -> dict:
         "step": case.step,
         "kernels": case.kernels,
         "compiled": case.compiled,
+        "graphed": case.graphed,
         "case_overrides": list(case.overrides),
         "batch": n,
         "img_per_s": n / median,
@@ -410,7 +436,9 @@ def selected_cases(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
     picked = [
         c.name
         for c in CASES
-        if not (c.compiled and args.no_compile) and not (args.baseline and c.step != "baseline")
+        if not (c.compiled and args.no_compile)
+        and not (args.baseline and c.step != "baseline")
+        and not (c.graphed and args.device != "cuda")  # a CUDA graph needs CUDA
     ]
     if not args.baseline:
         picked += ["interleaved"] + (["parts"] if args.device == "cpu" else [])

@@ -33,8 +33,11 @@ def test_cases_picks_exactly_the_named_ones_in_their_order(bench):
 
 def test_without_cases_the_table_less_what_the_flags_leave_out(bench):
     names = [c.name for c in bench.CASES]
-    assert bench.parse_args(["--device", "cpu"]).selected == [*names, "interleaved", "parts"]
-    eager = [c.name for c in bench.CASES if not c.compiled]
+    on_cpu = [c.name for c in bench.CASES if not c.graphed]  # a CUDA graph needs CUDA
+    assert {"lean-graphed", "lean-auto-graphed"} <= set(names) - set(on_cpu)
+    assert bench.parse_args(["--device", "cpu"]).selected == [*on_cpu, "interleaved", "parts"]
+    assert bench.parse_args(["--device", "cuda"]).selected == [*names, "interleaved"]
+    eager = [c.name for c in bench.CASES if not c.compiled and not c.graphed]
     assert bench.parse_args(["--device", "cpu", "--no-compile"]).selected == [*eager, "interleaved", "parts"]
     assert bench.parse_args(["--device", "cpu", "--baseline"]).selected == ["baseline", "baseline-compiled"]
     assert len(set(names)) == len(names)
