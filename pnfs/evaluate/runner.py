@@ -20,6 +20,7 @@ from pnfs.config import Config
 from pnfs.data.batch import PoseBatch
 from pnfs.deploy import freeze
 from pnfs.engine.distributed import all_gather_objects
+from pnfs.evaluate import strict_json
 from pnfs.evaluate.coco import (
     box_pck,
     coco_results,
@@ -237,5 +238,5 @@ def evaluate_model(
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         (out / "results.json").write_text(json.dumps(results))
-        (out / "metrics.json").write_text(json.dumps(metrics, indent=1, allow_nan=True))
+        (out / "metrics.json").write_text(strict_json.dumps(metrics, indent=1))
     return metrics
