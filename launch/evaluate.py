@@ -67,6 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from pnfs.engine.distributed import barrier, broadcast_object, init_distributed, shutdown
+    from pnfs.engine.runlog import setup_logger
     from pnfs.evaluate import evaluate_model
     from pnfs.evaluate.boxes import BoxLoader, image_files
     from pnfs.evaluate.coco import load_detections
@@ -91,6 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         print("error: --detections needs --images DIR (the detector json holds boxes only)", file=sys.stderr)
         return 2
     ctx = init_distributed(args.device)
+    setup_logger(None, ctx.rank)  # one logger per rank: INFO on rank 0, warnings from the others
     try:
         from pnfs.preflight import evaluation_problems
 

@@ -9,6 +9,7 @@ the metrics do not depend on the world size.
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from pathlib import Path
 
@@ -52,7 +53,7 @@ def collect_predictions(
     joints = cfg.joints
     perm = joints.flip_permutation() if cfg.eval.flip_test else None
     amp_dtype, amp_line = inference_amp(cfg.eval.amp, device)
-    print(amp_line, flush=True)
+    logging.getLogger("pnfs.train").info(amp_line)  # rank 0's logger shows it; the others' stay quiet
     if isinstance(model, PoseNFS):
         model = freeze(model)  # BN, alpha and beta folded; the model passed in is left as it was
     parts: dict[str, list[np.ndarray]] = {k: [] for k in FIELDS}
