@@ -16,16 +16,9 @@ import json
 import sys
 from pathlib import Path
 
-import torch
-
 from pnfs.config import ConfigError
-from pnfs.engine.distributed import barrier, broadcast_object, init_distributed, shutdown
 from pnfs.errors import PreflightFailed, report, run_main
-from pnfs.evaluate import evaluate_model
-from pnfs.evaluate.boxes import BoxLoader, image_files
-from pnfs.evaluate.coco import load_detections
-from pnfs.evaluate.loading import load_for_inference
-from pnfs.visualize import draw_results_on_images
+from pnfs.evaluate import strict_json
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -54,6 +47,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def draw_on_originals(cfg, out: Path, images: str) -> list[Path]:
     """Skeletons of out/results.json on the first eval.overlays original images."""
+    from pnfs.evaluate.boxes import image_files
+    from pnfs.visualize import draw_results_on_images
+
     results = json.loads((out / "results.json").read_text())
     if cfg.data.dataset == "coco":
         names = image_files(cfg.data.val_annotations)
@@ -67,6 +63,16 @@ def draw_on_originals(cfg, out: Path, images: str) -> list[Path]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    # torch and the model after the arguments: --help and a mistyped flag answer at once
+    import torch
+
+    from pnfs.engine.distributed import barrier, broadcast_object, init_distributed, shutdown
+    from pnfs.engine.runlog import setup_logger
+    from pnfs.evaluate import evaluate_model
+    from pnfs.evaluate.boxes import BoxLoader, image_files
+    from pnfs.evaluate.coco import load_detections
+    from pnfs.evaluate.loading import load_for_inference
+
     overrides = list(args.overrides)
     if args.no_flip:
         overrides.append("eval.flip_test=false")
@@ -86,13 +92,14 @@ def main(argv: list[str] | None = None) -> int:
         print("error: --detections needs --images DIR (the detector json holds boxes only)", file=sys.stderr)
         return 2
     ctx = init_distributed(args.device)
+    setup_logger(None, ctx.rank)  # one logger per rank: INFO on rank 0, warnings from the others
     try:
         from pnfs.preflight import evaluation_problems
 
         problems = evaluation_problems(cfg, shards=not cfg.eval.detections) if ctx.is_main else None
         problems = broadcast_object(problems)  # every rank stops together on rank 0's verdict
         if problems:
-            code = report(PreflightFailed(problems))
+            code = report(PreflightFailed(problems, "nothing was evaluated"))
             barrier()
             return code
         model = model.to(ctx.device)
@@ -121,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
             model, loader, cfg, device=ctx.device, out_dir=args.out, rank=ctx.rank, world_size=ctx.world_size
         )
         if ctx.rank == 0:
-            print(json.dumps(metrics))
+            print(strict_json.dumps(metrics))
             if args.out:
                 print(f"wrote {Path(args.out) / 'metrics.json'} and {Path(args.out) / 'results.json'}")
             if args.out and args.images:

@@ -19,11 +19,12 @@ import argparse
 import sys
 from pathlib import Path
 
-import torch
-
-from pnfs.config import ConfigError
-from pnfs.deploy import EXPORT_FORMATS, DecodingModel, count_ops, export_file, freeze, output_change
-from pnfs.evaluate.loading import load_for_inference
+# torch and the model load after the arguments are parsed: --help and a mistyped flag answer at once
+EXPORT_FORMATS = (
+    "onnx",
+    "torchscript",
+    "exported-program",
+)  # pnfs.deploy.EXPORT_FORMATS (a test keeps them equal)
 
 
 def parse_batch(text: str) -> int | None:
@@ -56,6 +57,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    import torch
+
+    from pnfs.config import ConfigError
+    from pnfs.deploy import DecodingModel, count_ops, export_file, freeze, output_change
+    from pnfs.evaluate.loading import load_for_inference
+
     try:
         if args.flip and not args.decode:
             raise ValueError("--flip needs --decode (the flip test averages score maps inside the graph)")

@@ -17,10 +17,14 @@ Person boxes, in this order of precedence:
   ``--detector none`` makes the whole image one box.
 
 ``--image`` takes a file or a folder (its .jpg/.jpeg/.png/.bmp files); ``--video`` reads the
-frames of a video file through OpenCV. Per image (per frame: ``<video stem>_<frame:06d>``)
-DIR gets ``<stem>_pose.png`` and ``<stem>_pose.json`` with, per person, the box, its detection
-score, the keypoints [[x, y, score], ...] in image pixels and the instance score (mean of the
-joint scores above eval.rescore_threshold). The network is the frozen model
+frames of a video file through OpenCV (a progress bar counts them on stderr). A box that lies
+entirely outside its image is skipped with a warning; a ``--boxes`` file that names none of
+the images is an error, and images it has no entry for are counted in a warning.
+
+Per image (per frame: ``<video stem>_<frame:06d>``) DIR gets ``<stem>_pose.png`` and
+``<stem>_pose.json`` with, per person, the box, its detection score, the keypoints
+[[x, y, score], ...] in image pixels and the instance score (mean of the joint scores above
+eval.rescore_threshold). The network is the frozen model
 (:func:`pnfs.deploy.freeze`) under ``eval.amp``.
 """
 
@@ -31,21 +35,30 @@ import json
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import cv2
 import numpy as np
-import torch
 
-from pnfs.config import Config, ConfigError
-from pnfs.deploy import freeze
-from pnfs.detector import DEFAULT_DETECTOR, PersonDetector
-from pnfs.evaluate.coco import instance_scores
-from pnfs.evaluate.loading import load_for_inference
-from pnfs.inference import inference_amp, person_inputs, predict
-from pnfs.visualize import draw_poses, read_rgb, save_rgb
+# torch, OpenCV and the model load after the arguments are parsed: --help and a mistyped flag
+# answer at once
+if TYPE_CHECKING:
+    import torch
+
+    from pnfs.config import Config
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
+DEFAULT_DETECTOR = (
+    "fasterrcnn_mobilenet_v3_large_fpn"  # pnfs.detector.DEFAULT_DETECTOR (a test keeps them equal)
+)
 Boxes = tuple[np.ndarray, np.ndarray]  # [P, 4] x, y, w, h and [P] detection scores
+
+
+class Frames:
+    """The frames to pose: (stem, source, RGB uint8 image) from ``items``, ``total`` of them
+    (None: a video that does not say), counted in ``unit`` ("image" or "frame")."""
+
+    def __init__(self, items: Iterator[tuple[str, str, np.ndarray]], total: int | None, unit: str):
+        self.items, self.total, self.unit = items, total, unit
 
 
 def parse_box(text: str) -> list[float]:
@@ -91,15 +104,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 # --------------------------------------------------------------------------- inputs and boxes
 
 
-def read_frames(args: argparse.Namespace) -> Iterator[tuple[str, str, np.ndarray]]:
-    """(stem, source, RGB uint8 image) for the --image file, the images of the --image folder,
-    or the frames of the --video file. Missing inputs raise here, before any frame is read."""
+def read_frames(args: argparse.Namespace) -> Frames:
+    """The --image file, the images of the --image folder, or the frames of the --video file.
+    Missing inputs raise here, before any frame is read."""
+    import cv2
+
+    from pnfs.visualize import read_rgb
+
     if args.video is None:
         files = image_files(Path(args.image))
-        return ((path.stem, str(path), read_rgb(path)) for path in files)
+        return Frames(((path.stem, str(path), read_rgb(path)) for path in files), len(files), "image")
     capture = cv2.VideoCapture(str(args.video))
     if not capture.isOpened():
         raise ValueError(f"--video {args.video!r}: OpenCV cannot open it")
+    total = int(capture.get(cv2.CAP_PROP_FRAME_COUNT)) or None
 
     def frames() -> Iterator[tuple[str, str, np.ndarray]]:
         stem, index = Path(args.video).stem, 0
@@ -113,7 +131,7 @@ def read_frames(args: argparse.Namespace) -> Iterator[tuple[str, str, np.ndarray
         finally:
             capture.release()
 
-    return frames()
+    return Frames(frames(), total, "frame")
 
 
 def image_files(path: Path) -> list[Path]:
@@ -149,30 +167,53 @@ def read_detections(path: str, min_score: float) -> dict[str, list[tuple[list[fl
     return found
 
 
+def table_keys(stem: str) -> list[str]:
+    """The keys of :func:`read_detections` that name the image with this file stem."""
+    keys = [f"id:{int(stem)}"] if stem.isdigit() else []
+    return keys + [f"file:{stem + s}" for s in (*IMAGE_SUFFIXES, *(s.upper() for s in IMAGE_SUFFIXES))]
+
+
+class DetectionTable:
+    """(stem, image) -> the boxes of ``--boxes`` for that image; counts the images it had none for."""
+
+    def __init__(self, path: str, min_score: float) -> None:
+        self.path = path
+        self.table = read_detections(path, min_score)
+        self.without_entry: list[str] = []
+
+    def names_any(self, stems: list[str]) -> bool:
+        return any(k in self.table for stem in stems for k in table_keys(stem))
+
+    def __call__(self, stem: str, image: np.ndarray) -> Boxes:
+        rows = [row for k in table_keys(stem) for row in self.table.get(k, [])]
+        if not any(k in self.table for k in table_keys(stem)):
+            self.without_entry.append(stem)
+        return np.asarray([b for b, _ in rows], np.float64).reshape(-1, 4), np.asarray([s for _, s in rows])
+
+
+def inside_image(boxes: Boxes, width: int, height: int) -> tuple[Boxes, np.ndarray]:
+    """(the boxes that overlap the image [0, W] x [0, H], those that lie entirely outside [Q, 4])."""
+    xywh, scores = boxes
+    x0, y0 = xywh[:, 0], xywh[:, 1]
+    x1, y1 = x0 + xywh[:, 2], y0 + xywh[:, 3]
+    overlaps = (np.minimum(x1, width) > np.maximum(x0, 0)) & (np.minimum(y1, height) > np.maximum(y0, 0))
+    return (xywh[overlaps], scores[overlaps]), xywh[~overlaps]
+
+
 def box_source(args: argparse.Namespace) -> Callable[[str, np.ndarray], Boxes]:
     """(stem, image) -> (boxes, scores) from --box, --boxes, the detector or the whole image."""
     if args.box:
         fixed = np.asarray(args.box, dtype=np.float64)
         return lambda stem, image: (fixed, np.ones(len(fixed)))
     if args.boxes is not None:
-        table = read_detections(args.boxes, args.det_score)
-        suffixes = {Path(p).stem: Path(p).name for p in ([args.image] if args.image else [])}
-
-        def from_table(stem: str, image: np.ndarray) -> Boxes:
-            keys = [f"id:{int(stem)}"] if stem.isdigit() else []
-            names = {suffixes.get(stem, stem)} | {stem + s for s in IMAGE_SUFFIXES}
-            keys += [f"file:{n}" for n in names]
-            rows = [row for k in keys for row in table.get(k, [])]
-            return np.asarray([b for b, _ in rows], np.float64).reshape(-1, 4), np.asarray(
-                [s for _, s in rows]
-            )
-
-        return from_table
+        return DetectionTable(args.boxes, args.det_score)
     if args.detector == "none":
         return lambda stem, image: (
             np.asarray([[0.0, 0.0, float(image.shape[1]), float(image.shape[0])]]),
             np.ones(1),
         )
+    from pnfs.detector import PersonDetector
+
     detector = PersonDetector(args.detector, args.det_score, args.device)
     return lambda stem, image: detector(image)
 
@@ -191,6 +232,13 @@ def write_poses(
     amp_dtype: torch.dtype | None,
 ) -> int:
     """Poses of the people in ``boxes`` on ``image`` -> DIR/<stem>_pose.png and .json; returns P."""
+    import cv2
+    import torch
+
+    from pnfs.evaluate.coco import instance_scores
+    from pnfs.inference import person_inputs, predict
+    from pnfs.visualize import draw_poses, save_rgb
+
     joints = cfg.joints
     box_xywh, box_scores = boxes
     k = joints.num_joints
@@ -234,21 +282,55 @@ def write_poses(
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    from tqdm import tqdm
+
+    from pnfs.config import ConfigError
+    from pnfs.deploy import freeze
+    from pnfs.evaluate.loading import load_for_inference
+    from pnfs.inference import inference_amp
+
+    def warn(message: str) -> None:
+        tqdm.write(f"warning: {message}", file=sys.stderr)
+
     try:
         model, cfg = load_for_inference(args.checkpoint, args.config, args.overrides)
         frames = read_frames(args)
         boxes_of = box_source(args)
+        if isinstance(boxes_of, DetectionTable) and args.image is not None:
+            stems = [path.stem for path in image_files(Path(args.image))]
+            if not boxes_of.names_any(stems):
+                raise ValueError(
+                    f"--boxes {args.boxes!r}: no entry names any of the {len(stems)} image(s) of --image "
+                    f"(e.g. {stems[0]}): an entry's image_id is the file stem read as a number "
+                    "(000000000785.jpg -> 785), or its file_name the file's name"
+                )
         amp_dtype, amp_line = inference_amp(cfg.eval.amp, args.device)
-        print(amp_line)
+        print(amp_line, file=sys.stderr)
         network = freeze(model.to(args.device))
-        count = people = 0
-        for stem, source, image in frames:
-            people += write_poses(network, cfg, args, stem, source, image, boxes_of(stem, image), amp_dtype)
+        count = people = outside = 0
+        bar = tqdm(
+            frames.items, total=frames.total, unit=frames.unit, desc="poses", file=sys.stderr,
+            disable=frames.total == 1, leave=False,
+        )  # fmt: skip
+        for stem, source, image in bar:
+            boxes, off = inside_image(boxes_of(stem, image), image.shape[1], image.shape[0])
+            for x, y, w, h in off:
+                size = f"{image.shape[1]}x{image.shape[0]}"
+                warn(f"{source}: box {x:g},{y:g},{w:g},{h:g} lies outside the {size} image; skipped")
+            outside += len(off)
+            people += write_poses(network, cfg, args, stem, source, image, boxes, amp_dtype)
             count += 1
     except (ConfigError, ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(f"{people} people on {count} image(s) -> {Path(args.out)}/*_pose.png, *_pose.json")
+    if isinstance(boxes_of, DetectionTable) and boxes_of.without_entry:
+        missed = boxes_of.without_entry
+        warn(
+            f"--boxes {args.boxes!r} has no entry for {len(missed)} of the {count} {frames.unit}(s) "
+            f"(e.g. {missed[0]}): no people there"
+        )
+    skipped = f", {outside} box(es) outside their {frames.unit} skipped" if outside else ""
+    print(f"{people} people on {count} {frames.unit}(s){skipped} -> {Path(args.out)}/*_pose.png, *_pose.json")
     return 0
 
 

@@ -33,9 +33,12 @@ exports (``launch/export.py``).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import itertools
 import os
+import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -422,10 +425,14 @@ def _export_onnx(
             f"--format onnx needs the onnx and onnxscript packages ({err.name} is missing): "
             "pip install onnx onnxscript"
         ) from None
-    torch.onnx.export(
-        module, inputs, str(out), input_names=names, output_names=outputs,
-        dynamic_shapes=shapes, dynamo=True, external_data=False,
-    )  # fmt: skip
+    # The exporter's progress lines go to stderr, and its warning that the inputs share one batch
+    # axis (they are meant to) is silenced: stdout keeps only what the command itself reports.
+    with contextlib.redirect_stdout(sys.stderr), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*The axis name: .* will not be used")
+        torch.onnx.export(
+            module, inputs, str(out), input_names=names, output_names=outputs,
+            dynamic_shapes=shapes, dynamo=True, external_data=False,
+        )  # fmt: skip
     try:
         onnx.checker.check_model(str(out), full_check=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as err:

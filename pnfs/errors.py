@@ -46,12 +46,14 @@ class EnvironmentProblem(PnfsUserError, RuntimeError):
 
 
 class PreflightFailed(PnfsUserError):
-    """The preflight found problems; ``problems`` holds one line each (already in the message)."""
+    """The preflight found problems; ``problems`` holds one line each (already in the message).
 
-    def __init__(self, problems: list[str]) -> None:
+    ``outcome`` says what did not happen ("nothing was trained", "nothing was evaluated")."""
+
+    def __init__(self, problems: list[str], outcome: str = "nothing was trained") -> None:
         self.problems = list(problems)
         n = len(self.problems)
-        head = f"preflight found {n} problem{'s' if n != 1 else ''}; nothing was trained"
+        head = f"preflight found {n} problem{'s' if n != 1 else ''}; {outcome}"
         super().__init__(head + "".join(f"\n  - {p}" for p in self.problems))
 
 

@@ -13,7 +13,8 @@ problems and never raises for bad input, so one run lists all of them at once:
   counts, joint set, crop coverage of ``data.margin`` x ``data.scale_range`` and the aspect
   of ``data.input_size``: a crop that cannot hold the augmentation is an error here);
 * the val annotations parse and are of ``data.dataset``'s kind; MPII has head sizes (boxes
-  in the annotations, or ``data.val_head_sizes``: json or HRNet's ``gt_valid.mat``);
+  in the annotations, or ``data.val_head_sizes``: json or HRNet's ``gt_valid.mat``); COCO
+  annotations hold every image of the val shards (not, say, the train file);
 * ``eval.detections`` parses when given; ``model.backbone.weights`` loads when it is a file
   (``imagenet`` / ``none`` are resolved when training starts);
 * the run folder is writable with room for ``train.keep_last`` + 1 checkpoints
@@ -236,6 +237,47 @@ def annotation_problems(cfg: Config) -> list[str]:
     return []
 
 
+def shard_image_ids(facts: ShardFacts) -> list[int]:
+    """Image ids of every sample of local shards, from the sample keys ``<image_id>_<ann_id>``
+    of their indexes."""
+    from pnfs.data.shard_reader import read_index
+
+    ids = []
+    for path in facts.paths:
+        for key, _ in read_index(Path(path)):
+            head = key.split("_", 1)[0]
+            if head.isdigit():
+                ids.append(int(head))
+    return ids
+
+
+def annotation_match_problems(cfg: Config, facts: ShardFacts | None) -> list[str]:
+    """COCO: every image of the val shards is in ``data.val_annotations`` (the file the metrics
+    are scored against). A train file given with the val shards holds none of them."""
+    if cfg.data.dataset != "coco" or facts is None or facts.counts is None:
+        return []
+    try:
+        data = json.loads(Path(cfg.data.val_annotations).read_text())
+        known = {int(image["id"]) for image in data["images"]}
+        ids = shard_image_ids(facts)
+    except (OSError, ValueError, KeyError, TypeError):
+        return []  # annotation_problems and shard_problems name those
+    missing = sorted({i for i in ids if i not in known})
+    if not missing:
+        return []
+    absent = sum(1 for i in ids if i not in known)
+    shown = ", ".join(map(str, missing[:3])) + (", ..." if len(missing) > 3 else "")
+    return [
+        problem(
+            "data.val_annotations",
+            cfg.data.val_annotations,
+            f"{absent} of the {len(ids)} samples of data.val_shards={cfg.data.val_shards!r} show images "
+            f"it does not have (image ids {shown})",
+            "give the annotation file the val shards were written from (their manifest.json names it)",
+        )
+    ]
+
+
 def detection_problems(cfg: Config) -> list[str]:
     """``eval.detections``: a COCO detection-result json (list of image_id, bbox, score)."""
     path = cfg.eval.detections
@@ -405,8 +447,10 @@ def batch_problems(cfg: Config, facts: ShardFacts | None, world_size: int) -> li
 def evaluation_problems(cfg: Config, shards: bool = True) -> list[str]:
     """What an evaluation needs: val shards (not with detector boxes: ``shards=False``),
     annotations (+ MPII head sizes), detections."""
-    out = shard_problems(cfg, "val")[0] if shards else []
-    return out + annotation_problems(cfg) + detection_problems(cfg)
+    out, facts = shard_problems(cfg, "val") if shards else ([], None)
+    found = annotation_problems(cfg)
+    out += found or annotation_match_problems(cfg, facts)
+    return out + detection_problems(cfg)
 
 
 def preflight(

@@ -140,3 +140,29 @@ def test_an_image_without_crowd_index_is_named(tmp_path, capsys):
     gt_path.write_text(json.dumps(gt))
     assert main(["--annotations", str(gt_path), "--results", str(res_path), "--keypoints", "crowdpose"]) == 2
     assert "image 2" in capsys.readouterr().err
+
+
+def test_a_crowdpose_file_scored_as_coco_names_the_keypoint_set(tmp_path, capsys):
+    gt_path, res_path = write_ground_truth_and_results(tmp_path)
+    assert main(["--annotations", str(gt_path), "--results", str(res_path), "--json"]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
+    assert len(err) == 1  # pycocotools' loading chatter goes to stderr too
+    assert "14 keypoints per person" in err[0] and "scores 17" in err[0] and "--keypoints crowdpose" in err[0]
+
+
+def test_json_of_an_empty_crowd_bin_is_strict_json_with_null(tmp_path, capsys):
+    gt_path, res_path = write_ground_truth_and_results(tmp_path)
+    gt = json.loads(gt_path.read_text())
+    gt["images"] = [im for im in gt["images"] if im["id"] != 2]  # no medium image left
+    gt["annotations"] = [a for a in gt["annotations"] if a["image_id"] != 2]
+    gt_path.write_text(json.dumps(gt))
+    res_path.write_text(json.dumps([r for r in json.loads(res_path.read_text()) if r["image_id"] != 2]))
+    argv = ["--annotations", str(gt_path), "--results", str(res_path), "--keypoints", "crowdpose", "--json"]
+    assert main(argv) == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+
+    def refuse(constant):
+        raise AssertionError(f"{constant} is not JSON: {line}")
+
+    stats = json.loads(line, parse_constant=refuse)
+    assert stats["AP_medium"] is None and stats["AP_easy"] == pytest.approx(1.0)

@@ -97,6 +97,17 @@ def test_missing_shards_and_bad_checkpoints_are_clear_errors(shared_data, checkp
     assert "give --config" in capsys.readouterr().err
 
 
+def test_a_shard_pattern_that_matches_nothing_is_named_and_nothing_said_about_training(
+    shared_data, coco_shards, checkpoint, capsys
+):
+    pattern = str(coco_shards.parent / "val-*.tar")  # the shards are one folder down
+    assert evaluate_cli.main([*_common(shared_data, checkpoint), "--data", pattern]) == 2
+    err = capsys.readouterr().err
+    assert err.count("error: ") == 1 and "Traceback" not in err
+    assert f"no file matches the pattern {pattern}" in err and "shards/val-000000.tar" in err
+    assert "nothing was evaluated" in err and "trained" not in err
+
+
 @pytest.mark.distributed
 @pytest.mark.timeout(240)
 def test_torchrun_two_processes_equal_one(shared_data, coco_shards, checkpoint, tmp_path):

@@ -89,3 +89,40 @@ def test_bad_inputs_give_clear_errors(shared_data, tiny_checkpoint, tmp_path, ca
     err = capsys.readouterr().err
     assert "does not fit" in err and "P=3, C=6" in err
     assert 'Unexpected key(s) in state_dict: "parts.0.adapters' in err
+
+
+def test_a_box_outside_the_image_is_skipped_with_a_warning(shared_data, tiny_checkpoint, tmp_path, capsys):
+    photo = shared_data / "coco_sample" / "000000000785.jpg"
+    argv = ["--checkpoint", str(tiny_checkpoint), "--image", str(photo), "--out", str(tmp_path)]
+    assert predict_cli.main([*argv, "--box", "280,40,220,380", "--box", "5000,5000,50,50"]) == 0
+    captured = capsys.readouterr()
+    warnings = [line for line in captured.err.splitlines() if line.startswith("warning: ")]
+    assert len(warnings) == 1 and "box 5000,5000,50,50 lies outside the 640x425 image" in warnings[0]
+    assert "1 people on 1 image(s), 1 box(es) outside their image skipped" in captured.out
+    record = json.loads((tmp_path / "000000000785_pose.json").read_text())
+    assert [p["box"] for p in record["people"]] == [[280, 40, 220, 380]]
+
+
+def test_a_boxes_file_that_names_no_image_is_refused(shared_data, tiny_checkpoint, tmp_path, capsys):
+    boxes = tmp_path / "boxes.json"
+    boxes.write_text(json.dumps([{"image_id": 12345, "bbox": [10, 10, 50, 100], "score": 0.9}]))
+    photo = shared_data / "coco_sample" / "000000000785.jpg"
+    argv = ["--checkpoint", str(tiny_checkpoint), "--image", str(photo), "--boxes", str(boxes)]
+    assert predict_cli.main([*argv, "--out", str(tmp_path / "out")]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
+    assert len(err) == 1 and "boxes.json" in err[0] and "no entry names any of the 1 image(s)" in err[0]
+    assert not (tmp_path / "out").exists()
+
+
+def test_images_a_boxes_file_misses_are_counted_in_a_warning(shared_data, tiny_checkpoint, tmp_path, capsys):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for name in ("000000000785.jpg", "000000040083.jpg"):
+        (photos / name).write_bytes((shared_data / "coco_sample" / name).read_bytes())
+    boxes = tmp_path / "boxes.json"
+    boxes.write_text(json.dumps([{"image_id": 785, "bbox": [280, 40, 220, 380], "score": 0.9}]))
+    argv = ["--checkpoint", str(tiny_checkpoint), "--image", str(photos), "--boxes", str(boxes), "--no-flip"]
+    assert predict_cli.main([*argv, "--out", str(tmp_path / "out")]) == 0
+    captured = capsys.readouterr()
+    assert "has no entry for 1 of the 2 image(s) (e.g. 000000040083)" in captured.err
+    assert "1 people on 2 image(s)" in captured.out

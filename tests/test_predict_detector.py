@@ -108,7 +108,7 @@ def test_folder_with_a_coco_detection_file(shared_data, checkpoint, tmp_path):
         assert len(wanted) > 0 and (out / f"{photo.stem}_pose.png").is_file()
 
 
-def test_video_frames_get_one_overlay_and_one_json_each(shared_data, checkpoint, tmp_path):
+def test_video_frames_get_one_overlay_and_one_json_each(shared_data, checkpoint, tmp_path, capsys):
     photo = cv2.imread(str(shared_data / "coco_sample" / "000000000785.jpg"))
     video = tmp_path / "clip.avi"
     writer = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"MJPG"), 5, (photo.shape[1], photo.shape[0]))
@@ -127,6 +127,9 @@ def test_video_frames_get_one_overlay_and_one_json_each(shared_data, checkpoint,
         str(out),
     ]
     assert predict_cli.main(argv) == 0
+    captured = capsys.readouterr()
+    assert "1 people on 3" not in captured.out and "3 people on 3 frame(s)" in captured.out
+    assert "3/3" in captured.err and "frame" in captured.err  # the progress bar counts frames
     assert sorted(p.name for p in out.glob("*.json")) == [f"clip_{i:06d}_pose.json" for i in range(3)]
     assert len(list(out.glob("clip_*_pose.png"))) == 3
     record = json.loads((out / "clip_000002_pose.json").read_text())

@@ -60,6 +60,31 @@ def test_missing_val_shards(data, tmp_path):
     assert_refused(proc, s, tmp_path / "run", f"data.val_shards='{tmp_path / 'nope'}'", "shard not found")
 
 
+def test_an_index_file_given_as_the_train_shards_is_named(data, tmp_path):
+    index = sorted((data["shards"] / "train").glob("train-*.idx"))[0]
+    proc, s = train(data, tmp_path / "run", f"data.train_shards={index}", "--check")
+    assert_refused(proc, s, tmp_path / "run", f"data.train_shards='{index}'", "is not a .tar shard")
+
+
+def test_train_annotations_with_the_val_shards_are_named(data, tmp_path):
+    wrong = data["raw"] / "annotations" / "person_keypoints_train.json"
+    proc, s = train(data, tmp_path / "run", f"data.val_annotations={wrong}")
+    assert_refused(
+        proc, s, tmp_path / "run", f"data.val_annotations='{wrong}'", "show images it does not have"
+    )
+
+
+def test_a_shard_pattern_that_matches_nothing_names_the_pattern(data, tmp_path):
+    from pnfs.data.shard_reader import expand_shards
+
+    pattern = str(data["shards"] / "val-*.tar")  # one folder above the shards
+    with pytest.raises(FileNotFoundError, match=r"no file matches the pattern .*val-\*\.tar") as e:
+        expand_shards(pattern, "val")
+    assert "val/val-000000.tar" in str(e.value)  # where the shards are
+    with pytest.raises(FileNotFoundError, match=r"the folder .*nowhere does not exist"):
+        expand_shards(str(tmp_path / "nowhere" / "val-*.tar"), "val")
+
+
 def test_missing_val_annotations(data, tmp_path):
     proc, s = train(data, tmp_path / "run", f"data.val_annotations={tmp_path / 'gone.json'}")
     assert_refused(

@@ -152,8 +152,10 @@ def expand_shards(spec: str | os.PathLike | list, split: str | None = None) -> l
     ``<split>-*.tar``, or every tar), a URL pattern (``http://host/train-{000000..000009}.tar``,
     ``pipe:...``; see :mod:`pnfs.data.shard_reader`) or a list of those.
 
-    Paths are sorted and must exist; URLs keep their pattern's order (a remote listing is not
-    possible, so nothing is checked until a shard is read)."""
+    Paths are sorted, must exist and be ``.tar`` files (a ``.idx`` index or a sidecar given by
+    mistake is refused, naming it); a pattern that matches nothing is refused naming the
+    pattern. URLs keep their pattern's order (a remote listing is not possible, so nothing is
+    checked until a shard is read)."""
     if isinstance(spec, (list, tuple)):
         out: list[str] = []
         for s in spec:
@@ -177,9 +179,33 @@ def expand_shards(spec: str | os.PathLike | list, split: str | None = None) -> l
     for pattern in braceexpand(spec):
         matches = sorted(glob.glob(pattern))
         if not matches:
-            raise FileNotFoundError(f"shard not found: {pattern}")
+            raise FileNotFoundError(_nothing_matches(pattern))
+        not_tar = [m for m in matches if not m.endswith(".tar")]
+        if not_tar:
+            raise ValueError(
+                f"{not_tar[0]} is not a .tar shard (a shard's .idx index or a sidecar?): give the .tar "
+                "files or their folder"
+            )
         out.extend(matches)
     return sorted(dict.fromkeys(out))
+
+
+def _nothing_matches(pattern: str) -> str:
+    """Why a local shard path or pattern found nothing, naming it and its nearest folder."""
+    wildcard = glob.has_magic(pattern)
+    what = f"no file matches the pattern {pattern}" if wildcard else f"shard not found: {pattern}"
+    folder = Path(pattern).parent
+    while glob.has_magic(str(folder)):
+        folder = folder.parent
+    if not folder.is_dir():
+        return f"{what} (the folder {folder} does not exist)"
+    # shards of that name deeper down (data/demo/val-*.tar -> data/demo/shards-seed0/val/...)
+    tars = sorted(folder.rglob(Path(pattern).name)) if glob.has_magic(Path(pattern).name) else []
+    tars = tars or sorted(folder.rglob("*.tar"))
+    if tars:
+        shown = ", ".join(str(p.relative_to(folder)) for p in tars[:3]) + (", ..." if len(tars) > 3 else "")
+        return f"{what} (under {folder}: {shown})"
+    return f"{what} (no .tar under {folder})"
 
 
 @dataclass

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pnfs.evaluate import strict_json
 from pnfs.evaluate.oks import joint_sigmas, oks_nms
 from pnfs.keypoints import load_keypoint_set
 
@@ -148,6 +149,21 @@ def load_ground_truth(annotations):
         return COCO(str(path))
 
 
+def joint_count_problem(gt, results: Sequence[dict], num_joints: int) -> None:
+    """Raise naming the counts when the ground truth or the results hold another number of
+    keypoints per person than the keypoint set that scores them (``num_joints`` sigmas)."""
+    for what, entries in (("the annotations", gt.anns.values()), ("the results", results)):
+        for entry in entries:
+            values = entry.get("keypoints") if isinstance(entry, dict) else None
+            if isinstance(values, list) and values and len(values) != 3 * num_joints:
+                raise ValueError(
+                    f"{what} hold {len(values) // 3} keypoints per person, the keypoint set scores "
+                    f"{num_joints}: give their keypoint set (--keypoints crowdpose or a YAML)"
+                )
+            if isinstance(values, list) and values:
+                break  # one entry of each says it; a file does not mix joint sets
+
+
 def format_table(stats: dict[str, float]) -> str:
     """The ten numbers as one header line and one value line."""
     head = " ".join(f"{k:>6}" for k in STAT_KEYS)
@@ -183,6 +199,8 @@ def evaluate_keypoints(
             raise ValueError(f"{path}: expected a list of results, got {type(results).__name__}")
     if len(results) == 0:
         raise ValueError("no keypoint results to evaluate (the list is empty)")
+    num_joints = len(sigmas) if sigmas is not None else len(joint_sigmas(load_keypoint_set("coco")))
+    joint_count_problem(gt, results, num_joints)
     known = set(gt.getImgIds())
     unknown = sorted({r.get("image_id") for r in results} - known, key=str)
     if unknown:
@@ -301,7 +319,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     if args.json:
-        print(json.dumps(stats))
+        print(strict_json.dumps(stats))
     elif joints.name == "crowdpose":
         print(" ".join(f"{k:>9}" for k in CROWD_KEYS))
         print(" ".join(f"{stats[k]:9.4f}" for k in CROWD_KEYS))

@@ -9,6 +9,7 @@ the metrics do not depend on the world size.
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from pnfs.config import Config
 from pnfs.data.batch import PoseBatch
 from pnfs.deploy import freeze
 from pnfs.engine.distributed import all_gather_objects
+from pnfs.evaluate import strict_json
 from pnfs.evaluate.coco import (
     box_pck,
     coco_results,
@@ -51,7 +53,7 @@ def collect_predictions(
     joints = cfg.joints
     perm = joints.flip_permutation() if cfg.eval.flip_test else None
     amp_dtype, amp_line = inference_amp(cfg.eval.amp, device)
-    print(amp_line, flush=True)
+    logging.getLogger("pnfs.train").info(amp_line)  # rank 0's logger shows it; the others' stay quiet
     if isinstance(model, PoseNFS):
         model = freeze(model)  # BN, alpha and beta folded; the model passed in is left as it was
     parts: dict[str, list[np.ndarray]] = {k: [] for k in FIELDS}
@@ -237,5 +239,5 @@ def evaluate_model(
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         (out / "results.json").write_text(json.dumps(results))
-        (out / "metrics.json").write_text(json.dumps(metrics, indent=1, allow_nan=True))
+        (out / "metrics.json").write_text(strict_json.dumps(metrics, indent=1))
     return metrics
