@@ -142,3 +142,24 @@ def test_a_replaced_image_of_another_size_is_not_reused(two_images):
     cv2.imwrite(str(images / "b.jpg"), np.zeros((128, 96, 3), np.uint8))  # same name, new bytes
     assert _shard(tmp, images, data, "--overwrite") == 0
     assert [s["reused"] for s in _entry(tmp)["shards"]] == [True, False]
+
+
+def test_shard_mpii_refuses_other_options_then_overwrites(shared_data, tmp_path, capsys):
+    """shard_mpii.py goes through the same rule: other options into the same folder are refused
+    without --overwrite, and with it the manifest and the crops are the new options'."""
+    from test_shard_coco import shard_mpii
+
+    root = shared_data / "mpii_sample"
+    args = ["--images", str(root), "--annotations", str(root / "test_mpii.json"), "--out", str(tmp_path)]
+    assert shard_mpii.main([*args, "--no-progress"]) == 0
+    manifest = tmp_path / MANIFEST
+    before = json.loads(manifest.read_text())["splits"]
+    (split,) = before
+    with pytest.raises(SystemExit) as e:
+        shard_mpii.main([*args, "--no-progress", "--margin", "1.5"])
+    assert e.value.code == 2 and "--overwrite" in capsys.readouterr().err
+    assert json.loads(manifest.read_text())["splits"] == before
+    assert shard_mpii.main([*args, "--no-progress", "--margin", "1.5", "--overwrite"]) == 0
+    after = json.loads(manifest.read_text())["splits"][split]
+    assert after["options"]["margin"] == 1.5
+    assert [s["sha256"] for s in after["shards"]] != [s["sha256"] for s in before[split]["shards"]]
