@@ -25,30 +25,7 @@ ROW = re.compile(r"^\|\s*`([^`]+)`\s*\|\s*(?:`([^`]+)`|(not yet))\s*\|")
 NOT_YET = "not yet"
 # keys and flags with no test through the user's door yet (docs/testing.md says why)
 KNOWN_GAPS = {
-    "data.sigma",
-    "train.grad_clip",
-    "train.channels_last",
-    "train.compile",
-    "train.deterministic",
-    "search.arch_lr",
-    "search.arch_weight_decay",
-    "search.arch_split",
-    "eval.sigmas",
-    "eval.pck_alpha",
     "launch/demo.py --nproc",
-    "launch/evaluate.py --config",
-    "launch/evaluate.py --hrnet-compat",
-    "launch/export.py --config",
-    "data_prep/shard_coco.py --margin",
-    "data_prep/shard_coco.py --max-scale",
-    "data_prep/shard_coco.py --aspect-range",
-    "data_prep/shard_coco.py --quality",
-    "data_prep/shard_mpii.py --shard-size",
-    "data_prep/shard_mpii.py --max-side",
-    "data_prep/shard_mpii.py --margin",
-    "data_prep/shard_mpii.py --max-scale",
-    "data_prep/shard_mpii.py --aspect-range",
-    "data_prep/shard_mpii.py --quality",
 }
 
 

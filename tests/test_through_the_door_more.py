@@ -130,6 +130,31 @@ def test_deterministic_turns_on_torchs_deterministic_algorithms(tmp_path_factory
         torch.use_deterministic_algorithms(before, warn_only=True)
 
 
+@pytest.mark.slow  # Dynamo traces the forward and backward: about 30 s on one core
+def test_compile_runs_the_step_through_dynamo_to_the_same_weights(tmp_path_factory, tmp_path, monkeypatch):
+    """train.compile=true: the run hands its forward model to torch.compile, Dynamo traces it, and
+    one step ends where the eager run ends. (Dynamo only: torch.compile is given the "eager"
+    backend here, as Inductor's C++ build per graph would take minutes on the CPU.)"""
+    from torch._dynamo.utils import counters
+
+    real = torch.compile
+    calls = []
+
+    def dynamo_only(model, **kwargs):
+        calls.append(kwargs)
+        return real(model, **{**kwargs, "backend": "eager"})
+
+    monkeypatch.setattr(torch, "compile", dynamo_only)
+    torch._dynamo.reset()
+    counters.clear()
+    eager = weights(trained(tmp_path_factory, tmp_path / "eager", "train.compile=false"))
+    assert not calls
+    compiled = weights(trained(tmp_path_factory, tmp_path / "compiled", "train.compile=true"))
+    assert calls == [{"mode": None}] and counters["stats"]["unique_graphs"] >= 1
+    for k in eager:
+        torch.testing.assert_close(compiled[k], eager[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
 # --------------------------------------------------------------------------- search.* keys
 
 
