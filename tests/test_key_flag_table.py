@@ -24,9 +24,7 @@ SCRIPTS = sorted((REPO / "launch").glob("*.py")) + sorted((REPO / "data_prep").g
 ROW = re.compile(r"^\|\s*`([^`]+)`\s*\|\s*(?:`([^`]+)`|(not yet))\s*\|")
 NOT_YET = "not yet"
 # keys and flags with no test through the user's door yet (docs/testing.md says why)
-KNOWN_GAPS = {
-    "launch/demo.py --nproc",
-}
+KNOWN_GAPS: set[str] = set()
 
 
 def config_keys(cls: type = Config, prefix: str = "") -> list[str]:

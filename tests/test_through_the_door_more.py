@@ -431,3 +431,26 @@ def test_export_config_builds_the_model_of_a_bare_state_dict(tmp_path, capsys):
     with torch.no_grad():
         got, want = torch.jit.load(str(out))(images), model.eval()(images)
     torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-4)
+
+
+# --------------------------------------------------------------------------- launch/demo.py --nproc
+
+TINY_DEMO = [
+    "--train", "16", "--val", "8", "train.epochs=1", "train.batch_size=4", "train.max_steps_per_epoch=1",
+    "data.input_size=[64,64]", "data.num_workers=0",
+    "model.backbone.fabric_channels=2", "model.channels=2", "model.vector_dim=2",
+]  # fmt: skip
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_demo_nproc_is_the_number_of_training_processes(tmp_path, nproc):
+    """launch/demo.py --nproc N: the search runs on N processes (its log line, the checkpoint's
+    world size) and the shards are written by N workers (the manifest's command)."""
+    from test_demo import run_demo
+
+    output, out = run_demo(tmp_path, 0, "--nproc", str(nproc), *TINY_DEMO, timeout=300)
+    assert f"on {nproc} process(es), device cpu" in output
+    assert load_checkpoint(latest_checkpoint(out / "checkpoints"))["world_size"] == nproc
+    manifest = json.loads((tmp_path / "data" / "shards-seed0" / "train" / "manifest.json").read_text())
+    assert f"--workers {nproc} " in manifest["splits"]["train"]["command"]
