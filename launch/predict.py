@@ -310,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
         count = people = outside = 0
         bar = tqdm(
             frames.items, total=frames.total, unit=frames.unit, desc="poses", file=sys.stderr,
-            disable=frames.total == 1, leave=False,
+            disable=frames.total == 1, leave=True,
         )  # fmt: skip
         for stem, source, image in bar:
             boxes, off = inside_image(boxes_of(stem, image), image.shape[1], image.shape[0])

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import SHARED_DATA
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "bench" / "gpu_acceptance.sh"
@@ -45,6 +46,8 @@ def _module(name: str):
 
 def _run(script: Path, *args: str, out: Path | None = None, timeout: int = 400, **env: str):
     env = {**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1", **env}
+    if SHARED_DATA.is_dir():  # the tree copy has no ../shared beside it: its tests read the same samples
+        env.setdefault("PNFS_SHARED_DATA", str(SHARED_DATA.resolve()))
     env.pop("OUT", None)
     if out is not None:
         env["OUT"] = str(out)
