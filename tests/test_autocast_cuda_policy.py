@@ -49,9 +49,9 @@ def test_the_emulation_gives_cpu_autocast_cudas_dtypes():
         )  # no autocast
 
 
-def _demo_model(backend: str, monkeypatch) -> tuple[torch.nn.Module, torch.Tensor]:
+def _demo_model(backend: str, monkeypatch, *more: str) -> tuple[torch.nn.Module, torch.Tensor]:
     monkeypatch.setenv("PNFS_KERNELS", backend)
-    cfg = load_config("demo", DEMO[backend])
+    cfg = load_config("demo", [*DEMO[backend], *more])
     torch.manual_seed(0)
     model = build_model(cfg).train().to(memory_format=torch.channels_last)
     h, w = cfg.data.input_size
@@ -59,11 +59,19 @@ def _demo_model(backend: str, monkeypatch) -> tuple[torch.nn.Module, torch.Tenso
     return model, images.contiguous(memory_format=torch.channels_last)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_posenfs_forward_and_backward_under_cudas_autocast_policy(backend, monkeypatch):
+@pytest.mark.parametrize(
+    "backend, layout",
+    [
+        ("torch", "model.batched_parts=false"),
+        ("torch", "model.batched_parts=true"),
+        pytest.param("triton", "model.batched_parts=false", marks=pytest.mark.interpret),
+    ],
+)
+def test_posenfs_forward_and_backward_under_cudas_autocast_policy(backend, layout, monkeypatch):
     """The demo PoseNFS in channels_last, as ``train.amp=bf16`` runs it on a GPU: bf16 scores close
-    to the fp32 model's, finite gradients for every weight, alpha and beta."""
-    model, images = _demo_model(backend, monkeypatch)
+    to the fp32 model's, finite gradients for every weight, alpha and beta. On a GPU
+    ``model.batched_parts=auto`` batches the parts, so that layout meets CUDA's policy too."""
+    model, images = _demo_model(backend, monkeypatch, layout)
     fp32_scores = model(images).detach()
     model.zero_grad(set_to_none=True)
     with cpu_bf16(), cuda_autocast_policy():
