@@ -10,6 +10,7 @@ under the interpreter (``interpret`` pass), forward and backward.
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -72,7 +73,10 @@ def test_posenfs_forward_and_backward_under_cudas_autocast_policy(backend, layou
     to the fp32 model's, finite gradients for every weight, alpha and beta. On a GPU
     ``model.batched_parts=auto`` batches the parts, so that layout meets CUDA's policy too."""
     model, images = _demo_model(backend, monkeypatch, layout)
-    fp32_scores = model(images).detach()
+    fp32_scores = model(images)
+    fp32_scores.square().mean().backward()
+    fp32_grads = {name: p.grad.clone() for name, p in model.named_parameters()}
+    fp32_scores = fp32_scores.detach()
     model.zero_grad(set_to_none=True)
     with cpu_bf16(), cuda_autocast_policy():
         scores = model(images)
@@ -84,6 +88,11 @@ def test_posenfs_forward_and_backward_under_cudas_autocast_policy(backend, layou
     assert not missing and any("alpha" in n for n, _ in model.named_parameters())
     for name, p in model.named_parameters():
         assert torch.isfinite(p.grad).all(), name
+    # the bf16 gradient points where the fp32 one does: every weight, alpha and beta together
+    bf16_all = torch.cat([p.grad.flatten().double() for _, p in model.named_parameters()])
+    fp32_all = torch.cat([fp32_grads[name].flatten().double() for name, _ in model.named_parameters()])
+    assert torch.nn.functional.cosine_similarity(bf16_all, fp32_all, dim=0) > 0.98
+    assert math.isclose(bf16_all.norm().item(), fp32_all.norm().item(), rel_tol=0.1)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -98,6 +107,9 @@ def test_the_fused_training_loss_under_cudas_autocast_policy(backend, monkeypatc
     cfg, model = tiny("model.vector_dim=4")
     batch = random_batch(cfg, n=2)
     fp32 = batch_loss(model, batch, loss_setup(model, cfg.data.sigma, torch.device("cpu"), None, True))
+    fp32.backward()
+    fp32_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad(set_to_none=True)
     setup = loss_setup(model, cfg.data.sigma, torch.device("cpu"), BF16, True)
     assert setup.vector_joints is not None  # the fused path
     with cuda_autocast_policy():
@@ -105,6 +117,10 @@ def test_the_fused_training_loss_under_cudas_autocast_policy(backend, monkeypatc
     loss.backward()
     assert loss.dtype == F32 and math.isclose(loss.item(), fp32.item(), rel_tol=0.05)
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    bf16_all = torch.cat([p.grad.flatten().double() for p in model.parameters()])
+    fp32_all = torch.cat([g.flatten().double() for g in fp32_grads])
+    assert torch.nn.functional.cosine_similarity(bf16_all, fp32_all, dim=0) > 0.9  # bf16 vectors: 0.96 seen
+    assert math.isclose(bf16_all.norm().item(), fp32_all.norm().item(), rel_tol=0.1)
 
 
 def test_training_and_evaluation_with_bf16_amp_through_the_config(tmp_path, tmp_path_factory, monkeypatch):
@@ -132,9 +148,10 @@ def test_training_and_evaluation_with_bf16_amp_through_the_config(tmp_path, tmp_
 
     monkeypatch.setattr(cell, "weighted_sum", recording("weighted_sum", cell.weighted_sum))
     monkeypatch.setattr(pnfs_model, "squash_score", recording("squash_score", pnfs_model.squash_score))
+    tiny = tiny_dataset(tmp_path_factory)
     overrides = [
         *TINY_OVERRIDES,
-        *tiny_dataset(tmp_path_factory)["overrides"],
+        *tiny["overrides"],
         "train.epochs=1",
         "train.max_steps_per_epoch=2",
         "train.eval_every=1",
@@ -146,7 +163,10 @@ def test_training_and_evaluation_with_bf16_amp_through_the_config(tmp_path, tmp_
     with cuda_autocast_policy():
         result = run_training(load_config(None, overrides))
     assert result["global_step"] == 2 and result["skipped_steps"] == 0
-    assert math.isfinite(result["metrics"]["score"]) and result["metrics"]["num_samples"] > 0
+    assert math.isfinite(result["metrics"]["score"]) and 0.0 <= result["metrics"]["score"] <= 1.0
+    val_manifest = json.loads((tiny["shards"] / "val" / "manifest.json").read_text())
+    val_people = sum(s["samples"] for split in val_manifest["splits"].values() for s in split["shards"])
+    assert result["metrics"]["num_samples"] == val_people  # every val person decoded once under bf16
     mixed = (BF16, BF16, F32)  # finer (conv), same (conv), coarser (up-sampled: fp32)
     assert ("weighted_sum", True, True, mixed) in seen  # training
     assert ("squash_score", False, True, (BF16,)) in seen  # evaluation
