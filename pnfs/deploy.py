@@ -41,12 +41,13 @@ import sys
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pnfs.inference import HEATMAP_STRIDE, back_project, decode, predict_scores
+from pnfs.inference import HEATMAP_STRIDE, Refine, back_project, decode, predict_scores
 from pnfs.model.backbones import FabricBackbone
 from pnfs.model.baseline import BaselinePoseNet
 from pnfs.model.cell import BETA_ORDER, Cell, Downsample, Upsample
@@ -54,11 +55,29 @@ from pnfs.model.fabric import Fabric, cell_name
 from pnfs.model.ops import DilConv, PoolBN, SepConv
 from pnfs.model.pnfs import PoseNFS
 
+ModuleT = TypeVar("ModuleT", bound=nn.Module)
+
 # --------------------------------------------------------------------------- BatchNorm folding
+
+
+def _pair(value: str | tuple[int, ...], what: str) -> tuple[int, int]:
+    """A 2-d conv's (h, w) setting, e.g. its ``stride``; a string padding ('same') has no pair."""
+    if isinstance(value, str) or len(value) != 2:
+        raise ValueError(f"freeze: a 2-d conv's {what} is {value!r}, expected (h, w)")
+    return value[0], value[1]
+
+
+def _conv_bias(conv: nn.Conv2d | nn.ConvTranspose2d) -> torch.Tensor:
+    """The bias of a conv built with ``bias=True``."""
+    if conv.bias is None:
+        raise ValueError(f"freeze: {conv} has no bias")
+    return conv.bias
 
 
 def _bn_affine(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
     """Eval-mode BN as y = a * x + b per channel (float64): a = gamma / sqrt(var + eps)."""
+    if bn.running_var is None or bn.running_mean is None:
+        raise ValueError(f"freeze: {bn} keeps no running statistics (track_running_stats=False)")
     var = bn.running_var.double()
     mean = bn.running_mean.double()
     gamma = bn.weight.double() if bn.weight is not None else torch.ones_like(var)
@@ -82,17 +101,17 @@ def fold_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d | None = None, scale: float
     folded = nn.Conv2d(
         conv.in_channels,
         out_ch,
-        conv.kernel_size,
-        stride=conv.stride,
-        padding=conv.padding,
-        dilation=conv.dilation,
+        _pair(conv.kernel_size, "kernel_size"),
+        stride=_pair(conv.stride, "stride"),
+        padding=conv.padding if isinstance(conv.padding, str) else _pair(conv.padding, "padding"),
+        dilation=_pair(conv.dilation, "dilation"),
         groups=conv.groups,
         bias=True,
         padding_mode=conv.padding_mode,
     )
     dtype = conv.weight.dtype
     folded.weight.data = (scale * weight).to(dtype)
-    folded.bias.data = (scale * bias).to(dtype)
+    _conv_bias(folded).data = (scale * bias).to(dtype)
     return folded.to(conv.weight.device)
 
 
@@ -101,7 +120,7 @@ def _sum_convs(convs: Sequence[nn.Conv2d]) -> nn.Conv2d:
     total = copy.deepcopy(convs[0])
     for conv in convs[1:]:
         total.weight.data += conv.weight.data
-        total.bias.data += conv.bias.data
+        _conv_bias(total).data += _conv_bias(conv).data
     return total
 
 
@@ -114,16 +133,16 @@ def fold_deconv_bn(deconv: nn.ConvTranspose2d, bn: nn.BatchNorm2d) -> nn.ConvTra
     folded = nn.ConvTranspose2d(
         deconv.in_channels,
         deconv.out_channels,
-        deconv.kernel_size,
-        stride=deconv.stride,
-        padding=deconv.padding,
-        output_padding=deconv.output_padding,
-        dilation=deconv.dilation,
+        _pair(deconv.kernel_size, "kernel_size"),
+        stride=_pair(deconv.stride, "stride"),
+        padding=_pair(deconv.padding, "padding"),
+        output_padding=_pair(deconv.output_padding, "output_padding"),
+        dilation=_pair(deconv.dilation, "dilation"),
         bias=True,
     )
     dtype = deconv.weight.dtype
     folded.weight.data = (weight * a.view(1, -1, 1, 1)).to(dtype)
-    folded.bias.data = (a * bias + b).to(dtype)
+    _conv_bias(folded).data = (a * bias + b).to(dtype)
     return folded.to(deconv.weight.device)
 
 
@@ -149,9 +168,9 @@ def fold_batchnorms(module: nn.Module) -> nn.Module:
                 module._modules[first] = fold_deconv_bn(conv, bn)
                 module._modules[second] = nn.Identity()
     for suffix in ("", "1", "2", "3"):
-        conv, bn = getattr(module, f"conv{suffix}", None), getattr(module, f"bn{suffix}", None)
-        if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d):
-            setattr(module, f"conv{suffix}", fold_conv_bn(conv, bn))
+        conv_attr, bn_attr = getattr(module, f"conv{suffix}", None), getattr(module, f"bn{suffix}", None)
+        if isinstance(conv_attr, nn.Conv2d) and isinstance(bn_attr, nn.BatchNorm2d):
+            setattr(module, f"conv{suffix}", fold_conv_bn(conv_attr, bn_attr))
             setattr(module, f"bn{suffix}", nn.Identity())
     return module
 
@@ -173,6 +192,9 @@ class Scale(nn.Module):
 class PoolAffine(nn.Module):
     """3x3 pooling then a per-channel affine map ``scale * p + shift`` (a folded BN times w)."""
 
+    scale: torch.Tensor  # buffer [1, c, 1, 1]
+    shift: torch.Tensor  # buffer [1, c, 1, 1]
+
     def __init__(self, pool: nn.Module, scale: torch.Tensor, shift: torch.Tensor) -> None:
         super().__init__()
         self.pool = pool
@@ -181,6 +203,13 @@ class PoolAffine(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.addcmul(self.shift, self.pool(x), self.scale)
+
+
+def _expect(module: nn.Module, kind: type[ModuleT], what: str) -> ModuleT:
+    """``module``, checked to be a ``kind`` (the layout the freeze rules assume)."""
+    if not isinstance(module, kind):
+        raise TypeError(f"freeze: {what} is a {type(module).__name__}, expected {kind.__name__}")
+    return module
 
 
 def _freeze_op(op: nn.Module, weight: float) -> nn.Module:
@@ -194,13 +223,20 @@ def _freeze_op(op: nn.Module, weight: float) -> nn.Module:
         body = []
         for b, (dw, pw, bn, _relu) in enumerate(blocks):
             scale = weight if b == len(blocks) - 1 else 1.0
-            body += [copy.deepcopy(dw), fold_conv_bn(pw, bn, scale), nn.ReLU()]
+            body += [
+                copy.deepcopy(dw),
+                fold_conv_bn(
+                    _expect(pw, nn.Conv2d, "a pointwise conv"), _expect(bn, nn.BatchNorm2d, "its BN"), scale
+                ),
+                nn.ReLU(),
+            ]
         return nn.Sequential(*body)
     if isinstance(op, PoolBN):
-        pool, bn = op[0], op[1]
-        a, b = _bn_affine(bn)
-        dtype = bn.running_var.dtype
-        return PoolAffine(copy.deepcopy(pool), (weight * a).to(dtype), (weight * b).to(dtype))
+        pool, pool_bn = op[0], _expect(op[1], nn.BatchNorm2d, "a pool's BN")
+        bn_scale, bn_shift = _bn_affine(pool_bn)
+        assert pool_bn.running_var is not None  # _bn_affine raises without running statistics
+        dtype = pool_bn.running_var.dtype
+        return PoolAffine(copy.deepcopy(pool), (weight * bn_scale).to(dtype), (weight * bn_shift).to(dtype))
     raise TypeError(f"freeze: no rule for the op {type(op).__name__}")
 
 
@@ -233,15 +269,23 @@ class FrozenCell(nn.Module):
         self, finer: torch.Tensor | None, same: torch.Tensor | None, coarser: torch.Tensor | None
     ) -> torch.Tensor:
         given = {"finer": finer, "same": same, "coarser": coarser}
-        terms = [given[src] * w for src, w in self.identity.items()]
-        terms += [conv(given[src]) for src, conv in self.down.items()]
+
+        def read(src: str) -> torch.Tensor:
+            tensor = given[src]
+            if tensor is None:
+                raise ValueError(f"FrozenCell: its input {src!r} is None")
+            return tensor
+
+        terms = [read(src) * w for src, w in self.identity.items()]
+        terms += [conv(read(src)) for src, conv in self.down.items()]
         terms += [
-            F.interpolate(conv(given[src]), scale_factor=2.0, mode="bilinear", align_corners=True)
+            F.interpolate(conv(read(src)), scale_factor=2.0, mode="bilinear", align_corners=True)
             for src, conv in self.up.items()
         ]
         nodes = [torch.relu(_add(terms))]
         for sources, ops in zip(self.inputs_of, self.ops):
-            nodes.append(_add([op(nodes[i]) for i, op in zip(sources, ops)]))
+            node_ops = _expect(ops, nn.ModuleList, "a node's ops")
+            nodes.append(_add([op(nodes[i]) for i, op in zip(sources, node_ops)]))
         return self.output(torch.cat(nodes[1:], dim=1))
 
 
@@ -273,7 +317,9 @@ def freeze_cell(cell: Cell, alpha: torch.Tensor, prune_below: float = 0.0) -> Fr
                 continue
             source, transform, w = cell.sources[slot], cell.transforms[slot], 3.0 * float(w)
             if isinstance(transform, Downsample):
-                down.setdefault(source, []).append(fold_conv_bn(transform[0], transform[1], w))
+                conv = _expect(transform[0], nn.Conv2d, "a Downsample's conv")
+                bn = _expect(transform[1], nn.BatchNorm2d, "a Downsample's BN")
+                down.setdefault(source, []).append(fold_conv_bn(conv, bn, w))
             elif isinstance(transform, Upsample):
                 up.setdefault(source, []).append(fold_conv_bn(transform.conv, transform.bn, w))
             else:
@@ -282,7 +328,9 @@ def freeze_cell(cell: Cell, alpha: torch.Tensor, prune_below: float = 0.0) -> Fr
     edges: list[list[tuple[int, nn.Module]]] = [[] for _ in range(cell.hidden_nodes)]
     for e, (i, j) in enumerate(cell.edges):
         row = soft[e, cell.op_columns]
-        for op, w, kept in zip(cell.edge_ops[e], row, _keep(row, prune_below)):
+        for op, w, kept in zip(
+            _expect(cell.edge_ops[e], nn.ModuleList, "an edge's ops"), row, _keep(row, prune_below)
+        ):
             if kept:
                 edges[j - 1].append((i, _freeze_op(op, cell.num_ops * float(w))))
     return FrozenCell(
@@ -313,7 +361,10 @@ class FrozenFabric(nn.Module):
 
 
 def freeze_fabric(fabric: Fabric, prune_below: float = 0.0) -> FrozenFabric:
-    cells = {name: freeze_cell(cell, fabric.alpha, prune_below) for name, cell in fabric.cells.items()}
+    cells = {
+        name: freeze_cell(_expect(cell, Cell, f"fabric cell {name}"), fabric.alpha, prune_below)
+        for name, cell in fabric.cells.items()
+    }
     return FrozenFabric([list(s) for s in fabric.layers], cells)
 
 
@@ -334,10 +385,11 @@ def freeze(
         raise ValueError(f"--prune-below {prune_below!r} must be in [0, 1)")
     # freezing walks the parts one at a time: a batched PoseNFS (model.batched_parts) is unbatched first
     frozen = (model.with_part_layout(False) if isinstance(model, PoseNFS) else copy.deepcopy(model)).eval()
-    for part in frozen.parts if isinstance(frozen, PoseNFS) else ():
-        part.fabric = freeze_fabric(part.fabric, prune_below)
+    for part in frozen.part_networks() if isinstance(frozen, PoseNFS) else ():
+        # the frozen model swaps in a FrozenFabric (the same forward); only deploy code walks it after
+        part.fabric = freeze_fabric(part.fabric, prune_below)  # type: ignore[assignment]
     if isinstance(frozen.backbone, FabricBackbone):
-        frozen.backbone.fabric = freeze_fabric(frozen.backbone.fabric, prune_below)
+        frozen.backbone.fabric = freeze_fabric(frozen.backbone.fabric, prune_below)  # type: ignore[assignment]
     fold_batchnorms(frozen)
     remaining = [type(m).__name__ for m in frozen.modules() if isinstance(m, (nn.BatchNorm2d, Cell, Fabric))]
     if remaining:
@@ -350,8 +402,18 @@ def freeze(
 
 def count_ops(model: nn.Module) -> int:
     """Edge ops a (frozen or training) model computes (``zero`` never counts)."""
-    frozen = sum(len(ops) for m in model.modules() if isinstance(m, FrozenCell) for ops in m.ops)
-    training = sum(len(ops) for m in model.modules() if isinstance(m, Cell) for ops in m.edge_ops)
+    frozen = sum(
+        len(_expect(ops, nn.ModuleList, "a node's ops"))
+        for m in model.modules()
+        if isinstance(m, FrozenCell)
+        for ops in m.ops
+    )
+    training = sum(
+        len(_expect(ops, nn.ModuleList, "an edge's ops"))
+        for m in model.modules()
+        if isinstance(m, Cell)
+        for ops in m.edge_ops
+    )
     return frozen + training
 
 
@@ -389,7 +451,7 @@ class DecodingModel(nn.Module):
         network: nn.Module,
         flip_permutation: list[int] | None = None,
         flip_shift: bool = False,
-        refine: str = "quarter",
+        refine: Refine = "quarter",
     ) -> None:
         super().__init__()
         self.network = network

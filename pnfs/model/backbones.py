@@ -40,7 +40,15 @@ from pnfs.config import ALL_OPS, BackboneConfig
 from pnfs.model.fabric import SCALES, backbone_fabric
 
 
-class MobileNetV2Backbone(nn.Module):
+class Backbone(nn.Module):
+    """What the models read of a backbone (module docstring): ``forward(images [N, 3, H, W])`` ->
+    the pyramid, a list of [N, channels[i], H/s_i, W/s_i]."""
+
+    channels: tuple[int, ...]
+    unused_weight_prefixes: tuple[str, ...] = ()
+
+
+class MobileNetV2Backbone(Backbone):
     """torchvision MobileNetV2 ``features[0..16]``: [N, 3, H, W] -> taps after blocks 3, 6, 13, 16,
     [N, 24, H/4, W/4], [N, 32, H/8, W/8], [N, 96, H/16, W/16], [N, 160, H/32, W/32]."""
 
@@ -63,7 +71,7 @@ class MobileNetV2Backbone(nn.Module):
         return pyramid
 
 
-class ResNet50Backbone(nn.Module):
+class ResNet50Backbone(Backbone):
     """torchvision ResNet-50 stem + layer1..4: [N, 3, H, W] -> the four layer outputs
     [N, 256 * 2^k, H/2^(k+2), W/2^(k+2)], k=0..3."""
 
@@ -87,18 +95,32 @@ class ResNet50Backbone(nn.Module):
         return pyramid
 
 
-class HRNetW32Backbone(nn.Module):
+class HRNetW32Backbone(Backbone):
     """HRNet-W32 stem..stage3 + transition3: [N, 3, H, W] -> the four stage-4 inputs
     [N, 32 * 2^k, H/2^(k+2), W/2^(k+2)], k=0..3."""
 
-    channels = (32, 64, 128, 256)
-    unused_weight_prefixes = (
+    channels: tuple[int, ...] = (32, 64, 128, 256)
+    unused_weight_prefixes: tuple[str, ...] = (
         "stage4.", "incre_modules.", "downsamp_modules.", "final_layer.", "classifier.", "head.",
     )  # fmt: skip
-    kept = (
+    kept: tuple[str, ...] = (
         "conv1", "bn1", "act1", "conv2", "bn2", "act2",
         "layer1", "transition1", "stage2", "transition2", "stage3", "transition3",
     )  # fmt: skip
+
+    # timm's modules, set by name (``kept``) in __init__
+    conv1: nn.Module
+    bn1: nn.Module
+    act1: nn.Module
+    conv2: nn.Module
+    bn2: nn.Module
+    act2: nn.Module
+    layer1: nn.Module
+    transition1: nn.ModuleList
+    stage2: nn.Module
+    transition2: nn.ModuleList
+    stage3: nn.Module
+    transition3: nn.ModuleList
 
     def __init__(self) -> None:
         super().__init__()
@@ -134,11 +156,9 @@ class FabricStem(nn.Sequential):
         )
 
 
-class FabricBackbone(nn.Module):
+class FabricBackbone(Backbone):
     """Stem + the first m layers of a fabric over all six ops (paper §III-C, Fig. 4 blue area):
     [N, 3, H, W] -> [N, F*s, H/s, W/s] for s = 4, 8, 16, 32 (the last layer's four cells)."""
-
-    unused_weight_prefixes = ()
 
     def __init__(self, channels: int, num_layers: int, hidden_nodes: int, stem_channels: int = 64) -> None:
         super().__init__()
@@ -153,10 +173,10 @@ class FabricBackbone(nn.Module):
         return [out[s] for s in SCALES]
 
 
-def build_backbone(cfg: BackboneConfig) -> nn.Module:
+def build_backbone(cfg: BackboneConfig) -> Backbone:
     """The backbone named in ``cfg``, randomly initialised (see :func:`load_pretrained_backbone`)."""
     if cfg.name == "mobilenetv2":
-        backbone: nn.Module = MobileNetV2Backbone()
+        backbone: Backbone = MobileNetV2Backbone()
     elif cfg.name == "resnet50":
         backbone = ResNet50Backbone()
     elif cfg.name == "hrnet_w32":
@@ -179,7 +199,7 @@ def _unwrap_state_dict(obj: object, path: str) -> dict[str, torch.Tensor]:
     return {k.removeprefix("module.").removeprefix("backbone."): v for k, v in obj.items()}
 
 
-def load_backbone_weights(backbone: nn.Module, path: str | Path) -> None:
+def load_backbone_weights(backbone: Backbone, path: str | Path) -> None:
     """Load a local state dict (torchvision/timm key names; ``module.``/``backbone.`` prefixes
     stripped; the keys of blocks we do not build ignored). A missing or unreadable file, and
     missing or unexpected keys or shape mismatches, raise ValueError naming the file and the keys."""
@@ -194,7 +214,7 @@ def load_backbone_weights(backbone: nn.Module, path: str | Path) -> None:
     fit_backbone_state(backbone, _unwrap_state_dict(obj, str(path)), repr(str(path)))
 
 
-def fit_backbone_state(backbone: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+def fit_backbone_state(backbone: Backbone, state: dict[str, torch.Tensor], source: str) -> None:
     """Load a full torchvision/timm state dict (the keys of blocks we do not build ignored);
     missing or unexpected keys or shape mismatches raise ValueError naming ``source`` and the keys."""
     state = {k: v for k, v in state.items() if not k.startswith(tuple(backbone.unused_weight_prefixes))}
@@ -281,7 +301,7 @@ def imagenet_state_dict(name: str) -> dict[str, torch.Tensor]:
 
 
 def load_pretrained_backbone(
-    backbone: nn.Module, cfg: BackboneConfig, log: logging.Logger | None = None
+    backbone: Backbone, cfg: BackboneConfig, log: logging.Logger | None = None
 ) -> str:
     """Load ``cfg.weights`` into ``backbone`` (see the module docstring) and log what happened.
 

@@ -21,7 +21,7 @@ checkpoints, parameter counts and the exported architecture are those of the per
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import torch
@@ -40,10 +40,14 @@ PART_LAYERS = ([4, 8, 16], [4, 8], [4])  # the part fabric's layers (pnfs.model.
 
 def _mixed_sum(terms: list[torch.Tensor], weights: torch.Tensor) -> torch.Tensor:
     """sum_k w[p, k] x_k per part block, in chunks of ``MAX_INPUTS`` like the per-part cell."""
-    return sum(
+    chunks = [
         grouped_weighted_sum(terms[k : k + MAX_INPUTS], weights[:, k : k + MAX_INPUTS])
         for k in range(0, len(terms), MAX_INPUTS)
-    )
+    ]
+    total = chunks[0]
+    for chunk in chunks[1:]:
+        total = total + chunk
+    return total
 
 
 class BatchedCell(nn.Module):
@@ -75,7 +79,7 @@ class BatchedCell(nn.Module):
             "coarser": "coarser" if has_coarser else "same",
         }
         c = parts * channels
-        transform = {
+        transform: dict[str, Callable[[], nn.Module]] = {
             "finer": lambda: Downsample(c // 2, c, groups=parts),
             "same": nn.Identity,
             "coarser": lambda: Upsample(c * 2, c, groups=parts),
@@ -103,7 +107,9 @@ class BatchedCell(nn.Module):
             terms, term_weights = [], []
             for e, (i, jj) in enumerate(self.edges):
                 if jj == j:
-                    terms += [op(nodes[i]) for op in self.edge_ops[e]]
+                    edge_ops = self.edge_ops[e]
+                    assert isinstance(edge_ops, nn.ModuleList)  # built so in __init__
+                    terms += [op(nodes[i]) for op in edge_ops]
                     term_weights.append(edge_weights[:, e])
             nodes.append(_mixed_sum(terms, torch.cat(term_weights, dim=1)))
         if self.hidden_nodes == 1:
@@ -163,6 +169,7 @@ class BatchedFabric(nn.Module):
             "beta": {
                 name: torch.softmax(cell.beta[part].detach().float(), dim=0).tolist()
                 for name, cell in self.cells.items()
+                if isinstance(cell, BatchedCell)  # every cell is (built so in __init__)
             },
         }
 
@@ -184,6 +191,8 @@ class BlockDiagonalConv(nn.Conv2d):
     parts' conv weights stacked in part order (a 1x1 ``Conv2d(c_in, sum_p J_p*d)``, so the paper's
     counting in :mod:`pnfs.summary` sees the per-part heads' parameters and multiply-adds). With equal
     J_p it runs as a grouped conv, otherwise over the block-diagonal [sum_p J_p*d, P*c_in]."""
+
+    mask: torch.Tensor  # buffer [sum_p J_p*d, P*c_in, 1, 1]
 
     def __init__(self, in_channels: int, out_channels: Sequence[int]) -> None:
         super().__init__(in_channels, sum(out_channels), 1, bias=True)

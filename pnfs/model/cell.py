@@ -35,7 +35,7 @@ row ``e`` of alpha is edge ``edge_list(H)[e]``.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -82,10 +82,14 @@ def _weighted_sum(terms: list[torch.Tensor], weights: torch.Tensor) -> torch.Ten
     into its own ``weighted_sum`` call)."""
     if len(terms) <= MAX_INPUTS:
         return weighted_sum(terms, weights)
-    return sum(
+    chunks = [
         weighted_sum(terms[k : k + MAX_INPUTS], weights[k : k + MAX_INPUTS])
         for k in range(0, len(terms), MAX_INPUTS)
-    )
+    ]
+    total = chunks[0]
+    for chunk in chunks[1:]:
+        total = total + chunk
+    return total
 
 
 class Cell(nn.Module):
@@ -122,7 +126,7 @@ class Cell(nn.Module):
             "same": same_source,
             "coarser": "coarser" if has_coarser else same_source,
         }
-        transform = {
+        transform: dict[str, Callable[[], nn.Module]] = {
             "finer": lambda: Downsample(channels // 2, channels),
             "same": nn.Identity,
             "coarser": lambda: Upsample(channels * 2, channels),
@@ -145,7 +149,9 @@ class Cell(nn.Module):
         """I = ReLU(3 * sum_i softmax(beta)_i T_i(O_i)) over the (finer, same, coarser) slots."""
         given = {"finer": finer, "same": same, "coarser": coarser}
         if self.beta is None:
-            return torch.relu(3.0 * given["same"])
+            if same is None:
+                raise ValueError("Cell.input_node: this cell reads only 'same', which is None")
+            return torch.relu(3.0 * same)
         inputs = [self.transforms[slot](given[self.sources[slot]]) for slot in BETA_ORDER]
         return weighted_sum(inputs, 3.0 * torch.softmax(self.beta, dim=0), relu=True)
 
@@ -162,7 +168,9 @@ class Cell(nn.Module):
             terms, term_weights = [], []
             for e, (i, jj) in enumerate(self.edges):
                 if jj == j:
-                    terms += [op(nodes[i]) for op in self.edge_ops[e]]
+                    edge_ops = self.edge_ops[e]
+                    assert isinstance(edge_ops, nn.ModuleList)  # built so in __init__
+                    terms += [op(nodes[i]) for op in edge_ops]
                     term_weights.append(weights[e])
             nodes.append(_weighted_sum(terms, torch.cat(term_weights)))
         return self.output(torch.cat(nodes[1:], dim=1))

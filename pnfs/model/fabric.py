@@ -85,7 +85,7 @@ class Fabric(nn.Module):
             "beta": {
                 name: torch.softmax(cell.beta.detach().float(), dim=0).tolist()
                 for name, cell in self.cells.items()
-                if cell.beta is not None
+                if isinstance(cell, Cell) and cell.beta is not None
             },
         }
 

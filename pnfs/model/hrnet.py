@@ -29,6 +29,7 @@ class HRNetW32Trunk(HRNetW32Backbone):
     channels = (32,)
     kept = (*HRNetW32Backbone.kept, "stage4")
     # the last module's fuse layers into branches 1..3 (multi-scale output) and the classifier
+    stage4: nn.Sequential  # timm's, set by name (``kept``)
     unused_weight_prefixes = (
         "stage4.2.fuse_layers.1.", "stage4.2.fuse_layers.2.", "stage4.2.fuse_layers.3.",
         "incre_modules.", "downsamp_modules.", "final_layer.", "classifier.", "head.",
@@ -37,7 +38,9 @@ class HRNetW32Trunk(HRNetW32Backbone):
     def __init__(self) -> None:
         super().__init__()
         last = self.stage4[-1]
-        last.fuse_layers = last.fuse_layers[:1]
+        fuse_layers = last.fuse_layers
+        assert isinstance(fuse_layers, nn.ModuleList)  # timm's HighResolutionModule
+        last.fuse_layers = fuse_layers[:1]
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         return self.stage4(super().forward(x))

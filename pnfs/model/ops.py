@@ -18,6 +18,8 @@ second time, exactly as the paper's figures do.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from torch import nn
 
 ZERO = "zero"
@@ -59,7 +61,7 @@ class PoolBN(nn.Sequential):
         super().__init__(pool, nn.BatchNorm2d(channels, affine=False))
 
 
-OP_BUILDERS = {
+OP_BUILDERS: dict[str, Callable[[int, int], nn.Module]] = {
     "skip_connect": lambda c, g: nn.Identity(),
     "sep_conv_3x3": SepConv,
     "dil_conv_3x3": DilConv,

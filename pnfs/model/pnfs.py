@@ -24,7 +24,7 @@ from torch import nn
 
 from pnfs.config import Config
 from pnfs.kernels import squash_score
-from pnfs.model.backbones import FabricBackbone, build_backbone
+from pnfs.model.backbones import Backbone, FabricBackbone, build_backbone
 from pnfs.model.baseline import BaselinePoseNet
 from pnfs.model.batched import BatchedCell, BatchedFabric, BatchedParts
 from pnfs.model.cell import Cell
@@ -37,9 +37,11 @@ from pnfs.model.simple_baseline import simple_baseline_resnet50
 class PoseNFS(nn.Module):
     """The Pose Neural Fabrics Search model (paper Fig. 2)."""
 
+    joint_index: torch.Tensor  # buffer [sum_p J_p]: the joint of each part's score channel, in part order
+
     def __init__(
         self,
-        backbone: nn.Module,
+        backbone: Backbone,
         parts: Sequence[Sequence[int]],
         part_names: Sequence[str],
         joint_names: Sequence[str],
@@ -66,7 +68,7 @@ class PoseNFS(nn.Module):
             self.register_buffer(f"joint_index_{k}", torch.tensor(joints, dtype=torch.long), persistent=False)
         self.register_buffer("joint_index", torch.tensor(order, dtype=torch.long), persistent=False)
 
-    def _build_parts(self, batched: bool) -> nn.Module:
+    def _build_parts(self, batched: bool) -> BatchedParts | nn.ModuleList:
         pyramid_channels, channels, hidden_nodes, ops = self.part_structure
         joints = [len(p) for p in self.part_joints]
         if batched:
@@ -90,29 +92,35 @@ class PoseNFS(nn.Module):
             copy.train(self.training)
         return copy
 
+    def part_networks(self) -> list[PartNetwork]:
+        """The per-part networks in part order (the per-part layout; none when batched)."""
+        return [part for part in self.parts if isinstance(part, PartNetwork)]
+
     def forward(self, images: torch.Tensor, vectors: bool = False) -> torch.Tensor:
         """images [N, 3, H, W] -> scores [N, K, H/4, W/4], joints in several parts summed;
         ``vectors``: the parts' vectors [N, K*d, H/4, W/4] (only where ``vector_joints`` is set)."""
         if vectors and self.vector_joints is None:
             raise ValueError("PoseNFS: vectors=True needs every joint in exactly one part (not P=8)")
         pyramid = self.backbone(images)
-        if self.batched_parts:
+        if isinstance(self.parts, BatchedParts):
             all_vectors = self.parts.vectors(pyramid)
             if vectors:
                 return all_vectors
-            scores = squash_score(all_vectors, self.vector_dim)
-            n, _, h, w = scores.shape
-            return scores.new_zeros(n, self.num_joints, h, w).index_add(1, self.joint_index, scores)
-        part_vectors = [part.vectors(pyramid) for part in self.parts]
+            all_scores = squash_score(all_vectors, self.vector_dim)
+            n, _, h, w = all_scores.shape
+            return all_scores.new_zeros(n, self.num_joints, h, w).index_add(1, self.joint_index, all_scores)
+        part_vectors = [part.vectors(pyramid) for part in self.part_networks()]
         if vectors:
             return torch.cat(part_vectors, dim=1)
-        scores = None
+        scores: torch.Tensor | None = None
         for k, v in enumerate(part_vectors):
             part_scores = squash_score(v, self.vector_dim)
             if scores is None:
                 n, _, h, w = part_scores.shape
                 scores = part_scores.new_zeros(n, self.num_joints, h, w)
             scores = scores.index_add(1, getattr(self, f"joint_index_{k}"), part_scores)
+        if scores is None:
+            raise ValueError("PoseNFS: no parts")
         return scores
 
     def arch_parameters(self) -> list[nn.Parameter]:
@@ -137,8 +145,8 @@ class PoseNFS(nn.Module):
         for k, (name, joints) in enumerate(zip(self.part_names, self.part_joints)):
             fabric = (
                 self.parts.fabric.architecture(k)
-                if self.batched_parts
-                else self.parts[k].fabric.architecture()
+                if isinstance(self.parts, BatchedParts)
+                else self.part_networks()[k].fabric.architecture()
             )
             parts.append(
                 {
