@@ -68,4 +68,6 @@ def strides4(x: torch.Tensor) -> tuple[tuple[int, int, int, int], tuple[int, int
     pad = 4 - x.dim()
     if pad < 0:
         raise ValueError(f"strided kernel path takes at most 4 dims, got shape {tuple(x.shape)}")
-    return (1,) * pad + tuple(x.shape), (0,) * pad + tuple(x.stride())
+    n, c, h, w = (1,) * pad + tuple(x.shape)
+    sn, sc, sh, sw = (0,) * pad + tuple(x.stride())
+    return (n, c, h, w), (sn, sc, sh, sw)

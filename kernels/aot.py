@@ -115,7 +115,7 @@ def _specialisations() -> list[Spec]:
                 specs.append(Spec("_squash_fwd_kernel", "squash", (*common, *layout), **kwargs))
                 specs.append(Spec("_squash_bwd_kernel", "squash", (*common, *layout), **kwargs))
                 for grad in (True, False):
-                    consts = (*common, ("COMPUTE_GRAD", grad), *layout)
+                    consts: tuple[tuple[str, int | bool], ...] = (*common, ("COMPUTE_GRAD", grad), *layout)
                     specs.append(Spec("_squash_mse_kernel", "squash", consts, **kwargs))
         # input node: K=3 with ReLU; hidden nodes: K = edges x non-zero ops (3 or 5) for H <= 2,
         # and 12 (a full chunk) / 3 (the remainder of 15 terms)
@@ -149,7 +149,7 @@ def _training_layout_specialisations() -> list[Spec]:
     specs: list[Spec] = []
     # channels_last vectors (strided) with NCHW targets (flat): the fused loss as training runs it
     for dtype, d, aligned in (("bf16", 8, True), ("fp32", 8, True), ("bf16", 4, True), ("bf16", 4, False)):
-        consts = (
+        consts: tuple[tuple[str, int | bool], ...] = (
             ("D", d), ("BLOCK_D", squash._block_d(d)), ("BLOCK_P", squash.STRIDED_BLOCK_P_COMPILED),
             ("COMPUTE_GRAD", True), ("FLAT", False), ("MAP_FLAT", True),
         )  # fmt: skip
@@ -202,6 +202,14 @@ def _tool(name: str) -> str | None:
 
     bundled = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name
     return str(bundled) if bundled.exists() else shutil.which(name)
+
+
+def _required_tool(name: str) -> str:
+    """The path of the CUDA tool ``name`` (see :func:`toolchain_missing`)."""
+    path = _tool(name)
+    if path is None:
+        raise FileNotFoundError(f"{name} not found in the triton wheel or on PATH")
+    return path
 
 
 def _signature(fn, spec: Spec) -> tuple[dict[str, str], dict]:
@@ -303,7 +311,7 @@ def _resource_usage(cubin: bytes, kernel: str) -> dict[str, int]:
         path = Path(folder) / f"{kernel}.cubin"
         path.write_bytes(cubin)
         text = subprocess.run(
-            [_tool("cuobjdump"), "--dump-resource-usage", str(path)],
+            [_required_tool("cuobjdump"), "--dump-resource-usage", str(path)],
             capture_output=True,
             text=True,
             check=True,

@@ -42,7 +42,7 @@ def block_p(hw: int) -> int:
 _NO_INDEX = 2**62  # larger than any pixel index; marks "none" in the lane reductions
 
 
-def _decode_maps(maps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _decode_maps(maps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """maps [N, J, H, W] fp32 -> (coords [N, J, 2] (x, y) with the quarter offset, peak value [N, J])."""
     n, j, h, w = maps.shape
     flat = maps.reshape(n, j, h * w)

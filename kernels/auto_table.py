@@ -69,4 +69,5 @@ def auto_choice(kernel: str | None, dtype: torch.dtype, capability: tuple[int, i
     """ "triton" or "torch" for ``kernel`` on ``dtype`` data at ``capability``; unmeasured: "torch"."""
     if kernel is None:
         return "torch"
-    return AUTO_TABLE.get((kernel, DTYPE_NAMES.get(dtype, str(dtype)), tuple(capability)), "torch")
+    major, minor = capability
+    return AUTO_TABLE.get((kernel, DTYPE_NAMES.get(dtype, str(dtype)), (major, minor)), "torch")

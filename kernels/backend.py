@@ -85,7 +85,8 @@ def capability(device: torch.device) -> tuple[int, int]:
     """``device``'s CUDA compute capability (major, minor), asked once per device (a plain dict,
     not ``functools.cache``, which torch.compile warns about when it traces through it)."""
     if device not in _CAPABILITY:
-        _CAPABILITY[device] = tuple(torch.cuda.get_device_capability(device))
+        major, minor = torch.cuda.get_device_capability(device)
+        _CAPABILITY[device] = (major, minor)
     return _CAPABILITY[device]
 
 

@@ -27,7 +27,10 @@ Handle = Callable[[list, list], int]
 
 
 def _numel(value: torch._C.Value) -> int:
-    sizes = value.type().sizes()
+    value_type = value.type()
+    if not isinstance(value_type, torch._C.TensorType):
+        raise ValueError(f"fvcore handle: {value.debugName()} is a {value_type}, not a tensor")
+    sizes = value_type.sizes()
     if sizes is None:
         raise ValueError(f"fvcore handle: no static shape for {value.debugName()}")
     return math.prod(sizes)

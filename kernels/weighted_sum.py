@@ -57,10 +57,11 @@ def weighted_sum_reference(
     """
     out_dtype = result_dtype(inputs)
     w = weights.to(compute_dtype(out_dtype))
-    out = None
-    for k, x in enumerate(inputs):
-        term = x * w[k].reshape((1,) * x.dim())
-        out = term if out is None else out + term
+    if not inputs:
+        raise ValueError("weighted_sum: no inputs")
+    out = inputs[0] * w[0].reshape((1,) * inputs[0].dim())
+    for k, x in enumerate(inputs[1:], start=1):
+        out = out + x * w[k].reshape((1,) * x.dim())
     if relu:
         out = torch.relu(out)
     return out.to(out_dtype)

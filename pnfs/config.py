@@ -31,7 +31,7 @@ BASELINE_BACKBONES: dict[str, str] = {"simplebaseline_resnet50": "resnet50", "hr
 DatasetName = Literal["coco", "mpii"]
 StrategyName = Literal["sync", "random", "darts1"]
 
-SUBNETWORK_OPS: list[str] = ["zero", "skip_connect", "sep_conv_3x3", "dil_conv_3x3"]
+SUBNETWORK_OPS: list[OpName] = ["zero", "skip_connect", "sep_conv_3x3", "dil_conv_3x3"]
 ALL_OPS: list[str] = list(get_args(OpName))
 
 
@@ -215,7 +215,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected a list, got {value!r}")
         (item_tp, *_) = get_args(tp) or (Any,)
         return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping of {tp.__name__} fields, got {value!r}")
         return _from_dict(tp, value, key)

@@ -14,13 +14,16 @@ from __future__ import annotations
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from pnfs.data.targets import gaussian_targets
 from pnfs.kernels import squash_mse_loss
+
+if TYPE_CHECKING:  # for annotations only: the models sit above the loss
+    from pnfs.model import BaselinePoseNet, PoseNFS
 
 
 @dataclass(frozen=True)
@@ -64,7 +67,11 @@ class LossSetup:
 
 
 def loss_setup(
-    model: nn.Module, sigma: float, device: torch.device, autocast: torch.dtype | None, channels_last: bool
+    model: PoseNFS | BaselinePoseNet,
+    sigma: float,
+    device: torch.device,
+    autocast: torch.dtype | None,
+    channels_last: bool,
 ) -> LossSetup:
     """The fused path wherever the bare PoseNFS ``model`` maps its vectors one-to-one onto joints."""
     joints = model.vector_joints

@@ -49,7 +49,9 @@ class CheckpointError(RuntimeError):
 
 def capture_rng_state() -> dict[str, Any]:
     """This process's generator states as tensors and plain types."""
-    np_state = np.random.get_state()
+    np_state = np.random.get_state(legacy=True)
+    if isinstance(np_state, dict):  # legacy=True gives the tuple for numpy's global MT19937
+        raise TypeError(f"capture_rng_state: numpy's global generator is {np_state.get('bit_generator')}")
     state: dict[str, Any] = {
         "torch": torch.get_rng_state(),
         "numpy": {
@@ -114,8 +116,8 @@ def list_step_checkpoints(folder: str | Path) -> list[Path]:
     folder = Path(folder)
     if not folder.is_dir():
         return []
-    found = [p for p in folder.iterdir() if STEP_FILE.match(p.name)]
-    return sorted(found, key=lambda p: int(STEP_FILE.match(p.name).group(1)))
+    found = [(int(match.group(1)), p) for p in folder.iterdir() if (match := STEP_FILE.match(p.name))]
+    return [p for _, p in sorted(found, key=lambda step_path: step_path[0])]
 
 
 def latest_checkpoint(folder: str | Path) -> Path | None:

@@ -198,6 +198,7 @@ def wrap_ddp(model: nn.Module, device: torch.device, for_cuda_graph: bool = Fals
 
     ddp = nn.parallel.DistributedDataParallel
     # torch >= 2.14 names the switch forward_sync_buffers and deprecates broadcast_buffers
+    no_forward_broadcast: dict[str, Any]
     if "forward_sync_buffers" in inspect.signature(ddp).parameters:
         no_forward_broadcast = {"forward_sync_buffers": False}
     else:

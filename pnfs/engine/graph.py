@@ -133,9 +133,9 @@ class GraphedStep:
                 self.step(batch)
             self.eager_steps += 1
             return
-        if self.graph is None:
-            self.static = StaticBatch.like(batch, self.device)
-            static = self.static
+        if self.graph is None or self.static is None:
+            static = StaticBatch.like(batch, self.device)
+            self.static = static
             self.graph = self.capture(lambda: self.step(static))
         elif not self.static.fits(batch):
             self.step(batch)

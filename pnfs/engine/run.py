@@ -29,7 +29,7 @@ from pnfs.engine.strategies import (
     prepare_architecture,
     split_shards,
 )
-from pnfs.model import build_model
+from pnfs.model import PoseNFS, build_model
 from pnfs.model.backbones import load_pretrained_backbone
 
 
@@ -81,7 +81,7 @@ class Run:
                 if optimizer is not None:
                     make_capturable(optimizer, ctx.device)
 
-        if self.use_deepspeed:
+        if deepspeed_config is not None:
             self.engine = self._deepspeed_engine(deepspeed_config, checkpoint)
             self.forward_model: nn.Module = self.engine
         elif ctx.distributed:
@@ -93,7 +93,8 @@ class Run:
             ckpt.load_buffers(model, checkpoint["rank_buffers"][ctx.rank])
         if cfg.train.compile:  # CUDA graphs of the forward and backward on a GPU (docs/design.md §8)
             mode = "reduce-overhead" if ctx.device.type == "cuda" else None
-            self.forward_model = torch.compile(self.forward_model, mode=mode)
+            # on a Module torch.compile returns an OptimizedModule (a Module); its stub says Callable
+            self.forward_model = torch.compile(self.forward_model, mode=mode)  # type: ignore[assignment]
         self.log.info(describe_optimizers(model, cfg, self._weight_optimizer_parameters()))
         self.train_shards, self.arch_shards = self._training_shards()
         self.scalars = Scalars(self.out_dir / "tensorboard", enabled=ctx.is_main)
@@ -261,7 +262,7 @@ class Run:
     def export_architecture(self, stem: str, epoch: int | None) -> None:
         """Rank 0: ``architecture/<stem>.json`` and ``.png``, and the alpha/beta entropies to TensorBoard
         (nothing for a model without alpha/beta: a Table VI baseline)."""
-        if self.ctx.is_main and self.model.arch_parameters():
+        if self.ctx.is_main and isinstance(self.model, PoseNFS) and self.model.arch_parameters():
             arch = self.model.architecture()
             self.last_export = export_architecture(arch, self.arch_dir, stem, epoch)
             ent = architecture_entropies(arch)

@@ -65,7 +65,8 @@ def apply_if_finite(optimizer: torch.optim.Optimizer, finite: torch.Tensor) -> N
     if len(optimizer.state) == sum(len(g["params"]) for g in optimizer.param_groups):
         fused_adam_update(optimizer, found_inf)
     else:  # the first step builds Adam's state
-        optimizer.found_inf = found_inf
+        # fused Adam reads found_inf from an attribute GradScaler sets (torch declares none)
+        optimizer.found_inf = found_inf  # type: ignore[attr-defined]
         optimizer.step()
 
 

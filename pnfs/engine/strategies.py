@@ -24,6 +24,10 @@ import torch
 from torch import nn
 
 from pnfs.config import Config, ConfigError
+from pnfs.model.baseline import BaselinePoseNet
+from pnfs.model.pnfs import PoseNFS
+
+PoseModel = PoseNFS | BaselinePoseNet  # what pnfs.model.build_model returns
 
 
 @dataclass
@@ -38,7 +42,7 @@ def _ids(params: Sequence[nn.Parameter]) -> set[int]:
     return {id(p) for p in params}
 
 
-def randomize_architecture(model: nn.Module, seed: int) -> None:
+def randomize_architecture(model: PoseModel, seed: int) -> None:
     """Random search: draw every alpha/beta from N(0, 1) with a generator seeded by ``seed``
     (in the order of ``model.arch_parameters()``) and freeze them."""
     gen = torch.Generator().manual_seed(seed)
@@ -48,7 +52,7 @@ def randomize_architecture(model: nn.Module, seed: int) -> None:
             p.requires_grad_(False)
 
 
-def check_strategy(model: nn.Module, cfg: Config) -> None:
+def check_strategy(model: PoseModel, cfg: Config) -> None:
     """ConfigError when ``search.strategy`` needs architecture parameters the model lacks."""
     if cfg.search.strategy == "darts1" and not model.arch_parameters():
         raise ConfigError(
@@ -57,13 +61,13 @@ def check_strategy(model: nn.Module, cfg: Config) -> None:
         )
 
 
-def prepare_architecture(model: nn.Module, cfg: Config) -> None:
+def prepare_architecture(model: PoseModel, cfg: Config) -> None:
     """Apply the strategy's initialisation (only ``random`` changes anything)."""
     if cfg.search.strategy == "random":
         randomize_architecture(model, cfg.search.seed)
 
 
-def weight_param_groups(model: nn.Module, cfg: Config) -> list[nn.Parameter]:
+def weight_param_groups(model: PoseModel, cfg: Config) -> list[nn.Parameter]:
     """Parameters of the weight optimizer: weights, plus alpha/beta under ``sync``.
 
     Parameters that do not require gradients are left out (docs/design.md §6: no dead parameters).
@@ -74,7 +78,7 @@ def weight_param_groups(model: nn.Module, cfg: Config) -> list[nn.Parameter]:
     return weights
 
 
-def build_optimizers(model: nn.Module, cfg: Config, fused_weights: bool = False) -> Optimizers:
+def build_optimizers(model: PoseModel, cfg: Config, fused_weights: bool = False) -> Optimizers:
     """Adam(lr=train.lr) over :func:`weight_param_groups`; darts1 adds Adam over alpha/beta.
 
     ``model`` is the bare module (not the DDP wrapper): parameters are the same tensors.
@@ -103,7 +107,7 @@ def build_optimizers(model: nn.Module, cfg: Config, fused_weights: bool = False)
     return Optimizers(weight_opt, arch_opt)
 
 
-def describe_optimizers(model: nn.Module, cfg: Config, weight_params: Sequence[nn.Parameter]) -> str:
+def describe_optimizers(model: PoseModel, cfg: Config, weight_params: Sequence[nn.Parameter]) -> str:
     """One log line on what the weight optimizer really updates; raises if it breaks the strategy.
 
     ``weight_params`` are the model tensors the weight optimizer steps (for DeepSpeed, the

@@ -53,6 +53,7 @@ def oks(pred: np.ndarray, gt: np.ndarray, gt_area: np.ndarray, sigmas: np.ndarra
     gt_area = np.asarray(gt_area, dtype=np.float64)
     variances = (2 * np.asarray(sigmas, dtype=np.float64)) ** 2  # [K]
     labelled = gt[..., 2] > 0  # [M, K]
+    any_labelled = np.asarray(labelled.any(axis=1))  # [M]
     delta = pred[:, None, :, :] - gt[None, :, :, :2]  # [N, M, K, 2]
     if gt_box is not None and not labelled.all(axis=1).all():
         box = np.asarray(gt_box, dtype=np.float64)
@@ -61,10 +62,10 @@ def oks(pred: np.ndarray, gt: np.ndarray, gt_area: np.ndarray, sigmas: np.ndarra
         outside = np.maximum(0, lo[None, :, None] - pred[:, None]) + np.maximum(
             0, pred[:, None] - hi[None, :, None]
         )
-        none = ~labelled.any(axis=1)  # [M]
+        none = ~any_labelled  # [M]
         delta = np.where(none[None, :, None, None], outside, delta)
     e = (delta**2).sum(-1) / variances / (gt_area[None, :, None] + EPS) / 2  # [N, M, K]
-    counted = np.where(labelled.any(axis=1)[:, None], labelled, True)  # [M, K]
+    counted = np.where(any_labelled[:, None], labelled, True)  # [M, K]
     return (np.exp(-e) * counted[None]).sum(-1) / counted.sum(-1)[None]
 
 

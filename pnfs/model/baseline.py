@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from pnfs.kernels import squash_score
+from pnfs.model.backbones import Backbone
 from pnfs.model.head import VectorHead
 
 
@@ -33,7 +34,7 @@ class BaselinePoseNet(nn.Module):
 
     def __init__(
         self,
-        backbone: nn.Module,
+        backbone: Backbone,
         neck: nn.Module,
         features: int,
         joint_names: Sequence[str],
