@@ -13,6 +13,7 @@ import dataclasses
 import os
 import tempfile
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,13 +36,12 @@ def cpu_cores() -> int:
         return os.cpu_count() or 1
 
 
-def threads_per_process(nproc: int, environ: dict[str, str] | None = None) -> int:
+def threads_per_process(nproc: int, environ: Mapping[str, str] | None = None) -> int:
     """Intra-op threads each of ``nproc`` training processes on this machine gets: the
     ``OMP_NUM_THREADS`` of the environment if set, else the cores shared out evenly (one per
     core and process, as ``launch/demo.py`` sets it; more threads than cores make every step
     wait for a thread that has no core)."""
-    environ = os.environ if environ is None else environ
-    given = environ.get("OMP_NUM_THREADS", "").strip()
+    given = (os.environ if environ is None else environ).get("OMP_NUM_THREADS", "").strip()
     if given.isdigit() and int(given) > 0:
         return int(given)
     return max(1, cpu_cores() // max(1, nproc))
@@ -95,7 +95,8 @@ def _duration(seconds: float) -> str:
 
 
 def lr_schedule(cfg: Config) -> list[tuple[int, int, float]]:
-    t, out = cfg.train, []
+    t = cfg.train
+    out: list[tuple[int, int, float]] = []
     for epoch in range(t.epochs):
         lr = learning_rate(epoch, t.lr, t.lr_milestones, t.lr_factor)
         if out and out[-1][2] == lr:

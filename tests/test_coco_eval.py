@@ -90,6 +90,15 @@ def test_ground_truth_through_rescoring_and_nms_gives_ap_1(shared_data):
     assert evaluate_keypoints(gt_path, results, verbose=False)["AP"] == 1.0
 
 
+def test_oks_nms_without_sigmas_is_refused_and_no_nms_needs_none():
+    kp = np.zeros((2, 17, 2))
+    kp[1] += 50.0
+    args = (kp, np.ones((2, 17)), np.array([7, 7]), np.ones(2), np.full(2, 100.0), None)
+    with pytest.raises(ValueError, match=r"OKS-NMS \(nms_threshold=0\.9\) needs the joints' sigmas"):
+        coco_results(*args)
+    assert [r["image_id"] for r in coco_results(*args, nms_threshold=None)] == [7, 7]
+
+
 def test_jittered_ground_truth_matches_readme_and_pycocotools(shared_data):
     gt_path = shared_data / "coco_sample" / "test_coco.json"
     _, anns = _gt_people(gt_path)

@@ -143,6 +143,18 @@ def test_dali_index_files_match_the_tars(coco_shards):
         assert index == scan_tar(tar)
 
 
+@pytest.mark.parametrize("bad_line", ["", "jpg 512 10"])
+def test_an_index_line_without_whole_components_is_refused_naming_the_file_and_line(tmp_path, bad_line):
+    tar = tmp_path / "val-000000.tar"  # only its .idx is read
+    tar.with_suffix(".idx").write_text(
+        f"v1.2 3\njpg 0 10 a.jpg kp.f32 10 4 a.kp.f32\n{bad_line}\njpg 512 10 c.jpg\n"
+    )
+    with pytest.raises(
+        ValueError, match=r"val-000000\.idx: line 3: expected groups of 'ext offset size name'"
+    ):
+        read_index(tar)
+
+
 def test_parallel_workers_write_the_same_shards_with_a_progress_bar(coco_shards, tmp_path, capsys):
     out, root = coco_shards
     rc = shard_coco.main(

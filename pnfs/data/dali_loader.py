@@ -211,7 +211,7 @@ class DaliPoseLoader:
             self.device = torch.device("cuda", torch.cuda.current_device())
         device_id = self.device.index if self.device.type == "cuda" else None
         self.plan, self.batch_size, self.start_sample = plan, batch_size, start_sample
-        self.input_size, self.flip_perm = tuple(input_size), flip_perm
+        self.input_size, self.flip_perm = (input_size[0], input_size[1]), flip_perm
         nonempty = [i for i, n in enumerate(shards.counts) if n > 0]
         paths = [shards.paths[i] for i in nonempty]
         index_paths = [str(Path(p).with_suffix(".idx")) for p in paths]

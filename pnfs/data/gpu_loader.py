@@ -86,8 +86,9 @@ def warp_batch(
     for i, c in enumerate(crops):
         padded[i, :, : c.shape[1], : c.shape[2]] = c
     h, w = input_size
-    theta = sampling_theta(np.asarray(crop_to_input), (h_max, w_max), (h, w))
-    theta = to_device(torch.from_numpy(theta).float(), device)
+    theta = to_device(
+        torch.from_numpy(sampling_theta(np.asarray(crop_to_input), (h_max, w_max), (h, w))).float(), device
+    )
     grid = F.affine_grid(theta, [n, 3, h, w], align_corners=False)
     return F.grid_sample(padded, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
@@ -208,6 +209,7 @@ class GpuPoseLoader:
             crops = self.decode(item["jpg"])
         except RuntimeError:
             got = self.dataset.checked(item["batch"], self._decode_one)
+            assert got.decoded is not None  # checked() with a decode fills it
             item, crops = bytes_item(item["batch"], got), got.decoded
         pixels = warp_batch(crops, item["crop_to_input"], self.dataset.input_size)
         batch = PoseBatch(

@@ -15,6 +15,7 @@ resampling, exact resumption; val: every sample once over all ranks, last batch 
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from pnfs.config import Config
 from pnfs.data.bad_samples import BadSampleError, BadSampleReport, default_limit
@@ -46,7 +47,7 @@ def make_plan(
     augment: bool,
 ) -> EpochPlan:
     d = cfg.data
-    aug_args = dict(rotation=d.rotation, scale_range=tuple(d.scale_range), flip_prob=d.flip_prob)
+    aug_args: dict[str, Any] = dict(rotation=d.rotation, scale_range=tuple(d.scale_range), flip_prob=d.flip_prob)
     if split == "train":
         return train_plan(
             counts,

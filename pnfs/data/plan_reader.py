@@ -77,7 +77,7 @@ class PlanReader(torch.utils.data.Dataset):
         if on_error not in ("skip", "raise"):
             raise ValueError(f"data.on_error must be 'skip' or 'raise', got {on_error!r}")
         self.shards, self.plan, self.on_error = shards, plan, on_error
-        self.input_size, self.margin, self.flip_perm = tuple(input_size), margin, flip_perm
+        self.input_size, self.margin, self.flip_perm = (input_size[0], input_size[1]), margin, flip_perm
 
     def __len__(self) -> int:
         return len(self.plan)
@@ -117,7 +117,7 @@ class PlanReader(torch.utils.data.Dataset):
         crop and raises ValueError for a bad JPEG (that sample is replaced too)."""
         bad: list[BadSample] = []
         spares = self.plan.spares(b)
-        sound = [self._sound(tuple(int(v) for v in pair), spares, bad) for pair in self.plan.batches[b]]
+        sound = [self._sound((int(pair[0]), int(pair[1])), spares, bad) for pair in self.plan.batches[b]]
         pairs, blobs = [p for p, _ in sound], [x for _, x in sound]
         aug = self.plan.augment[b]
         decoded: list | None = None if decode is None else [None] * len(blobs)
@@ -129,6 +129,7 @@ class PlanReader(torch.utils.data.Dataset):
             )
             failed = []
             for i in todo:
+                assert decode is not None and decoded is not None  # todo is empty without decode
                 try:
                     decoded[i] = decode(blobs[i]["jpg"], crop_to_input[i])
                 except ValueError as e:
@@ -178,5 +179,5 @@ def plan_dataloader(
         pin_memory=pin_memory,
         prefetch_factor=4 if num_workers > 0 else None,
         persistent_workers=False,
-        **({"collate_fn": collate_fn} if collate_fn is not None else {}),
+        collate_fn=collate_fn,  # None: DataLoader's default_convert (batch_size=None)
     )

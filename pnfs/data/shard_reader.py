@@ -110,15 +110,15 @@ def read_index(tar_path: Path) -> list[tuple[str, dict[str, tuple[int, int]]]]:
     if idx.exists():
         lines = idx.read_text().splitlines()
         out = []
-        for line in lines[1:]:
+        for n, line in enumerate(lines[1:], start=2):
             parts = line.split()
+            if not parts or len(parts) % 4:
+                raise ValueError(f"{idx}: line {n}: expected groups of 'ext offset size name', got {line!r}")
             comps = {}
-            key = None
             for i in range(0, len(parts), 4):
                 ext, off, size, name = parts[i : i + 4]
                 comps[ext] = (int(off), int(size))
-                key = name[: name.find(".")]
-            out.append((key, comps))
+            out.append((name[: name.find(".")], comps))
         return out
     return scan_tar(tar_path)
 

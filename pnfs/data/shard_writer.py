@@ -34,6 +34,7 @@ import os
 import sys
 import tarfile
 from collections.abc import Sequence
+from typing import Any
 from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
@@ -313,6 +314,7 @@ def write_shard(task: tuple[int, list[PersonRecord], Path, ShardOptions, str]) -
             for rec in persons:
                 sample, reason = person_sample(image, rec, opts)
                 if sample is None:
+                    assert reason is not None  # person_sample names why it made no sample
                     skipped.add(reason, rec.key)
                     continue
                 for ext in COMPONENTS:
@@ -348,7 +350,7 @@ def update_manifest(out: Path, split: str, entry: dict | None) -> Path:
     """Merge one split's entry into ``OUT/manifest.json`` (other splits are kept); ``None``
     removes the split's entry (its shards are about to change)."""
     path = out / MANIFEST
-    manifest = {"format": "pnfs-webdataset-v1", "splits": {}}
+    manifest: dict[str, Any] = {"format": "pnfs-webdataset-v1", "splits": {}}
     if path.exists():
         with contextlib.suppress(json.JSONDecodeError):
             manifest = json.loads(path.read_text())

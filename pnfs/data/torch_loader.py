@@ -78,10 +78,9 @@ class PlanBatches(PlanReader):
 
     def __getitem__(self, b: int) -> tuple[PoseBatch, list[BadSample]]:
         got = self.checked(b, decode_for_input)
-        meta = got.meta
-        pixels = warp_crops(
-            [image for image, _ in got.decoded], np.stack([m for _, m in got.decoded]), self.input_size
-        )
+        meta, decoded = got.meta, got.decoded
+        assert decoded is not None  # checked() with a decode fills it
+        pixels = warp_crops([image for image, _ in decoded], np.stack([m for _, m in decoded]), self.input_size)
         batch = PoseBatch(
             image=normalise_hwc(pixels),
             keypoints=torch.from_numpy(got.keypoints).float(),
@@ -101,7 +100,7 @@ class PoseLoader:
 
     def __init__(
         self,
-        dataset: torch.utils.data.Dataset,
+        dataset: PlanReader,
         num_workers: int,
         pin_memory: bool = False,
         bad_samples: BadSampleReport | None = None,

@@ -68,7 +68,7 @@ def coco_results(
     image_ids: np.ndarray,
     box_scores: np.ndarray,
     areas: np.ndarray,
-    sigmas: np.ndarray,
+    sigmas: np.ndarray | None,
     *,
     rescore_threshold: float = 0.2,
     nms_threshold: float | None = 0.9,
@@ -77,9 +77,12 @@ def coco_results(
 
     keypoints [N, K, 2] in original image pixels, joint_scores [N, K], image_ids [N],
     box_scores [N], areas [N] (person crop area in image pixels, for OKS-NMS).
-    ``nms_threshold=None`` skips the NMS (ground-truth boxes need none, but it is harmless).
+    ``nms_threshold=None`` skips the NMS (ground-truth boxes need none, but it is harmless); only
+    then may ``sigmas`` (the joints' OKS sigmas, which the NMS reads) be None.
     Returns dicts ``{image_id, category_id, keypoints: [x, y, s]*K, score}`` grouped by image.
     """
+    if nms_threshold is not None and sigmas is None:
+        raise ValueError(f"coco_results: OKS-NMS (nms_threshold={nms_threshold}) needs the joints' sigmas")
     keypoints = np.asarray(keypoints, dtype=np.float64)
     joint_scores = np.asarray(joint_scores, dtype=np.float64)
     image_ids = np.asarray(image_ids, dtype=np.int64)
@@ -88,7 +91,7 @@ def coco_results(
     results = []
     for image_id in np.unique(image_ids):
         members = np.flatnonzero(image_ids == image_id)
-        if nms_threshold is not None:
+        if nms_threshold is not None and sigmas is not None:
             members = members[
                 oks_nms(keypoints[members], scores[members], areas[members], sigmas, nms_threshold)
             ]
@@ -189,7 +192,7 @@ def evaluate_keypoints(
     from pycocotools.cocoeval import COCOeval
 
     gt = load_ground_truth(annotations)
-    if not isinstance(results, (list, tuple)):
+    if isinstance(results, (str, Path)):
         path = Path(results)
         try:
             results = json.loads(path.read_text())

@@ -61,8 +61,8 @@ def collect_predictions(
     was_training = model.training
     model.eval()
     try:
-        for batch in loader:
-            batch: PoseBatch = batch.to(device, non_blocking=True)
+        for loaded in loader:
+            batch: PoseBatch = loaded.to(device, non_blocking=True)
             images = batch.image
             if cfg.train.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
