@@ -1,5 +1,5 @@
 # make demo   install, build the synthetic demo set, run a real search with torchrun, evaluate, plot
-# make test   install if needed, lint, run the suite (interpreter-run Triton tests in their own pass)
+# make test   install if needed, lint (ruff, mypy), run the suite (interpreter-run Triton tests in their own pass)
 # make mutation  mutmut over the numeric core, data, preflight, deploy, step, evaluate (not in CI;
 #                hours on two cores: run it module by module as docs/testing.md says)
 SHELL := /bin/bash
@@ -25,6 +25,7 @@ $(STAMP): requirements.txt requirements-extra.txt setup.py
 lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(PY) tools/typecheck.py
 
 format: install
 	$(VENV)/bin/ruff format .

@@ -34,10 +34,11 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 TREE_DIR = Path(".mypy_cache") / "installed_tree"
 
 
-def build_installed_tree(root: Path) -> Path:
-    """Lay out ``root/pnfs`` and ``root/kernels`` as installed, under ``root/.mypy_cache``.
+def build_installed_tree(root: Path, tree: Path | None = None) -> Path:
+    """Lay out ``root/pnfs`` and ``root/kernels`` as installed, in ``tree`` (default
+    ``root/.mypy_cache/installed_tree``, laid anew each time: only links, never the files).
 
-    Returns the folder that holds the package ``pnfs`` (the one mypy runs in).
+    Returns ``tree``, the folder that holds the package ``pnfs`` (the one mypy runs in).
     """
     source, kernels = root / "pnfs", root / "kernels"
     for folder in (source, kernels):
@@ -47,7 +48,7 @@ def build_installed_tree(root: Path) -> Path:
         raise SystemExit(
             f"typecheck: {source / 'kernels'} exists, but pnfs.kernels is installed from {kernels}"
         )
-    tree = root / TREE_DIR
+    tree = root / TREE_DIR if tree is None else tree
     if tree.exists():
         shutil.rmtree(tree)
     package = tree / "pnfs"
