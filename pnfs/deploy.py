@@ -388,7 +388,7 @@ def freeze(
     for part in frozen.part_networks() if isinstance(frozen, PoseNFS) else ():
         # the frozen model swaps in a FrozenFabric (the same forward); only deploy code walks it after
         part.fabric = freeze_fabric(part.fabric, prune_below)  # type: ignore[assignment]
-    if isinstance(frozen.backbone, FabricBackbone):
+    if isinstance(frozen.backbone, FabricBackbone):  # the same swap for the Fabric backbone
         frozen.backbone.fabric = freeze_fabric(frozen.backbone.fabric, prune_below)  # type: ignore[assignment]
     fold_batchnorms(frozen)
     remaining = [type(m).__name__ for m in frozen.modules() if isinstance(m, (nn.BatchNorm2d, Cell, Fabric))]
