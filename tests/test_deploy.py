@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from pnfs.config import CONFIG_DIR, load_config
-from pnfs.deploy import count_ops, freeze, output_change
+from pnfs.deploy import count_ops, fold_conv_bn, freeze, output_change
 from pnfs.model import build_model
 
 # freeze folds PoseNFS's BN/alpha/beta; Table VI's baselines (model.name != pnfs) are not frozen
@@ -127,3 +127,10 @@ def test_a_batched_model_freezes_to_what_its_per_part_layout_freezes_to():
     expected = freeze(per_part)(images)
     torch.testing.assert_close(frozen(images), expected, rtol=0, atol=1e-5)
     assert count_ops(frozen) == count_ops(per_part)
+
+
+def test_a_batchnorm_without_running_statistics_is_refused_by_name():
+    """Eval-mode BN folding reads running_mean/var; BatchNorm2d(track_running_stats=False) has none."""
+    conv, bn = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4, track_running_stats=False)
+    with pytest.raises(ValueError, match=r"freeze: BatchNorm2d\(4.*keeps no running statistics"):
+        fold_conv_bn(conv, bn)
