@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
                 world_size=ctx.world_size,
             )
         else:
-            from pnfs.data.loader import build_loader
+            from pnfs.data import build_loader
 
             if not cfg.data.val_shards:
                 raise ConfigError("data.val_shards: no validation shards; give --data 'shards/val-*.tar'")

@@ -54,7 +54,7 @@ def config(shards: Path, annotations: Path, *extra: str) -> Config:
 
 
 def make_known_checkpoint(shared_data: Path, out: Path) -> KnownCheckpoint:
-    from pnfs.data.loader import build_loader
+    from pnfs.data.loaders.build import build_loader
     from pnfs.inference import predict
     from pnfs.keypoints import COCO
     from pnfs.loss import batch_loss, loss_setup

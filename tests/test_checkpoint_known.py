@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from known_model import INITIAL_AP, TRAINED_AP
 
-from pnfs.data.loader import build_loader
+from pnfs.data.loaders.build import build_loader
 from pnfs.evaluate import evaluate_model
 from pnfs.evaluate.loading import load_for_inference
 from pnfs.inference import predict

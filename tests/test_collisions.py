@@ -10,7 +10,7 @@ import pytest
 import torch
 from test_streaming import _batches, _cfg, _Server, data  # noqa: F401  (data: the module fixture)
 
-from pnfs.data.shard_reader import local_copy
+from pnfs.data.shards.reader import local_copy
 
 
 @pytest.fixture

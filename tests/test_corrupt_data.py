@@ -17,10 +17,11 @@ from test_engine_support import PY, REPO, TINY_OVERRIDES, digests, free_port, ti
 
 from pnfs.config import load_config
 from pnfs.data.bad_samples import BadSampleError
-from pnfs.data.dali_loader import DaliPoseLoader
-from pnfs.data.loader import build_loader, check_manifest, make_plan
+from pnfs.data.loaders.build import build_loader, make_plan
+from pnfs.data.loaders.dali_loader import DaliPoseLoader
 from pnfs.data.plan import train_plan
-from pnfs.data.shard_reader import ShardSet, expand_shards
+from pnfs.data.shards.manifest import check_manifest
+from pnfs.data.shards.reader import ShardSet, expand_shards
 
 GARBLED = ("train-000001.tar", 2)  # (shard, sample) whose JPEG is overwritten in its middle
 NAN_BOX = ("train-000002.tar", 4)  # whose bbox.f32 holds NaN

@@ -66,7 +66,7 @@ def demo_ap(output: str, out: Path) -> float:
 def untrained_ap(out: Path) -> float:
     """COCO AP of the run's model as the trainer initialises it (same seed), before any step."""
     from pnfs.config import load_config
-    from pnfs.data.loader import build_loader
+    from pnfs.data.loaders.build import build_loader
     from pnfs.engine.strategies import prepare_architecture
     from pnfs.evaluate import evaluate_model
     from pnfs.model import build_model

@@ -133,7 +133,7 @@ def tiny_dataset(tmp_path_factory) -> dict:
 
 def test_tiny_dataset_feeds_the_loader(tmp_path_factory):
     from pnfs.config import load_config
-    from pnfs.data.loader import build_loader
+    from pnfs.data.loaders.build import build_loader
 
     data = tiny_dataset(tmp_path_factory)
     cfg = load_config(None, [*TINY_OVERRIDES, *data["overrides"]])

@@ -15,7 +15,7 @@ from known_model import TRAINED_AP
 from pose_oracle import PerfectNetwork
 
 from pnfs.config import load_config
-from pnfs.data.loader import build_loader
+from pnfs.data.loaders.build import build_loader
 from pnfs.evaluate import evaluate_model
 from pnfs.evaluate.loading import load_for_inference
 from pnfs.keypoints import joint_set
@@ -152,7 +152,7 @@ import json, os, sys
 import torch.distributed as dist
 sys.path.insert(0, {tests!r})
 import test_eval_model as T
-from pnfs.data.loader import build_loader
+from pnfs.data.loaders.build import build_loader
 from pnfs.evaluate import evaluate_model
 from pnfs.evaluate.loading import load_for_inference
 

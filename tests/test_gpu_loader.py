@@ -11,9 +11,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pnfs.data.assemble import denormalise
 from pnfs.data.geometry import invert
-from pnfs.data.gpu_loader import GpuPoseLoader, _Normalise, sampling_theta, warp_batch
+from pnfs.data.loaders.assemble import denormalise
+from pnfs.data.loaders.gpu_loader import GpuPoseLoader, _Normalise, sampling_theta, warp_batch
 
 
 def _affines(rng: np.random.Generator, n: int) -> np.ndarray:

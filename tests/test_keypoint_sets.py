@@ -14,7 +14,7 @@ import yaml
 from pose_oracle import PerfectNetwork
 
 from pnfs.config import ConfigError, load_config
-from pnfs.data.loader import build_loader
+from pnfs.data.loaders.build import build_loader
 from pnfs.engine.trainer import run_training
 from pnfs.evaluate import evaluate_model
 from pnfs.evaluate.coco import box_pck

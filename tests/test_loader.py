@@ -12,12 +12,12 @@ import pytest
 import torch
 
 from pnfs.config import load_config
-from pnfs.data.assemble import denormalise
-from pnfs.data.loader import build_loader, make_plan, shard_paths
+from pnfs.data.loaders.assemble import denormalise
+from pnfs.data.loaders.build import build_loader, make_plan, shard_paths
+from pnfs.data.loaders.torch_loader import PoseLoader
 from pnfs.data.plan import train_plan, val_plan
-from pnfs.data.shard_reader import ShardSet
+from pnfs.data.shards.reader import ShardSet
 from pnfs.data.targets import gaussian_targets
-from pnfs.data.torch_loader import PoseLoader
 from pnfs.keypoints import COCO
 
 REPO = Path(__file__).resolve().parents[1]
@@ -118,7 +118,7 @@ def test_scaled_decode_keeps_the_warped_picture_and_the_geometry():
     picture, with a bright blob at the same place (a half-pixel slip would move it 0.2 px)."""
     import simplejpeg
 
-    from pnfs.data.torch_loader import decode_for_input, warp_crops
+    from pnfs.data.loaders.torch_loader import decode_for_input, warp_crops
 
     ys, xs = np.mgrid[0:300, 0:400]
     blob = 40 + 200 * np.exp(-((xs - 173.3) ** 2 + (ys - 121.7) ** 2) / (2 * 14.0**2))
@@ -232,7 +232,7 @@ def test_gpu_path_agrees_with_torch_loader(shards):
 
 def test_dali_graph_agrees_with_torch_loader(shards):
     """The CPU graph without CUDA, the GPU graph (nvJPEG, GPU warp) with it."""
-    from pnfs.data.dali_loader import dali_available
+    from pnfs.data.loaders.dali_loader import dali_available
 
     ok, why = dali_available()
     if not ok:
@@ -250,7 +250,7 @@ def test_dali_graph_agrees_with_torch_loader(shards):
 
 
 def test_dali_train_order_is_seeded_per_epoch(shards):
-    from pnfs.data.dali_loader import dali_available
+    from pnfs.data.loaders.dali_loader import dali_available
 
     if not dali_available()[0]:
         pytest.skip(dali_available()[1])
@@ -263,7 +263,7 @@ def test_dali_train_order_is_seeded_per_epoch(shards):
 
 
 def _dali_val_loader(shards, **kwargs):
-    from pnfs.data.dali_loader import DaliPoseLoader
+    from pnfs.data.loaders.dali_loader import DaliPoseLoader
 
     cfg = _cfg(shards, loader="dali", size=(128, 96))
     shard_set = ShardSet.open(shard_paths(cfg, "val"))
@@ -288,7 +288,7 @@ def _dali_val_loader(shards, **kwargs):
 def test_dali_batches_are_converted_by_the_plugin_iterator_on_the_cpu_graph_too(shards, monkeypatch):
     """The one conversion path a GPU graph takes (DALIGenericIterator) also carries the CPU
     graph: every batch's pixels and ids are the plugin's tensors, typed from DALI's dtypes."""
-    from pnfs.data.dali_loader import OUTPUTS, dali_available
+    from pnfs.data.loaders.dali_loader import OUTPUTS, dali_available
 
     if not dali_available()[0]:
         pytest.skip(dali_available()[1])
@@ -328,7 +328,7 @@ def test_dali_batches_are_converted_by_the_plugin_iterator_on_the_cpu_graph_too(
 def test_dali_batches_are_the_graphs_outputs_not_copies(shards, monkeypatch):
     """A plan batch cut from one graph batch is that batch's image tensor (or a slice of it: the
     short last one), not a concatenation with the empty remainder of the batch before."""
-    from pnfs.data.dali_loader import dali_available
+    from pnfs.data.loaders.dali_loader import dali_available
 
     if not dali_available()[0]:
         pytest.skip(dali_available()[1])
@@ -352,7 +352,7 @@ def test_dali_batches_are_the_graphs_outputs_not_copies(shards, monkeypatch):
 def test_dali_cpu_outputs_reach_a_batch_on_another_device(shards):
     """A GPU graph's keypoints/matrices/ids are CPU outputs that must reach the batch's device:
     the same code moves a CPU graph's outputs to a stand-in device (meta) here."""
-    from pnfs.data.dali_loader import dali_available
+    from pnfs.data.loaders.dali_loader import dali_available
 
     if not dali_available()[0]:
         pytest.skip(dali_available()[1])
@@ -368,7 +368,7 @@ def test_dali_cpu_outputs_reach_a_batch_on_another_device(shards):
 
 @pytest.mark.gpu
 def test_dali_gpu_graph_puts_images_on_the_gpu_and_the_rest_on_the_cpu_then_all_on_cuda(shards, monkeypatch):
-    from pnfs.data.dali_loader import dali_available
+    from pnfs.data.loaders.dali_loader import dali_available
 
     if not dali_available()[0]:
         pytest.skip(dali_available()[1])
@@ -397,7 +397,7 @@ def test_dali_gpu_graph_puts_images_on_the_gpu_and_the_rest_on_the_cpu_then_all_
 def test_dali_gpu_batches_reach_cuda_by_pinned_asynchronous_copies(shards, monkeypatch):
     """The GPU graph's host outputs (keypoints, matrices, ids, scores) are copied to the GPU from
     page-locked memory with ``non_blocking``: no copy that makes the host wait each batch."""
-    from pnfs.data.dali_loader import dali_available
+    from pnfs.data.loaders.dali_loader import dali_available
 
     if not dali_available()[0]:
         pytest.skip(dali_available()[1])

@@ -75,7 +75,7 @@ def test_train_annotations_with_the_val_shards_are_named(data, tmp_path):
 
 
 def test_a_shard_pattern_that_matches_nothing_names_the_pattern(data, tmp_path):
-    from pnfs.data.shard_reader import expand_shards
+    from pnfs.data.shards.reader import expand_shards
 
     pattern = str(data["shards"] / "val-*.tar")  # one folder above the shards
     with pytest.raises(FileNotFoundError, match=r"no file matches the pattern .*val-\*\.tar") as e:

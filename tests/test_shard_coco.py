@@ -10,12 +10,12 @@ import cv2
 import numpy as np
 import pytest
 
-from pnfs.data.coco import read_coco_persons
+from pnfs.data.annotations.coco import read_coco_persons
+from pnfs.data.annotations.mpii import read_mpii_persons
+from pnfs.data.annotations.records import SkipReport
 from pnfs.data.geometry import transform_points
-from pnfs.data.mpii import read_mpii_persons
-from pnfs.data.records import SkipReport
-from pnfs.data.shard_reader import ShardSet, read_index, scan_tar
-from pnfs.data.shard_writer import MANIFEST, sha256_file
+from pnfs.data.shards.reader import ShardSet, read_index, scan_tar
+from pnfs.data.shards.writer import MANIFEST, sha256_file
 from pnfs.keypoints import MPII_FROM_RAW
 
 REPO = Path(__file__).resolve().parents[1]

@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 from test_shard_coco import _person, shard_coco
 
-from pnfs.data.shard_reader import ShardSet
-from pnfs.data.shard_writer import MANIFEST, PARTS_DIR, sha256_file
+from pnfs.data.shards.reader import ShardSet
+from pnfs.data.shards.writer import MANIFEST, PARTS_DIR, sha256_file
 
 
 @pytest.fixture

@@ -13,8 +13,8 @@ import torch
 from test_engine_support import TINY_OVERRIDES, tiny_dataset
 
 from pnfs.config import load_config
-from pnfs.data.loader import build_loader
-from pnfs.data.shard_reader import expand_urls, is_url, local_copy
+from pnfs.data.loaders.build import build_loader
+from pnfs.data.shards.reader import expand_urls, is_url, local_copy
 from pnfs.engine.trainer import run_training
 
 TRAIN = "train-{000000..000003}.tar"

@@ -169,7 +169,7 @@ class Run:
         """darts1 splits the training shards ``search.arch_split``; other strategies use all."""
         if self.cfg.search.strategy != "darts1":
             return None, None
-        from pnfs.data.shard_reader import expand_shards
+        from pnfs.data.shards.reader import expand_shards
 
         shards = expand_shards(self.cfg.data.train_shards, "train")
         weights, arch = split_shards(shards, self.cfg.search.arch_split)
@@ -178,7 +178,7 @@ class Run:
 
     def _loader(self, split: str, epoch: int, samples_seen: int, shards: list[str] | None = None, **kw):
         """``samples_seen`` counts over all ranks; each rank skips its equal share."""
-        from pnfs.data.loader import build_loader
+        from pnfs.data.loaders.build import build_loader
 
         return build_loader(
             self.cfg,

@@ -1,6 +1,6 @@
 """Reading shards: finding them, fetching URLs, their tar index and samples by index.
 
-A shard is a WebDataset tar written by :mod:`pnfs.data.shard_writer`, with its DALI index
+A shard is a WebDataset tar written by :mod:`pnfs.data.shards.writer`, with its DALI index
 (``.idx``, wds2idx v1.2) beside it; without an index the tar's headers are scanned once.
 Samples are read by (shard, position) with one ``pread`` at the index's offsets: no full-tar
 scans on the hot path.
@@ -150,7 +150,7 @@ def write_index(tar_path: Path, index_path: Path) -> int:
 def expand_shards(spec: str | os.PathLike | list, split: str | None = None) -> list[str]:
     """Shards of a brace pattern (``train-{000000..000009}.tar``), a glob, a folder (its
     ``<split>-*.tar``, or every tar), a URL pattern (``http://host/train-{000000..000009}.tar``,
-    ``pipe:...``; see :mod:`pnfs.data.shard_reader`) or a list of those.
+    ``pipe:...``; see :mod:`pnfs.data.shards.reader`) or a list of those.
 
     Paths are sorted, must exist and be ``.tar`` files (a ``.idx`` index or a sidecar given by
     mistake is refused, naming it); a pattern that matches nothing is refused naming the

@@ -12,7 +12,7 @@ import torch
 
 from pnfs.data.batch import IMAGENET_MEAN, IMAGENET_STD
 from pnfs.data.geometry import Augment, flip_joints, input_affines, inside_image, transform_points
-from pnfs.data.shard_reader import SampleMeta
+from pnfs.data.shards.reader import SampleMeta
 
 
 def batch_geometry(

@@ -41,7 +41,7 @@ from pnfs.data.bad_samples import BadSampleError
 from pnfs.data.batch import IMAGENET_MEAN, IMAGENET_STD, PoseBatch
 from pnfs.data.geometry import Augment, flip_joints, inside_image, invert
 from pnfs.data.plan import EpochPlan
-from pnfs.data.shard_reader import ShardSet
+from pnfs.data.shards.reader import ShardSet
 
 READER_EXTS = ["jpg", "kp.f32", "bbox.f32", "c2i.f32", "score.f32", "ids.i64"]
 

@@ -7,8 +7,8 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from pnfs.data.records import PersonRecord, SkipReport
-from pnfs.data.shard_writer import ShardOptions, StaleShardsError, verify_shards, write_shards
+from pnfs.data.annotations.records import PersonRecord, SkipReport
+from pnfs.data.shards.writer import ShardOptions, StaleShardsError, verify_shards, write_shards
 
 EXIT_BAD_INPUT = 2
 

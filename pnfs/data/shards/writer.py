@@ -42,10 +42,10 @@ import cv2
 import numpy as np
 import simplejpeg
 
-from pnfs.data import records as R
+from pnfs.data.annotations import records as R
 from pnfs.data.geometry import compose, invert, reachable_region, transform_points
-from pnfs.data.records import PersonRecord, SkipReport
-from pnfs.data.shard_reader import read_index, write_index
+from pnfs.data.annotations.records import PersonRecord, SkipReport
+from pnfs.data.shards.reader import read_index, write_index
 from pnfs.errors import DataError
 
 MANIFEST = "manifest.json"

@@ -19,7 +19,8 @@ import logging
 from pnfs.config import Config
 from pnfs.data.bad_samples import BadSampleError, BadSampleReport, default_limit
 from pnfs.data.plan import EpochPlan, train_plan, val_plan
-from pnfs.data.shard_reader import ShardSet, expand_shards, is_url
+from pnfs.data.shards.manifest import check_coverage, check_manifest
+from pnfs.data.shards.reader import ShardSet, expand_shards, is_url
 
 
 def shard_paths(cfg: Config, split: str, shards=None) -> list[str]:
@@ -63,69 +64,6 @@ def make_plan(
     return val_plan(
         counts, batch_size, rank, world_size, start_sample, augment, cfg.train.seed, epoch, **aug_args
     )
-
-
-def _check_coverage(cfg: Config, paths: list[str]) -> None:
-    """Warn when the augmentation can reach beyond what the shards' crops hold (black borders)."""
-    import json
-    import warnings
-    from pathlib import Path
-
-    if is_url(paths[0]):
-        return  # a remote manifest is not fetched just for this warning
-    manifest = Path(paths[0]).parent / "manifest.json"
-    if not manifest.exists():
-        return
-    try:
-        splits = json.loads(manifest.read_text()).get("splits", {})
-    except (OSError, ValueError):
-        return
-    name = Path(paths[0]).name.rsplit("-", 1)[0]
-    opts = splits.get(name, {}).get("options", {})
-    d = cfg.data
-    h, w = d.input_size
-    lo, hi = opts.get("aspect_range", [0.0, float("inf")])
-    if d.scale_range[1] > opts.get("max_scale", float("inf")) + 1e-9 or not lo - 1e-9 <= w / h <= hi + 1e-9:
-        warnings.warn(
-            f"{manifest}: crops cover scale <= {opts.get('max_scale')} and input aspect {lo}..{hi}, but "
-            f"data.scale_range={d.scale_range}, data.input_size={d.input_size}: parts of the input will be "
-            "black; re-shard with --max-scale / --aspect-range",
-            stacklevel=3,
-        )
-
-
-def check_manifest(paths: list[str], verify: bool) -> list[str]:
-    """Problems of local shards against the ``manifest.json`` beside them: sample counts and
-    sizes always (``bytes``, in manifests written since it was added), sha256 when ``verify``.
-    URLs are not checked (their manifest is not fetched)."""
-    import json
-    from pathlib import Path
-
-    from pnfs.data.shard_reader import read_index
-    from pnfs.data.shard_writer import sha256_file
-
-    problems = []
-    for folder in dict.fromkeys(Path(p).parent for p in paths if not is_url(p)):
-        manifest = folder / "manifest.json"
-        try:
-            splits = json.loads(manifest.read_text()).get("splits", {})
-        except (OSError, ValueError):
-            continue
-        listed = {e["file"]: e for split in splits.values() for e in split.get("shards", [])}
-        for path in (Path(p) for p in paths if not is_url(p) and Path(p).parent == folder):
-            entry = listed.get(path.name)
-            if entry is None:
-                continue
-            size = path.stat().st_size
-            if "bytes" in entry and entry["bytes"] != size:
-                problems.append(f"{path}: {size} bytes, {manifest} lists {entry['bytes']}")
-            elif "samples" in entry and len(read_index(path)) != entry["samples"]:
-                problems.append(
-                    f"{path}: {len(read_index(path))} samples, {manifest} lists {entry['samples']}"
-                )
-            if verify and "sha256" in entry and sha256_file(path) != entry["sha256"]:
-                problems.append(f"{path}: sha256 differs from {manifest}")
-    return problems
 
 
 def _check_joints(shards: ShardSet, num_joints: int, dataset: str) -> None:
@@ -173,7 +111,7 @@ def build_loader(
             f"({paths[0]}): set data.cache_dir to a local folder (the shards are copied there "
             "once per node) or use data.loader=torch"
         )
-    _check_coverage(cfg, paths)
+    check_coverage(paths, scale_range=d.scale_range, input_size=d.input_size)
     log = logging.getLogger("pnfs.train")
     for problem in check_manifest(paths, d.verify_shards):
         log.warning("shard does not match its manifest: %s", problem)
@@ -201,7 +139,7 @@ def build_loader(
     if d.loader == "torch":
         import torch
 
-        from pnfs.data.torch_loader import PlanBatches, PoseLoader
+        from pnfs.data.loaders.torch_loader import PlanBatches, PoseLoader
 
         # page-locked batches let the trainer's .to(device, non_blocking=True) overlap the copy
         return PoseLoader(
@@ -211,13 +149,13 @@ def build_loader(
             bad_samples=bad,
         )
     if d.loader == "gpu":
-        from pnfs.data.gpu_loader import GpuPoseLoader, PlanBytes
+        from pnfs.data.loaders.gpu_loader import GpuPoseLoader, PlanBytes
 
         return GpuPoseLoader(
             PlanBytes(shard_set, plan, **geometry, on_error=d.on_error), d.num_workers, bad_samples=bad
         )
     if d.loader == "dali":
-        from pnfs.data.dali_loader import DaliPoseLoader
+        from pnfs.data.loaders.dali_loader import DaliPoseLoader
 
         if shard_set.dropped:
             raise BadSampleError(

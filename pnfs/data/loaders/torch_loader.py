@@ -20,11 +20,11 @@ import numpy as np
 import simplejpeg
 import torch
 
-from pnfs.data.assemble import normalise_hwc
+from pnfs.data.loaders.assemble import normalise_hwc
 from pnfs.data.bad_samples import BadSample, BadSampleReport
 from pnfs.data.batch import PoseBatch
 from pnfs.data.geometry import compose
-from pnfs.data.plan_reader import PlanReader, plan_dataloader
+from pnfs.data.loaders.plan_reader import PlanReader, plan_dataloader
 
 
 def decode_for_input(data: bytes, crop_to_input: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -74,7 +74,7 @@ def warp_crops(crops: list[np.ndarray], crop_to_input: np.ndarray, input_size: t
 
 class PlanBatches(PlanReader):
     """Item b = (batch b of the plan decoded and augmented, the bad samples met) (in a worker);
-    bad samples are replaced as :mod:`pnfs.data.plan_reader` says."""
+    bad samples are replaced as :mod:`pnfs.data.loaders.plan_reader` says."""
 
     def __getitem__(self, b: int) -> tuple[PoseBatch, list[BadSample]]:
         got = self.checked(b, decode_for_input)

@@ -20,7 +20,7 @@ import cv2
 import numpy as np
 import torch
 
-from pnfs.data.assemble import batch_geometry
+from pnfs.data.loaders.assemble import batch_geometry
 from pnfs.data.bad_samples import (
     BAD_ARRAYS,
     BAD_JPEG,
@@ -30,7 +30,7 @@ from pnfs.data.bad_samples import (
     array_problem,
 )
 from pnfs.data.plan import EpochPlan
-from pnfs.data.shard_reader import META_EXTS, SampleMeta, ShardSet, parse_meta
+from pnfs.data.shards.reader import META_EXTS, SampleMeta, ShardSet, parse_meta
 
 SAMPLE_EXTS = ("jpg", "json", *META_EXTS)
 

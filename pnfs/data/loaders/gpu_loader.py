@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from pnfs.data.bad_samples import BadSample, BadSampleReport
 from pnfs.data.batch import IMAGENET_MEAN, IMAGENET_STD, PoseBatch, to_device
 from pnfs.data.geometry import invert
-from pnfs.data.plan_reader import CheckedBatch, PlanReader, plan_dataloader
+from pnfs.data.loaders.plan_reader import CheckedBatch, PlanReader, plan_dataloader
 
 
 def sampling_theta(

@@ -24,8 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pnfs.data import records as R
-from pnfs.data.records import PersonRecord, SkipReport
+from pnfs.data.annotations import records as R
+from pnfs.data.annotations.records import PersonRecord, SkipReport
 from pnfs.keypoints import MPII, MPII_FROM_RAW
 
 PIXELS_PER_SCALE = 200.0
