@@ -11,14 +11,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_engine_support import TINY_OVERRIDES, tiny_dataset
-from test_export import _onnx_run, checkpoint, crops, export_cli  # noqa: F401  (module fixtures)
 
 from pnfs.config import load_config
 from pnfs.data.loaders.build import build_loader
 from pnfs.evaluate.loading import load_for_inference
 from pnfs.inference import predict, predict_scores
 from pnfs.model import build_model
+from tests.launch.test_export import _onnx_run, checkpoint, crops, export_cli  # noqa: F401  (module fixtures)
+from tests.support.engine import TINY_OVERRIDES, tiny_dataset
 
 
 def test_export_decodes_with_eval_refine_gaussian_like_predict(checkpoint, crops, tmp_path):  # noqa: F811
