@@ -405,9 +405,9 @@ def training_counts(cfg: Config, facts: ShardFacts) -> list[int]:
 
 def steps_per_epoch(cfg: Config, counts: list[int], world_size: int) -> tuple[int, int]:
     """(samples, steps) of rank 0's training epoch, by the loader's own plan."""
-    from pnfs.data.loaders.build import make_plan
+    from pnfs.data.loaders.build import make_epoch_plan
 
-    plan = make_plan(
+    plan = make_epoch_plan(
         cfg, "train", counts, rank=0, world_size=world_size, epoch=0, start_sample=0,
         batch_size=cfg.train.batch_size, augment=False,
     )  # fmt: skip

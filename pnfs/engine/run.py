@@ -15,8 +15,8 @@ from torch import nn
 
 from pnfs.config import Config, ConfigError, config_to_dict, dump_config
 from pnfs.engine import checkpoint as ckpt
-from pnfs.engine.distributed import DistContext, all_gather_objects, barrier, broadcast_object, wrap_ddp
-from pnfs.engine.export import architecture_entropies, export_architecture
+from pnfs.engine.architecture import architecture_entropies, export_architecture
+from pnfs.engine.distributed import DistContext, wrap_ddp
 from pnfs.engine.guard import NonFiniteGuard
 from pnfs.engine.runlog import Scalars, setup_logger
 from pnfs.engine.runtime import amp_dtype, set_determinism
@@ -31,6 +31,7 @@ from pnfs.engine.strategies import (
 )
 from pnfs.model import build_model
 from pnfs.model.backbones import load_pretrained_backbone
+from pnfs.process_group import all_gather_objects, barrier, broadcast_object
 
 
 class Run:

@@ -17,7 +17,7 @@ from tests.support.engine import PY, REPO, TINY_OVERRIDES, digests, free_port, t
 
 from pnfs.config import load_config
 from pnfs.data.bad_samples import BadSampleError
-from pnfs.data.loaders.build import build_loader, make_plan
+from pnfs.data.loaders.build import build_loader, make_epoch_plan
 from pnfs.data.loaders.dali_loader import DaliPoseLoader
 from pnfs.data.plan import train_plan
 from pnfs.data.shards.manifest import check_manifest
@@ -136,7 +136,7 @@ def test_resume_near_the_epoch_end_replaces_bad_samples_as_the_uninterrupted_run
     cfg = _cfg(data)
     paths = expand_shards(str(folder), "train")
     shards = ShardSet.open(paths)
-    plan = make_plan(cfg, "train", shards.counts, rank=rank, world_size=2, epoch=1, start_sample=0,
+    plan = make_epoch_plan(cfg, "train", shards.counts, rank=rank, world_size=2, epoch=1, start_sample=0,
                      batch_size=4, augment=True)  # fmt: skip
     bad = []
     for s, p in (plan.batches[-1][2], plan.batches[len(plan) // 2][0]):

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from pnfs.config import ConfigError, load_config
-from pnfs.engine.export import architecture_entropies, export_architecture
+from pnfs.engine.architecture import architecture_entropies, export_architecture
 from pnfs.engine.guard import NonFiniteGuard, NonFiniteLossError
 from pnfs.engine.schedule import learning_rate
 from pnfs.engine.strategies import build_optimizers, describe_optimizers, prepare_architecture, split_shards

@@ -1,7 +1,7 @@
 """Ahead-of-time compilation for A100 (sm_80) and H100 (sm_90), on this CPU: the shared parts.
 
 Triton's pipeline down to PTX, the wheel's ``ptxas`` to a cubin and ``cuobjdump`` for its
-resources (see ``pnfs/kernels/aot.py``), at every specialisation the presets and the
+resources (see ``kernels/aot.py``), at every specialisation the presets and the
 train/eval paths launch. Shown here, without a GPU: each kernel compiles for both targets, uses
 no local memory (no register spills), fits the device's shared memory, vectorises the global
 loads of its dense paths, and contains no atomic operation (the reductions are two-pass and
@@ -55,7 +55,7 @@ def test_aot_dense_paths_vectorise_their_global_loads(spec, device):
 
 @pytest.mark.aot
 def test_the_specialisations_cover_every_kernel():
-    """A new @triton.jit kernel in pnfs/kernels must be added to SPECIALISATIONS."""
+    """A new @triton.jit kernel in kernels/ (pnfs.kernels) must be added to SPECIALISATIONS."""
     import importlib
     import inspect
 

@@ -1,7 +1,7 @@
 """``argmax_decode``: reference, Triton under the interpreter, compiled ahead of time, and on a GPU.
 
 Markers: ``interpret`` (Triton on CPU, ``TRITON_INTERPRET=1``: ``make test-interpret``), ``aot``
-(compiled for sm_80/sm_90 here, no GPU: ``pnfs/kernels/aot.py``), ``gpu`` (needs CUDA); the
+(compiled for sm_80/sm_90 here, no GPU: ``kernels/aot.py``), ``gpu`` (needs CUDA); the
 rest runs in the normal pass. Hand-built cases: ``support/kernel_cases.py``.
 """
 

@@ -34,7 +34,7 @@ def shard_paths(cfg: Config, split: str, shards=None) -> list[str]:
     return expand_shards(spec, split)
 
 
-def make_plan(
+def make_epoch_plan(
     cfg: Config,
     split: str,
     counts: list[int],
@@ -46,6 +46,9 @@ def make_plan(
     batch_size: int,
     augment: bool,
 ) -> EpochPlan:
+    """This rank's :class:`EpochPlan` of ``split`` for ``epoch`` from the config's data and
+    seed (``train_plan`` / ``val_plan`` of :mod:`pnfs.data.plan`); ``counts``: samples per
+    shard. Not the run's plan: that is :func:`pnfs.run_plan.make_run_plan`."""
     d = cfg.data
     aug_args = dict(rotation=d.rotation, scale_range=tuple(d.scale_range), flip_prob=d.flip_prob)
     if split == "train":
@@ -118,7 +121,7 @@ def build_loader(
     shard_set = ShardSet.open(paths, d.cache_dir or None)
     joints = cfg.joints
     _check_joints(shard_set, joints.num_joints, d.dataset)
-    plan = make_plan(
+    plan = make_epoch_plan(
         cfg,
         split,
         shard_set.counts,

@@ -13,7 +13,7 @@ import torch
 
 from pnfs.config import load_config
 from pnfs.data.loaders.assemble import denormalise
-from pnfs.data.loaders.build import build_loader, make_plan, shard_paths
+from pnfs.data.loaders.build import build_loader, make_epoch_plan, shard_paths
 from pnfs.data.loaders.torch_loader import PoseLoader
 from pnfs.data.plan import train_plan, val_plan
 from pnfs.data.shards.reader import ShardSet
@@ -174,7 +174,7 @@ def test_worker_processes_keep_the_plan_order(shards):
     cfg = _cfg(shards, workers=2)
     loader = build_loader(cfg, "train", epoch=4)
     shard_set = ShardSet.open(shard_paths(cfg, "train"))
-    plan = make_plan(cfg, "train", shard_set.counts, rank=0, world_size=1, epoch=4, start_sample=0,
+    plan = make_epoch_plan(cfg, "train", shard_set.counts, rank=0, world_size=1, epoch=4, start_sample=0,
                      batch_size=4, augment=True)  # fmt: skip
     expected = [shard_set.key(int(s), int(p)) for b in plan.batches for s, p in b]
     assert [f"{i}_{a}" for i, a in _ids(loader)] == expected
@@ -267,7 +267,7 @@ def _dali_val_loader(shards, **kwargs):
 
     cfg = _cfg(shards, loader="dali", size=(128, 96))
     shard_set = ShardSet.open(shard_paths(cfg, "val"))
-    plan = make_plan(
+    plan = make_epoch_plan(
         cfg,
         "val",
         shard_set.counts,
@@ -426,7 +426,7 @@ def test_augmented_grid_png_and_flip_swaps_joints_with_the_pixels(shards, tmp_pa
     """
     cfg = _cfg(shards, size=(128, 96), **{"data.flip_prob": 0.5})
     shard_set = ShardSet.open(shard_paths(cfg, "train"))
-    plan = make_plan(cfg, "train", shard_set.counts, rank=0, world_size=1, epoch=0, start_sample=0,
+    plan = make_epoch_plan(cfg, "train", shard_set.counts, rank=0, world_size=1, epoch=0, start_sample=0,
                      batch_size=4, augment=True)  # fmt: skip
     flipped = np.concatenate([a.flip for a in plan.augment])
     tiles, agree = [], []

@@ -1,4 +1,4 @@
-"""Architecture export: the learnt softmax(alpha)/softmax(beta) as JSON and as a picture.
+"""The learnt architecture (softmax(alpha)/softmax(beta)) written as JSON and drawn as a picture.
 
 The JSON is ``model.architecture()`` (per part: ``alpha`` [edge][op], ``beta`` per cell in
 the order finer, same, coarser) plus the epoch. The PNG has one row per fabric (each part,
