@@ -10,9 +10,6 @@ import cv2
 import numpy as np
 import pytest
 
-from pnfs.data.annotations.coco import read_coco_persons
-from pnfs.data.annotations.mpii import read_mpii_persons
-from pnfs.data.annotations.records import SkipReport
 from pnfs.data.geometry import transform_points
 from pnfs.data.shards.reader import ShardSet, read_index, scan_tar
 from pnfs.data.shards.writer import MANIFEST, sha256_file
@@ -196,24 +193,6 @@ def test_downscaled_crops_still_map_back_exactly(shared_data, tmp_path):
 # ----------------------------------------------------------------------------- MPII sample
 
 
-def test_mpii_reader_converts_to_zero_based_and_our_order(shared_data):
-    entries = json.loads((shared_data / "mpii_sample" / "test_mpii.json").read_text())
-    recs = read_mpii_persons(entries, SkipReport())
-    assert len(recs) == 3
-    raw = np.asarray(entries[1]["joints"])
-    vis = np.asarray(entries[1]["joints_vis"])
-    kp = recs[1].keypoints
-    order = list(MPII_FROM_RAW)
-    np.testing.assert_array_equal(kp[:, 2], vis[order])  # visibility re-ordered with the joints
-    lab = vis[order] > 0
-    np.testing.assert_allclose(kp[lab, :2], raw[order][lab] - 1.0)
-    # HRNet box: centre y + 15 * scale, side 200 * scale (the loader's margin adds the x1.25)
-    s, (cx, cy) = entries[1]["scale"], entries[1]["center"]
-    x, y, w, h = recs[1].bbox
-    np.testing.assert_allclose([x + w / 2, y + h / 2, w], [cx - 1, cy + 15 * s - 1, 200 * s])
-    assert recs[1].image_id == 51423444 and recs[1].ann_id == 1
-
-
 def test_mpii_shards_map_back_to_the_original(shared_data, tmp_path):
     root = shared_data / "mpii_sample"
     rc = shard_mpii.main(
@@ -368,16 +347,6 @@ def test_missing_image_folder_exits_2(tiny_coco, capsys):
             ["--images", str(tmp / "gone"), "--annotations", str(tmp / "ann.json"), "--out", str(tmp)]
         )
     assert e.value.code == 2 and "gone" in capsys.readouterr().err
-
-
-def test_coco_reader_widens_the_box_to_the_keypoints():
-    data = {
-        "images": [{"id": 1, "file_name": "a.jpg"}],
-        "annotations": [_person(bbox=(30.0, 30.0, 5.0, 5.0))],
-    }
-    (rec,) = read_coco_persons(data, SkipReport(), SkipReport())
-    x, y, w, h = rec.bbox
-    assert (x, y) == (20.0, 20.0) and x + w == 36.0 and y + h == 68.0
 
 
 def test_detections_become_samples_with_their_scores(shared_data, tmp_path):
