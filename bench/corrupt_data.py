@@ -32,7 +32,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from pnfs.data.shard_reader import ShardSet  # noqa: E402
+from pnfs.data import ShardSet  # noqa: E402
 
 PY = sys.executable
 GARBLED = ("train-000001.tar", 2)

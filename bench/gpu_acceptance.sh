@@ -90,7 +90,7 @@ TWO_RANKS=("${NCCL_ENV[@]}" "$PY" -m torch.distributed.run --standalone --nproc_
 STEP_CASES=lean,lean-graphed,lean-per-part,lean-auto,lean-auto-graphed,lean-auto-compiled,baseline,lean-compiled
 
 # the test files holding gpu-marked tests (collecting only those keeps a rehearsal short)
-mapfile -t GPU_TESTS < <(grep -l "pytest.mark.gpu" tests/test_*.py)
+mapfile -t GPU_TESTS < <(grep -rl --include='test_*.py' "pytest.mark.gpu" tests | sort)
 
 STAGE_NAMES=()
 declare -A BOX NEEDS CMD RESULT EXTRA

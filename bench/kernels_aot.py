@@ -3,7 +3,7 @@
     python bench/kernels_aot.py [--json FILE]      (also: python bench/kernels.py --aot)
     python bench/kernels_aot.py --markdown FILE    (the bench/README.md table of a saved report)
 
-No GPU needed: each specialisation of ``pnfs/kernels/aot.py`` (the ones the presets and the
+No GPU needed: each specialisation of ``kernels/aot.py`` (the ones the presets and the
 train/eval paths launch) is compiled with Triton down to a cubin (the ``ptxas`` in the triton
 wheel) and ``cuobjdump`` reads its resources. One line per kernel, specialisation and device:
 registers per thread, stack and local memory (spills), shared memory per block, the vector widths

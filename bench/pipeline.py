@@ -13,8 +13,8 @@ with weights.
 
 * ``hrnet_baseline``: per sample, read the whole image file, cv2 decode, cv2.warpAffine,
   keypoints moved one by one, one Gaussian per joint in numpy (the HRNet/PNFS lineage);
-* ``torch``/``dali``/``gpu``: WebDataset crops through :func:`pnfs.data.loader.build_loader`,
-  targets from :func:`pnfs.data.targets.gaussian_targets` on the batch. ``dali`` runs its
+* ``torch``/``dali``/``gpu``: WebDataset crops through :func:`pnfs.data.build_loader`,
+  targets from :func:`pnfs.data.gaussian_targets` on the batch. ``dali`` runs its
   CPU graph without CUDA; ``gpu`` (nvJPEG + batched grid_sample) is timed only with CUDA
   unless named in ``--loaders``;
 * ``torch_http``: the ``torch`` loader on the same shards streamed from a local HTTP server
@@ -49,13 +49,18 @@ sys.path.insert(0, str(REPO))
 COCO_SAMPLE = REPO.parent / "shared" / "data" / "coco_sample"
 
 from pnfs.config import load_config  # noqa: E402
-from pnfs.data.batch import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
-from pnfs.data.coco import read_coco_persons  # noqa: E402
-from pnfs.data.geometry import Augment, box_to_region, region_to_input  # noqa: E402
-from pnfs.data.loader import build_loader  # noqa
-from pnfs.data.plan_reader import worker_init  # noqa: E402
-from pnfs.data.records import SkipReport  # noqa: E402
-from pnfs.data.targets import gaussian_targets  # noqa: E402
+from pnfs.data import (  # noqa: E402
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    Augment,
+    SkipReport,
+    box_to_region,
+    build_loader,
+    gaussian_targets,
+    read_coco_persons,
+    region_to_input,
+    worker_init,
+)
 from pnfs.keypoints import COCO  # noqa: E402
 
 

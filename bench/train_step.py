@@ -83,7 +83,7 @@ EXTRA_CASES = ("interleaved", "parts")
 
 def random_batch(n: int, num_joints: int, size: tuple[int, int], device: torch.device):
     """A PoseBatch of ``n`` random images [n, 3, H, W] with random labelled keypoints [n, K, 3]."""
-    from pnfs.data.batch import PoseBatch
+    from pnfs.data import PoseBatch
 
     h, w = size
     g = torch.Generator().manual_seed(0)
@@ -109,7 +109,7 @@ def peak_memory_mb(device: torch.device) -> float:
 
 def baseline_loss(model, batch, cfg, device, dtype) -> torch.Tensor:
     """The loss as the step before issue 12 computed it: scores, then ``pose_loss`` over them."""
-    from pnfs.data.targets import gaussian_targets
+    from pnfs.data import gaussian_targets
     from pnfs.loss import pose_loss
 
     images = batch.image.to(device, non_blocking=True)
@@ -305,7 +305,7 @@ def measure_parts(args: argparse.Namespace, reps: int = 7) -> dict:
     baseline's path, less its per-part ``index_add``) against ``pose_loss`` of the vectors (the
     fused loss's reference)."""
     from pnfs.config import load_config
-    from pnfs.data.targets import gaussian_targets
+    from pnfs.data import gaussian_targets
     from pnfs.engine.step import clipped_norm, fused_adam_update
     from pnfs.kernels import squash_score
     from pnfs.loss import JointVectors, pose_loss

@@ -7,7 +7,7 @@ With ``--detections FILE`` (a COCO detection-result json) every person box of th
 becomes a sample instead (keypoints unlabelled, ``score`` = the box score). ``--keypoints`` names
 the keypoint set of the annotations: ``coco`` (default), ``crowdpose`` or a YAML file
 (see ``pnfs/keypoints.py``). See
-``pnfs/data/shard_writer.py`` for the sample layout and ``manifest.json``.
+``pnfs/data/shards/writer.py`` for the sample layout and ``manifest.json``.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from pnfs.data.coco import load_json, read_coco_detections, read_coco_persons
-from pnfs.data.shard_cli import common_parser, fail, run
+from pnfs.data import load_json, read_coco_detections, read_coco_persons
+from pnfs.data.shards.cli import common_parser, fail, run
 from pnfs.errors import run_main
 from pnfs.keypoints import KeypointSetError, load_keypoint_set
 

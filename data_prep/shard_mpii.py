@@ -4,16 +4,15 @@
         --out data/mpii [--verify]
 
 Joint coordinates in that json are 1-based (MATLAB); the shards hold 0-based coordinates in
-our joint order (``pnfs/data/mpii.py``). See ``pnfs/data/shard_writer.py`` for the layout.
+our joint order (``pnfs/data/annotations/mpii.py``). See ``pnfs/data/shards/writer.py`` for the layout.
 """
 
 from __future__ import annotations
 
 import sys
 
-from pnfs.data.coco import load_json
-from pnfs.data.mpii import read_mpii_persons
-from pnfs.data.shard_cli import common_parser, run
+from pnfs.data import load_json, read_mpii_persons
+from pnfs.data.shards.cli import common_parser, run
 from pnfs.errors import run_main
 
 

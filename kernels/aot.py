@@ -16,7 +16,7 @@ Also the default training layout and bf16 autocast: channels_last vectors with N
 input among bf16 ones (``fp32_inputs``), and sizes that are not multiples of 16 (``aligned``
 False: no divisibility hints, masked tails) for the weighted sum, the loss and bf16 decoding.
 
-Used by the ``aot``-marked tests (``tests/test_kernel_<name>.py``, ``tests/test_kernels_aot.py``:
+Used by the ``aot``-marked tests (``tests/kernels/test_<name>.py``, ``tests/kernels/test_aot.py``:
 compiles, no spills, shared memory within the device's limit, vectorised dense loads, no atomics)
 and ``bench/kernels.py --aot`` (the resource report).
 """

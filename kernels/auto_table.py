@@ -9,7 +9,7 @@ only when both means exceed 1: a kernel that cannot beat the compiled reference 
 measured keeps the PyTorch reference.
 
 :data:`AUTO_TABLE` is the result over the committed measurements in :data:`RESULTS`;
-``tests/test_kernels.py`` recomputes it from those files, so the two cannot drift.
+``tests/kernels/test_kernels.py`` recomputes it from those files, so the two cannot drift.
 """
 
 from __future__ import annotations

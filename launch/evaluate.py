@@ -66,12 +66,13 @@ def main(argv: list[str] | None = None) -> int:
     # torch and the model after the arguments: --help and a mistyped flag answer at once
     import torch
 
-    from pnfs.engine.distributed import barrier, broadcast_object, init_distributed, shutdown
+    from pnfs.engine.distributed import init_distributed, shutdown
     from pnfs.engine.runlog import setup_logger
     from pnfs.evaluate import evaluate_model
     from pnfs.evaluate.boxes import BoxLoader, image_files
     from pnfs.evaluate.coco import load_detections
     from pnfs.evaluate.loading import load_for_inference
+    from pnfs.process_group import barrier, broadcast_object
 
     overrides = list(args.overrides)
     if args.no_flip:
@@ -119,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
                 world_size=ctx.world_size,
             )
         else:
-            from pnfs.data.loader import build_loader
+            from pnfs.data import build_loader
 
             if not cfg.data.val_shards:
                 raise ConfigError("data.val_shards: no validation shards; give --data 'shards/val-*.tar'")

@@ -86,8 +86,9 @@ def main(argv: list[str] | None = None) -> int:
         overrides.append(f"train.out_dir={args.out}")
     cfg = load_config(args.config, overrides)
     # imported after the config is known good: a typo costs no torch start-up
-    from pnfs.engine.distributed import barrier, broadcast_object, init_distributed, shutdown
+    from pnfs.engine.distributed import init_distributed, shutdown
     from pnfs.preflight import preflight
+    from pnfs.process_group import barrier, broadcast_object
 
     ctx = init_distributed(cfg.train.device, cuda_graph=cfg.train.cuda_graph)
     try:
@@ -116,10 +117,10 @@ def check(cfg, ctx, deepspeed_config: str | None) -> int:
     import torch
 
     from pnfs.engine.distributed import shutdown
-    from pnfs.run_plan import make_plan, time_steps
+    from pnfs.run_plan import make_run_plan, time_steps
 
     try:
-        plan = make_plan(cfg, ctx.world_size, deepspeed_config)
+        plan = make_run_plan(cfg, ctx.world_size, deepspeed_config)
         plan.threads = torch.get_num_threads()
         plan.seconds_per_step, plan.timed_steps = time_steps(cfg, ctx, deepspeed_config)
     finally:

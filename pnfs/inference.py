@@ -34,9 +34,9 @@ import cv2
 import numpy as np
 import torch
 
-from pnfs.data.assemble import normalise
 from pnfs.data.batch import HEATMAP_STRIDE
 from pnfs.data.geometry import box_to_region, invert, region_to_input
+from pnfs.data.loaders.assemble import normalise
 from pnfs.kernels import argmax_decode
 
 Refine = Literal["quarter", "gaussian"]

@@ -116,8 +116,8 @@ def coverage_problems(cfg: Config, key: str, manifest: Path, options: dict) -> l
 
 def shard_problems(cfg: Config, split: str) -> tuple[list[str], ShardFacts | None]:
     """Problems of ``data.<split>_shards`` and, when they exist, what they hold."""
-    from pnfs.data.loader import check_manifest
-    from pnfs.data.shard_reader import expand_shards, is_url
+    from pnfs.data.shards.manifest import check_manifest
+    from pnfs.data.shards.reader import expand_shards, is_url
 
     key = f"data.{split}_shards"
     spec = getattr(cfg.data, f"{split}_shards")
@@ -148,7 +148,7 @@ def shard_problems(cfg: Config, split: str) -> tuple[list[str], ShardFacts | Non
         if cfg.data.on_error == "raise"
         else []
     )
-    from pnfs.data.shard_reader import read_index
+    from pnfs.data.shards.reader import read_index
 
     try:
         counts = [len(read_index(Path(p))) for p in paths]
@@ -240,7 +240,7 @@ def annotation_problems(cfg: Config) -> list[str]:
 def shard_image_ids(facts: ShardFacts) -> list[int]:
     """Image ids of every sample of local shards, from the sample keys ``<image_id>_<ann_id>``
     of their indexes."""
-    from pnfs.data.shard_reader import read_index
+    from pnfs.data.shards.reader import read_index
 
     ids = []
     for path in facts.paths:
@@ -405,9 +405,9 @@ def training_counts(cfg: Config, facts: ShardFacts) -> list[int]:
 
 def steps_per_epoch(cfg: Config, counts: list[int], world_size: int) -> tuple[int, int]:
     """(samples, steps) of rank 0's training epoch, by the loader's own plan."""
-    from pnfs.data.loader import make_plan
+    from pnfs.data.loaders.build import make_epoch_plan
 
-    plan = make_plan(
+    plan = make_epoch_plan(
         cfg, "train", counts, rank=0, world_size=world_size, epoch=0, start_sample=0,
         batch_size=cfg.train.batch_size, augment=False,
     )  # fmt: skip

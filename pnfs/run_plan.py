@@ -106,14 +106,16 @@ def lr_schedule(cfg: Config) -> list[tuple[int, int, float]]:
     return out
 
 
-def make_plan(cfg: Config, world_size: int, deepspeed_config: str | None = None) -> RunPlan:
+def make_run_plan(cfg: Config, world_size: int, deepspeed_config: str | None = None) -> RunPlan:
     """The plan of a run whose preflight passed (local shards: counts known)."""
     import json
 
     from pnfs.model import build_model
 
     _, facts = shard_problems(cfg, "train")
-    assert isinstance(facts, ShardFacts) and facts.counts is not None, "make_plan needs local train shards"
+    assert isinstance(facts, ShardFacts) and facts.counts is not None, (
+        "make_run_plan needs local train shards"
+    )
     samples, steps = steps_per_epoch(cfg, training_counts(cfg, facts), world_size)
     accumulation = 1
     if deepspeed_config is not None:

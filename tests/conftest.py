@@ -72,7 +72,7 @@ def _seed_everything():
 @pytest.fixture(scope="session")
 def known_checkpoint(shared_data, tmp_path_factory):
     """A tiny model trained on the shared COCO sample, and the same model at initialisation
-    (see ``tests/known_model.py``); made once per session."""
-    from known_model import make_known_checkpoint
+    (see ``tests/support/known_model.py``); made once per session."""
+    from tests.support.known_model import make_known_checkpoint
 
     return make_known_checkpoint(shared_data, tmp_path_factory.mktemp("known-checkpoint"))

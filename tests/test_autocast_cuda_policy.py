@@ -15,11 +15,11 @@ import math
 
 import pytest
 import torch
-from kernel_cases import cuda_autocast_policy, triton_for_interpreter_cases  # noqa: F401  (autouse fixture)
 
 from pnfs.config import load_config
 from pnfs.model import build_model
 from pnfs.model.cell import Downsample, Upsample
+from tests.support.kernel_cases import cuda_autocast_policy, triton_for_interpreter_cases  # noqa: F401  (autouse fixture)
 
 BF16, F32 = torch.bfloat16, torch.float32
 # the demo preset as it trains (128x96) with the references; smaller under the interpreter
@@ -99,9 +99,8 @@ def test_posenfs_forward_and_backward_under_cudas_autocast_policy(backend, layou
 def test_the_fused_training_loss_under_cudas_autocast_policy(backend, monkeypatch):
     """``batch_loss`` as the engine calls it with ``train.amp=bf16`` and channels_last: the model's
     bf16 vectors into ``squash_mse_loss`` with fp32 targets, fp32 loss close to the fp32 one."""
-    from test_train_step import random_batch, tiny
-
     from pnfs.loss import batch_loss, loss_setup
+    from tests.engine.test_step import random_batch, tiny
 
     monkeypatch.setenv("PNFS_KERNELS", backend)
     cfg, model = tiny("model.vector_dim=4")
@@ -128,12 +127,11 @@ def test_training_and_evaluation_with_bf16_amp_through_the_config(tmp_path, tmp_
     evaluation, both through the engine. Training's input nodes saw the H200's bf16/fp32 mix;
     evaluation (the frozen model: its input nodes are plain sums) ran the head's squash under
     bf16 autocast."""
-    from test_engine_support import TINY_OVERRIDES, tiny_dataset
-
     import pnfs.inference
     import pnfs.model.cell as cell
     import pnfs.model.pnfs as pnfs_model
     from pnfs.engine.trainer import run_training
+    from tests.support.engine import TINY_OVERRIDES, tiny_dataset
 
     monkeypatch.setattr(pnfs.inference, "bf16_supported", lambda device: True)  # CI CPUs may lack it
     seen = set()  # (kernel, grad enabled, autocast enabled, input dtypes)

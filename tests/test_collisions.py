@@ -8,9 +8,9 @@ import shutil
 
 import pytest
 import torch
-from test_streaming import _batches, _cfg, _Server, data  # noqa: F401  (data: the module fixture)
 
-from pnfs.data.shard_reader import local_copy
+from pnfs.data.shards.reader import local_copy
+from tests.data.shards.test_reader import _batches, _cfg, _Server, data  # noqa: F401  (data: the module fixture)
 
 
 @pytest.fixture

@@ -10,8 +10,8 @@ import sys
 import numpy as np
 import pytest
 
-from pnfs.data.coco import read_coco_persons
-from pnfs.data.records import SkipReport
+from pnfs.data.annotations.coco import read_coco_persons
+from pnfs.data.annotations.records import SkipReport
 from pnfs.evaluate.coco import crowd_bins, main
 from pnfs.evaluate.coco import crowdpose_ground_truth as scored_ground_truth
 from pnfs.keypoints import CROWDPOSE

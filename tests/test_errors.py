@@ -7,10 +7,10 @@ import subprocess
 import sys
 
 import pytest
-from test_engine_support import PY, REPO, worker_env
 
 from pnfs.config import ConfigError
 from pnfs.errors import EXIT_USER_ERROR, DataError, PreflightFailed, run_main
+from tests.support.engine import PY, REPO, worker_env
 
 
 def test_a_user_error_is_one_line_and_exit_2(capsys, monkeypatch):

@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_train_step import random_batch, snapshot, step_parts, tiny
 
 from pnfs.engine.guard import NonFiniteLossError
 from pnfs.engine.step import arch_step, weight_step
 from pnfs.loss import pose_loss
+from tests.engine.test_step import random_batch, snapshot, step_parts, tiny
 
 
 def nan_loss(*args):
@@ -77,9 +77,8 @@ def test_max_bad_steps_aborts_exactly_at_its_limit(bad_in_a_row, aborts):
 
 
 def _run_cfg(tmp_path_factory, out):
-    from test_engine_support import TINY_OVERRIDES, tiny_dataset
-
     from pnfs.config import load_config
+    from tests.support.engine import TINY_OVERRIDES, tiny_dataset
 
     data = tiny_dataset(tmp_path_factory)
     return load_config(

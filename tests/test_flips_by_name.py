@@ -14,13 +14,13 @@ import numpy as np
 import pytest
 import torch
 
-from pnfs.data.assemble import batch_geometry
-from pnfs.data.coco import read_coco_persons
+from pnfs.data.annotations.coco import read_coco_persons
+from pnfs.data.annotations.mpii import read_mpii_persons
+from pnfs.data.annotations.records import SkipReport
 from pnfs.data.geometry import Augment
-from pnfs.data.mpii import read_mpii_persons
-from pnfs.data.records import SkipReport
-from pnfs.data.shard_reader import SampleMeta
-from pnfs.data.torch_loader import warp_crops
+from pnfs.data.loaders.assemble import batch_geometry
+from pnfs.data.loaders.torch_loader import warp_crops
+from pnfs.data.shards.reader import SampleMeta
 from pnfs.inference import predict_scores
 from pnfs.keypoints import COCO, JOINT_SETS, MPII, MPII_FROM_RAW, JointSet
 

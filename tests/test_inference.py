@@ -11,7 +11,6 @@ import cv2
 import numpy as np
 import pytest
 import torch
-from pose_oracle import PerfectNetwork
 
 from pnfs.data.geometry import Augment, box_to_region, flip_joints, invert, region_to_input, transform_points
 from pnfs.data.targets import gaussian_targets
@@ -25,6 +24,7 @@ from pnfs.inference import (
     unmirror_scores,
 )
 from pnfs.keypoints import COCO
+from tests.support.pose_oracle import PerfectNetwork
 
 STRIDE = 4
 PERM = COCO.flip_permutation()

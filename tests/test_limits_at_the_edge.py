@@ -7,13 +7,13 @@ import math
 
 import numpy as np
 import pytest
-from test_corrupt_data import _cfg, corrupt, data  # noqa: F401  (module fixtures)
 
 from pnfs.data.bad_samples import BadSampleError
-from pnfs.data.loader import build_loader
+from pnfs.data.loaders.build import build_loader
 from pnfs.evaluate.coco import instance_scores
 from pnfs.evaluate.mpii import pckh
 from pnfs.evaluate.oks import oks_nms, pairwise_oks
+from tests.data.test_bad_samples import _cfg, corrupt, data  # noqa: F401  (module fixtures)
 
 below, above = (lambda x: math.nextafter(x, -math.inf)), (lambda x: math.nextafter(x, math.inf))
 

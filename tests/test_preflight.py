@@ -10,11 +10,11 @@ import time
 from pathlib import Path
 
 import pytest
-from test_engine_support import PY, REPO, TINY_OVERRIDES, free_port, tiny_dataset, worker_env
 
 from pnfs.config import load_config
 from pnfs.preflight import checkpoint_bytes, preflight
 from pnfs.run_plan import cpu_cores, threads_per_process
+from tests.support.engine import PY, REPO, TINY_OVERRIDES, free_port, tiny_dataset, worker_env
 
 FAST = 60  # seconds: the checks take a few; the margin is for a loaded 2-core CI machine
 OVERRIDES = [o for o in TINY_OVERRIDES if not o.startswith("train.eval_every")] + ["train.eval_every=1"]
@@ -75,7 +75,7 @@ def test_train_annotations_with_the_val_shards_are_named(data, tmp_path):
 
 
 def test_a_shard_pattern_that_matches_nothing_names_the_pattern(data, tmp_path):
-    from pnfs.data.shard_reader import expand_shards
+    from pnfs.data.shards.reader import expand_shards
 
     pattern = str(data["shards"] / "val-*.tar")  # one folder above the shards
     with pytest.raises(FileNotFoundError, match=r"no file matches the pattern .*val-\*\.tar") as e:
@@ -290,9 +290,8 @@ def test_detections_file_is_parsed_when_given(data, tmp_path):
 
 
 def test_evaluation_needs_mpii_head_sizes_and_takes_the_mat(shared_data, tmp_path):
-    from test_gt_valid_mat import write_gt_valid_mat
-
     from pnfs.preflight import evaluation_problems
+    from tests.evaluate.test_mpii_gt_valid_mat import write_gt_valid_mat
 
     root = shared_data / "mpii_sample"
     persons = json.loads((root / "test_mpii.json").read_text())

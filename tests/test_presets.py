@@ -11,7 +11,7 @@ from pnfs.model import build_model
 from pnfs.summary import fvcore_macs, paper_counts
 
 PRESETS = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
-# the PoseNFS presets; Table VI's baselines (no parts, no alpha/beta) are tests/test_baselines.py's
+# the PoseNFS presets; Table VI's baselines (no parts, no alpha/beta) are tests/model/test_baseline.py's
 PNFS_PRESETS = [p for p in PRESETS if load_config(p).model.name == "pnfs"]
 
 

@@ -11,14 +11,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_engine_support import TINY_OVERRIDES, tiny_dataset
-from test_export import _onnx_run, checkpoint, crops, export_cli  # noqa: F401  (module fixtures)
 
 from pnfs.config import load_config
-from pnfs.data.loader import build_loader
+from pnfs.data.loaders.build import build_loader
 from pnfs.evaluate.loading import load_for_inference
 from pnfs.inference import predict, predict_scores
 from pnfs.model import build_model
+from tests.launch.test_export import _onnx_run, checkpoint, crops, export_cli  # noqa: F401  (module fixtures)
+from tests.support.engine import TINY_OVERRIDES, tiny_dataset
 
 
 def test_export_decodes_with_eval_refine_gaussian_like_predict(checkpoint, crops, tmp_path):  # noqa: F811
@@ -143,7 +143,7 @@ def test_eval_batch_size_against_the_12_val_people(tmp_path_factory, batch_size,
 def test_verify_shards_names_a_shard_whose_bytes_changed_but_not_its_size(tmp_path_factory, tmp_path, caplog):
     """data.verify_shards=true: a shard whose sha256 differs from manifest.json is named; without
     it only sizes are compared, and an equal-size change passes unseen."""
-    from pnfs.data.shard_reader import read_index
+    from pnfs.data.shards.reader import read_index
 
     data = tiny_dataset(tmp_path_factory)
     folder = tmp_path / "val"

@@ -11,13 +11,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_engine_support import TINY_OVERRIDES, tiny_dataset
-from test_shard_coco import _region_of_original, _rgb, _samples, shard_coco, shard_mpii
 
 from pnfs.config import load_config
 from pnfs.data.geometry import reachable_region
 from pnfs.engine.checkpoint import latest_checkpoint, load_checkpoint
 from pnfs.model import build_model
+from tests.data_prep.test_shard_coco import _region_of_original, _rgb, _samples, shard_coco, shard_mpii
+from tests.support.engine import TINY_OVERRIDES, tiny_dataset
 
 
 def tiny_cfg(tmp_path_factory, *overrides: str):
@@ -388,7 +388,7 @@ def test_evaluate_config_builds_the_model_of_a_bare_state_dict_and_hrnet_compat_
 ):
     """launch/evaluate.py --config: a bare state dict is evaluated with the model of that YAML
     (without it: one error line, exit 2); --hrnet-compat reads MPII's "Mean@0.1" at 0.11."""
-    from test_checkpoint_known import _launcher
+    from tests.engine.test_checkpoint_known import _launcher
 
     evaluate_cli = _launcher("evaluate")
 
@@ -417,7 +417,7 @@ def test_evaluate_config_builds_the_model_of_a_bare_state_dict_and_hrnet_compat_
 def test_export_config_builds_the_model_of_a_bare_state_dict(tmp_path, capsys):
     """launch/export.py --config: the TorchScript file of a bare state dict gives the heatmaps of
     the model that YAML builds (without it: one error line, exit 2)."""
-    from test_export import export_cli
+    from tests.launch.test_export import export_cli
 
     weights_file, config_file = bare_state_dict(tmp_path, "model.channels=3")
     out = tmp_path / "tiny.ts"
@@ -447,7 +447,7 @@ TINY_DEMO = [
 def test_demo_nproc_is_the_number_of_training_processes(tmp_path, nproc):
     """launch/demo.py --nproc N: the search runs on N processes (its log line, the checkpoint's
     world size) and the shards are written by N workers (the manifest's command)."""
-    from test_demo import run_demo
+    from tests.launch.test_demo import run_demo
 
     output, out = run_demo(tmp_path, 0, "--nproc", str(nproc), *TINY_DEMO, timeout=300)
     assert f"on {nproc} process(es), device cpu" in output

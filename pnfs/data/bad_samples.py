@@ -5,7 +5,7 @@ and counts it; ``raise`` stops at the first with :class:`BadSampleError`. A run 
 than ``data.max_bad_samples`` bad samples stops with :class:`BadSampleError` too: silent rot
 of a large part of a shard set is not something to train through.
 
-Reasons (one test each in ``tests/test_corrupt_data.py``):
+Reasons (one test each in ``tests/data/test_bad_samples.py``):
 
 * ``bad_jpeg``: the crop does not decode (garbled or cut bytes);
 * ``bad_arrays``: a raw array (``kp.f32``, ``bbox.f32``, ``c2i.f32``, ``score.f32``,

@@ -23,9 +23,10 @@ import torch
 from torch import nn
 
 from pnfs.config import Config, ConfigError
-from pnfs.engine.distributed import DistContext, all_reduce_sum_
+from pnfs.engine.distributed import DistContext
 from pnfs.engine.guard import StepRecord
 from pnfs.loss import LossSetup, batch_loss
+from pnfs.process_group import all_reduce_sum_
 
 
 def load_deepspeed_config(path: str | Path, cfg: Config, ctx: DistContext) -> dict[str, Any]:

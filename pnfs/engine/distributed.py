@@ -1,4 +1,7 @@
-"""Process-group setup read from the environment (torchrun or a plain single process).
+"""Process-group setup read from the environment (torchrun or a plain single process), and
+the DDP-specific parts of training: gradient and buffer averaging, the DDP wrapper. The
+collectives that evaluation shares with training (gather, broadcast, barrier, sum) are in
+:mod:`pnfs.process_group`, a level below both.
 
 ``torchrun`` exports RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT; without
 them the run is a single process and no process group is created. gloo on CPU, NCCL on
@@ -133,36 +136,6 @@ def init_distributed(
 def shutdown() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
-
-
-def barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-
-
-def all_gather_objects(obj: Any) -> list[Any]:
-    """Every rank's ``obj`` in rank order (a one-element list without a process group)."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return [obj]
-    out: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
-
-
-def broadcast_object(obj: Any, src: int = 0) -> Any:
-    """Rank ``src``'s ``obj`` on every rank."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=src)
-    return box[0]
-
-
-def all_reduce_sum_(tensor: torch.Tensor) -> torch.Tensor:
-    """In-place sum over ranks of one tensor (a no-op without a process group); returns it."""
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(tensor)
-    return tensor
 
 
 def average_gradients(params: list[nn.Parameter], world_size: int) -> None:

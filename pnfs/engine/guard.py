@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from pnfs.engine.distributed import all_reduce_sum_
+from pnfs.process_group import all_reduce_sum_
 
 
 class NonFiniteLossError(RuntimeError):

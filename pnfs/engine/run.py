@@ -15,8 +15,8 @@ from torch import nn
 
 from pnfs.config import Config, ConfigError, config_to_dict, dump_config
 from pnfs.engine import checkpoint as ckpt
-from pnfs.engine.distributed import DistContext, all_gather_objects, barrier, broadcast_object, wrap_ddp
-from pnfs.engine.export import architecture_entropies, export_architecture
+from pnfs.engine.architecture import architecture_entropies, export_architecture
+from pnfs.engine.distributed import DistContext, wrap_ddp
 from pnfs.engine.guard import NonFiniteGuard
 from pnfs.engine.runlog import Scalars, setup_logger
 from pnfs.engine.runtime import amp_dtype, set_determinism
@@ -31,6 +31,7 @@ from pnfs.engine.strategies import (
 )
 from pnfs.model import PoseNFS, build_model
 from pnfs.model.backbones import load_pretrained_backbone
+from pnfs.process_group import all_gather_objects, barrier, broadcast_object
 
 
 class Run:
@@ -170,7 +171,7 @@ class Run:
         """darts1 splits the training shards ``search.arch_split``; other strategies use all."""
         if self.cfg.search.strategy != "darts1":
             return None, None
-        from pnfs.data.shard_reader import expand_shards
+        from pnfs.data.shards.reader import expand_shards
 
         shards = expand_shards(self.cfg.data.train_shards, "train")
         weights, arch = split_shards(shards, self.cfg.search.arch_split)
@@ -179,7 +180,7 @@ class Run:
 
     def _loader(self, split: str, epoch: int, samples_seen: int, shards: list[str] | None = None, **kw):
         """``samples_seen`` counts over all ranks; each rank skips its equal share."""
-        from pnfs.data.loader import build_loader
+        from pnfs.data.loaders.build import build_loader
 
         return build_loader(
             self.cfg,

@@ -34,13 +34,7 @@ import torch
 
 from pnfs.config import Config
 from pnfs.data.bad_samples import merge_rank_reports
-from pnfs.engine.distributed import (
-    DistContext,
-    all_gather_objects,
-    average_buffers,
-    init_distributed,
-    shutdown,
-)
+from pnfs.engine.distributed import DistContext, average_buffers, init_distributed, shutdown
 from pnfs.engine.graph import WARMUP_STEPS, WARMUP_STEPS_DDP, GraphedStep, cuda_graph_capture
 from pnfs.engine.guard import StepRecord
 from pnfs.engine.run import Run
@@ -48,6 +42,7 @@ from pnfs.engine.runtime import model_digest
 from pnfs.engine.state import Window
 from pnfs.engine.step import StepParts, arch_step, weight_step
 from pnfs.loss import loss_setup, pose_loss
+from pnfs.process_group import all_gather_objects
 
 
 class Trainer(Run):

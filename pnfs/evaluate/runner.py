@@ -1,7 +1,7 @@
 """Evaluate a model over a (sharded) validation loader: COCO AP or MPII PCKh.
 
 Every rank runs inference on its share of the loader; predictions are gathered on rank 0
-with :func:`pnfs.engine.distributed.all_gather_objects` (when a process group is initialised),
+with :func:`pnfs.process_group.all_gather_objects` (when a process group is initialised),
 de-duplicated by (image_id, ann_id) and sorted, so each sample counts exactly once and
 the metrics do not depend on the world size.
 """
@@ -20,7 +20,6 @@ import torch.distributed as dist
 from pnfs.config import Config
 from pnfs.data.batch import PoseBatch
 from pnfs.deploy import freeze
-from pnfs.engine.distributed import all_gather_objects
 from pnfs.evaluate import strict_json
 from pnfs.evaluate.coco import (
     box_pck,
@@ -35,6 +34,7 @@ from pnfs.evaluate.oks import joint_sigmas
 from pnfs.inference import inference_amp, predict
 from pnfs.keypoints import JointSet
 from pnfs.model.pnfs import PoseNFS
+from pnfs.process_group import all_gather_objects
 from pnfs.visualize import denormalize, draw_poses, save_rgb
 
 FIELDS = ("keypoints", "scores", "image_id", "ann_id", "box_score", "area")

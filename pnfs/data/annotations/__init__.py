@@ -1,0 +1,1 @@
+"""Annotation files (COCO, MPII) read into one record per person (records.PersonRecord)."""

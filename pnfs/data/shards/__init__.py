@@ -1,0 +1,1 @@
+"""WebDataset shards: written (writer, cli), read (reader), checked against manifest.json (manifest)."""

@@ -1,0 +1,491 @@
+"""Loaders on synthetic shards: order, resumption, rank splits, agreement of torch/gpu/DALI."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from pnfs.config import load_config
+from pnfs.data.loaders.assemble import denormalise
+from pnfs.data.loaders.build import build_loader, make_epoch_plan, shard_paths
+from pnfs.data.loaders.torch_loader import PoseLoader
+from pnfs.data.plan import train_plan, val_plan
+from pnfs.data.shards.reader import ShardSet
+from pnfs.data.targets import gaussian_targets
+from pnfs.keypoints import COCO
+
+REPO = Path(__file__).resolve().parents[3]
+
+
+def _script(name: str):
+    spec = importlib.util.spec_from_file_location(name, REPO / "data_prep" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    root = tmp_path_factory.mktemp("synthetic_shards")
+    _script("make_synthetic").main(
+        ["--out", str(root / "raw"), "--train", "30", "--val", "14", "--seed", "1"]
+    )
+    shard_coco = _script("shard_coco")
+    for split in ("train", "val"):
+        rc = shard_coco.main(
+            ["--images", str(root / "raw" / "images" / split),
+             "--annotations", str(root / "raw" / "annotations" / f"person_keypoints_{split}.json"),
+             "--out", str(root / "shards"), "--shard-size", "6", "--max-side", "160", "--no-progress"]
+        )  # fmt: skip
+        assert rc == 0
+    return root / "shards"
+
+
+def _cfg(shards: Path, loader: str = "torch", workers: int = 0, size=(64, 64), **extra):
+    overrides = [
+        f"data.train_shards={shards}",
+        f"data.val_shards={shards}",
+        f"data.loader={loader}",
+        f"data.num_workers={workers}",
+        f"data.input_size=[{size[0]}, {size[1]}]",
+        "train.batch_size=4",
+        "eval.batch_size=4",
+    ] + [f"{k}={v}" for k, v in extra.items()]
+    return load_config(None, overrides)
+
+
+def _ids(loader) -> list[tuple[int, int]]:
+    return [(int(i), int(a)) for b in loader for i, a in zip(b.image_id, b.ann_id)]
+
+
+# ----------------------------------------------------------------------------- plans (pure)
+
+
+def test_train_plan_same_seed_same_order_and_new_order_each_epoch():
+    counts = [6, 6, 6, 6, 6]
+    flat = lambda p: [tuple(r) for b in p.batches for r in b.tolist()]
+    a, b = train_plan(counts, 4, seed=0, epoch=0), train_plan(counts, 4, seed=0, epoch=0)
+    assert flat(a) == flat(b)
+    assert flat(a) != flat(train_plan(counts, 4, seed=0, epoch=1))
+    assert flat(a) != flat(train_plan(counts, 4, seed=1, epoch=0))
+    np.testing.assert_array_equal(a.augment[0].rotation, b.augment[0].rotation)
+
+
+def test_train_plan_resume_yields_exactly_the_remaining_samples():
+    counts = [6, 6, 5, 6]
+    full = train_plan(counts, 4, seed=3, epoch=2, workers=2)
+    stream = np.concatenate(full.batches)
+    for k in (0, 4, 5, 13, len(stream)):
+        rest = train_plan(counts, 4, seed=3, epoch=2, workers=2, start_sample=k)
+        np.testing.assert_array_equal(
+            np.concatenate(rest.batches) if rest.batches else stream[:0], stream[k:]
+        )
+        scales = np.concatenate([a.scale for a in rest.augment]) if rest.batches else np.zeros(0)
+        np.testing.assert_array_equal(scales, np.concatenate([a.scale for a in full.augment])[k:])
+
+
+@pytest.mark.parametrize(("counts", "world", "workers"), [([6] * 7, 3, 2), ([6, 6, 2], 2, 2), ([40], 4, 3)])
+def test_train_plan_equal_batches_on_every_rank_and_shards_split_by_rank(counts, world, workers):
+    plans = [
+        train_plan(counts, 4, seed=0, epoch=0, rank=r, world_size=world, workers=workers)
+        for r in range(world)
+    ]
+    assert len({len(p) for p in plans}) == 1
+    assert all(len(b) == 4 for p in plans for b in p.batches)
+    if len(counts) >= world * workers:  # whole shards per rank: no shard is read by two ranks
+        used = [{int(s) for b in p.batches for s in b[:, 0]} for p in plans]
+        assert all(not (used[i] & used[j]) for i in range(world) for j in range(i + 1, world))
+
+
+def test_val_plan_every_sample_once_over_ranks_last_batch_kept():
+    counts = [6, 6, 2]
+    plans = [val_plan(counts, 4, rank=r, world_size=3) for r in range(3)]
+    seen = [tuple(x) for p in plans for b in p.batches for x in b.tolist()]
+    assert sorted(seen) == sorted((s, i) for s, n in enumerate(counts) for i in range(n))
+    # blocks [0, 4), [4, 9), [9, 14) of the 14 samples, batches of 4 with the remainder kept
+    assert [[len(b) for b in p.batches] for p in plans] == [[4], [4, 1], [4, 1]]
+    assert [tuple(x) for x in plans[1].batches[0].tolist()] == [(0, 4), (0, 5), (1, 0), (1, 1)]
+
+
+def test_scaled_decode_keeps_the_warped_picture_and_the_geometry():
+    """A crop decoded at 1/2 or 1/4 scale and warped with the composed matrix shows the same
+    picture, with a bright blob at the same place (a half-pixel slip would move it 0.2 px)."""
+    import simplejpeg
+
+    from pnfs.data.loaders.torch_loader import decode_for_input, warp_crops
+
+    ys, xs = np.mgrid[0:300, 0:400]
+    blob = 40 + 200 * np.exp(-((xs - 173.3) ** 2 + (ys - 121.7) ** 2) / (2 * 14.0**2))
+    data = simplejpeg.encode_jpeg(
+        np.repeat(blob[..., None], 3, -1).round().astype(np.uint8), quality=94, colorsubsampling="444"
+    )
+    full = simplejpeg.decode_jpeg(data)
+
+    def centroid(img):
+        w = np.clip(img[..., 0].astype(float) - 50, 0, None)  # the blob only: no background, no border
+        return (
+            np.array([(w * np.arange(w.shape[1])).sum(), (w * np.arange(w.shape[0])[:, None]).sum()])
+            / w.sum()
+        )
+
+    for stretch, scale in ((0.9, 1.0), (0.45, 0.5), (0.2, 0.25)):
+        to_input = np.array(
+            [[stretch, 0.0, 96 / 2 - 173.3 * stretch], [0.0, stretch, 72 / 2 - 121.7 * stretch]]
+        )
+        image, m = decode_for_input(data, to_input)
+        assert image.shape[:2] == (math.ceil(300 * scale), math.ceil(400 * scale))
+        np.testing.assert_allclose(m[:, :2], to_input[:, :2] / scale)
+        ref, got = warp_crops([full], to_input[None], (72, 96))[0], warp_crops([image], m[None], (72, 96))[0]
+        assert np.abs(ref.astype(float) - got).mean() < 1.0
+        np.testing.assert_allclose(centroid(got), centroid(ref), atol=0.05)
+    tiny = simplejpeg.encode_jpeg(np.zeros((6, 6, 3), np.uint8))
+    assert decode_for_input(tiny, np.array([[0.1, 0, 0], [0, 0.1, 0]]))[0].shape == (6, 6, 3)
+
+
+# ----------------------------------------------------------------------------- loaders
+
+
+def test_torch_loader_order_resume_and_epochs(shards):
+    cfg = _cfg(shards)
+    first = _ids(build_loader(cfg, "train", epoch=0))
+    assert first == _ids(build_loader(cfg, "train", epoch=0))
+    assert first != _ids(build_loader(cfg, "train", epoch=1))
+    assert _ids(build_loader(cfg, "train", epoch=0, start_sample=5)) == first[5:]
+    loader = build_loader(cfg, "train")
+    assert len(loader) == 30 // 4 == len(list(loader))
+
+
+def test_every_rank_gets_the_same_number_of_full_batches(shards):
+    cfg = _cfg(shards)
+    loaders = [build_loader(cfg, "train", rank=r, world_size=3, epoch=2) for r in range(3)]
+    sizes = [[len(b) for b in loader] for loader in loaders]
+    assert sizes[0] == sizes[1] == sizes[2] == [4, 4]  # 30 samples // 3 ranks // batch 4
+    ids = [set(_ids(loader)) for loader in loaders]
+    assert not (ids[0] & ids[1]) and not (ids[1] & ids[2]) and not (ids[0] & ids[2])
+
+
+def test_worker_processes_keep_the_plan_order(shards):
+    cfg = _cfg(shards, workers=2)
+    loader = build_loader(cfg, "train", epoch=4)
+    shard_set = ShardSet.open(shard_paths(cfg, "train"))
+    plan = make_epoch_plan(cfg, "train", shard_set.counts, rank=0, world_size=1, epoch=4, start_sample=0,
+                     batch_size=4, augment=True)  # fmt: skip
+    expected = [shard_set.key(int(s), int(p)) for b in plan.batches for s, p in b]
+    assert [f"{i}_{a}" for i, a in _ids(loader)] == expected
+
+
+def test_val_loader_every_sample_once_across_ranks(shards):
+    cfg = _cfg(shards)
+    per_rank = [_ids(build_loader(cfg, "val", rank=r, world_size=2)) for r in range(2)]
+    all_ids = per_rank[0] + per_rank[1]
+    assert len(all_ids) == len(set(all_ids)) == 14
+    assert per_rank[0] == _ids(build_loader(cfg, "val", rank=0, world_size=2))  # deterministic
+    assert [len(b) for b in build_loader(cfg, "val", rank=0, world_size=2)] == [4, 3]
+
+
+def test_val_batch_without_augmentation_maps_back_to_the_original(shards):
+    """affine (input -> original) takes the batch keypoints back to the annotation."""
+    import json
+
+    cfg = _cfg(shards)
+    ann = json.loads((shards.parent / "raw" / "annotations" / "person_keypoints_val.json").read_text())
+    original = {a["id"]: np.asarray(a["keypoints"], float).reshape(17, 3) for a in ann["annotations"]}
+    batch = next(iter(build_loader(cfg, "val")))
+    for i in range(len(batch)):
+        kp = batch.keypoints[i].double().numpy()
+        ref = original[int(batch.ann_id[i])]
+        inside = kp[:, 2] > 0
+        assert inside.sum() >= (ref[:, 2] > 0).sum() - 2  # margin 1.25: labelled joints stay inside
+        m = batch.affine[i].double().numpy()
+        back = kp[inside, :2] @ m[:, :2].T + m[:, 2]
+        np.testing.assert_allclose(back, ref[inside, :2], atol=0.01)
+
+
+def _loader_outputs(shards, kind):
+    cfg = _cfg(shards, loader=kind, size=(128, 96))
+    return list(build_loader(cfg, "val", augment=True))
+
+
+def _targets(batch):
+    return gaussian_targets(batch.keypoints, (128 // 4, 96 // 4), sigma=2.0)
+
+
+def test_gpu_path_agrees_with_torch_loader(shards):
+    """Same keypoints (hence the same targets, to the bit) and images within interpolation tolerance."""
+    ref, got = _loader_outputs(shards, "torch"), _loader_outputs(shards, "gpu")
+    assert len(ref) == len(got)
+    for a, b in zip(ref, got):
+        assert torch.equal(a.ann_id, b.ann_id.cpu())
+        assert torch.equal(a.keypoints, b.keypoints.cpu())
+        for x, y in zip(_targets(a), _targets(b)):
+            assert torch.equal(x, y.cpu())
+        assert torch.allclose(a.affine, b.affine.cpu(), atol=1e-3)
+        diff = (denormalise(a.image) - denormalise(b.image.cpu())).abs()
+        assert diff.mean() < 1.5  # 0-255: different JPEG decoders + bilinear rounding
+
+
+def test_dali_graph_agrees_with_torch_loader(shards):
+    """The CPU graph without CUDA, the GPU graph (nvJPEG, GPU warp) with it."""
+    from pnfs.data.loaders.dali_loader import dali_available
+
+    ok, why = dali_available()
+    if not ok:
+        pytest.skip(why)
+    ref, got = _loader_outputs(shards, "torch"), _loader_outputs(shards, "dali")
+    assert [len(b) for b in ref] == [len(b) for b in got]
+    for a, b in zip(ref, got):
+        b = b.to("cpu")
+        assert torch.equal(a.ann_id, b.ann_id) and torch.equal(a.image_id, b.image_id)
+        assert (a.keypoints - b.keypoints).abs().max() <= 0.05
+        (ta, wa), (tb, wb) = _targets(a), _targets(b)
+        assert torch.equal(wa, wb) and (ta - tb).abs().max() < 0.02  # 0.05 px moves a σ=2 peak < 0.01
+        assert torch.allclose(a.affine, b.affine, atol=1e-3)
+        assert (denormalise(a.image) - denormalise(b.image)).abs().mean() < 1.5
+
+
+def test_dali_train_order_is_seeded_per_epoch(shards):
+    from pnfs.data.loaders.dali_loader import dali_available
+
+    if not dali_available()[0]:
+        pytest.skip(dali_available()[1])
+    cfg = _cfg(shards, loader="dali")
+    first = _ids(build_loader(cfg, "train", epoch=0))
+    assert len(first) == (30 // 4) * 4
+    assert first == _ids(build_loader(cfg, "train", epoch=0))
+    assert first != _ids(build_loader(cfg, "train", epoch=1))
+    assert _ids(build_loader(cfg, "train", epoch=0, start_sample=5)) == first[5 : len(first)]
+
+
+def _dali_val_loader(shards, **kwargs):
+    from pnfs.data.loaders.dali_loader import DaliPoseLoader
+
+    cfg = _cfg(shards, loader="dali", size=(128, 96))
+    shard_set = ShardSet.open(shard_paths(cfg, "val"))
+    plan = make_epoch_plan(
+        cfg,
+        "val",
+        shard_set.counts,
+        rank=0,
+        world_size=1,
+        epoch=0,
+        start_sample=0,
+        batch_size=4,
+        augment=True,
+    )
+    return DaliPoseLoader(
+        shard_set, plan, split="val", batch_size=4, rank=0, world_size=1, seed=0, epoch=0,
+        start_sample=0, num_threads=1, input_size=(128, 96), margin=cfg.data.margin,
+        flip_perm=COCO.flip_permutation(), **kwargs,
+    )  # fmt: skip
+
+
+def test_dali_batches_are_converted_by_the_plugin_iterator_on_the_cpu_graph_too(shards, monkeypatch):
+    """The one conversion path a GPU graph takes (DALIGenericIterator) also carries the CPU
+    graph: every batch's pixels and ids are the plugin's tensors, typed from DALI's dtypes."""
+    from pnfs.data.loaders.dali_loader import OUTPUTS, dali_available
+
+    if not dali_available()[0]:
+        pytest.skip(dali_available()[1])
+    from nvidia.dali.plugin.pytorch import DALIGenericIterator
+
+    seen: list[dict[str, torch.Tensor]] = []
+    handed: list[object] = []
+    plugin_next = DALIGenericIterator.__next__
+
+    def spy(self):  # (the iterator's prefetched first batch passes through here twice)
+        out = plugin_next(self)
+        if not any(out is h for h in handed):
+            handed.append(out)
+            seen.append({k: v.clone() for k, v in out[0].items()})
+        return out
+
+    monkeypatch.setattr(DALIGenericIterator, "__next__", spy)
+    batches = list(_dali_val_loader(shards, device="cpu"))
+    assert len(seen) >= len(batches) == 4  # 14 val samples in batches of 4: 4, 4, 4, 2
+    dtypes = dict(image=torch.float32, xy=torch.float32, kp=torch.float32, to_input=torch.float32,
+                  score=torch.float32, ids=torch.int64, aug=torch.float32)  # fmt: skip
+    for out in seen:
+        assert tuple(out) == OUTPUTS
+        assert {k: v.dtype for k, v in out.items()} == dtypes
+        assert all(v.device.type == "cpu" for v in out.values())
+    images = torch.cat([o["image"] for o in seen])
+    ids = torch.cat([o["ids"] for o in seen])
+    n = 0
+    for b in batches:
+        assert torch.equal(b.image, images[n : n + len(b)])
+        assert torch.equal(b.image_id, ids[n : n + len(b), 0]) and torch.equal(
+            b.ann_id, ids[n : n + len(b), 1]
+        )
+        n += len(b)
+
+
+def test_dali_batches_are_the_graphs_outputs_not_copies(shards, monkeypatch):
+    """A plan batch cut from one graph batch is that batch's image tensor (or a slice of it: the
+    short last one), not a concatenation with the empty remainder of the batch before."""
+    from pnfs.data.loaders.dali_loader import dali_available
+
+    if not dali_available()[0]:
+        pytest.skip(dali_available()[1])
+    from nvidia.dali.plugin.pytorch import DALIGenericIterator
+
+    images: list[torch.Tensor] = []
+    plugin_next = DALIGenericIterator.__next__
+
+    def spy(self):
+        out = plugin_next(self)
+        if not any(out[0]["image"] is i for i in images):
+            images.append(out[0]["image"])
+        return out
+
+    monkeypatch.setattr(DALIGenericIterator, "__next__", spy)
+    batches = list(_dali_val_loader(shards, device="cpu"))
+    assert [len(b) for b in batches] == [4, 4, 4, 2]
+    assert [b.image.data_ptr() for b in batches] == [i.data_ptr() for i in images[:4]]
+
+
+def test_dali_cpu_outputs_reach_a_batch_on_another_device(shards):
+    """A GPU graph's keypoints/matrices/ids are CPU outputs that must reach the batch's device:
+    the same code moves a CPU graph's outputs to a stand-in device (meta) here."""
+    from pnfs.data.loaders.dali_loader import dali_available
+
+    if not dali_available()[0]:
+        pytest.skip(dali_available()[1])
+    ref = list(_dali_val_loader(shards, device="cpu"))
+    got = list(_dali_val_loader(shards, device="meta"))
+    assert len(got) == len(ref)
+    for a, b in zip(ref, got):
+        for name in ("image", "keypoints", "affine", "image_id", "ann_id", "score"):
+            x, y = getattr(a, name), getattr(b, name)
+            assert x.device.type == "cpu" and y.device.type == "meta", name
+            assert (x.shape, x.dtype) == (y.shape, y.dtype), name
+
+
+@pytest.mark.gpu
+def test_dali_gpu_graph_puts_images_on_the_gpu_and_the_rest_on_the_cpu_then_all_on_cuda(shards, monkeypatch):
+    from pnfs.data.loaders.dali_loader import dali_available
+
+    if not dali_available()[0]:
+        pytest.skip(dali_available()[1])
+    from nvidia.dali.plugin.pytorch import DALIGenericIterator
+
+    devices: list[dict[str, str]] = []
+    plugin_next = DALIGenericIterator.__next__
+
+    def spy(self):
+        out = plugin_next(self)
+        devices.append({k: v.device.type for k, v in out[0].items()})
+        return out
+
+    monkeypatch.setattr(DALIGenericIterator, "__next__", spy)
+    got = list(_dali_val_loader(shards, device="cuda"))
+    ref = list(_dali_val_loader(shards, device="cpu"))
+    assert devices and all(d.pop("image") == "cuda" and set(d.values()) == {"cpu"} for d in devices)
+    for a, b in zip(ref, got, strict=True):
+        assert all(getattr(b, f).device.type == "cuda" for f in ("image", "keypoints", "affine", "score"))
+        b = b.to("cpu")
+        assert torch.equal(a.ann_id, b.ann_id) and (a.keypoints - b.keypoints).abs().max() <= 1e-4
+        assert (denormalise(a.image) - denormalise(b.image)).abs().mean() < 1.5  # nvJPEG vs libjpeg
+
+
+@pytest.mark.gpu
+def test_dali_gpu_batches_reach_cuda_by_pinned_asynchronous_copies(shards, monkeypatch):
+    """The GPU graph's host outputs (keypoints, matrices, ids, scores) are copied to the GPU from
+    page-locked memory with ``non_blocking``: no copy that makes the host wait each batch."""
+    from pnfs.data.loaders.dali_loader import dali_available
+
+    if not dali_available()[0]:
+        pytest.skip(dali_available()[1])
+    copies: list[tuple[bool, bool]] = []
+    real_to = torch.Tensor.to
+
+    def spy(self, *args, **kwargs):
+        out = real_to(self, *args, **kwargs)
+        if self.device.type == "cpu" and out.device.type == "cuda":
+            copies.append((self.is_pinned(), bool(kwargs.get("non_blocking", False))))
+        return out
+
+    loader = _dali_val_loader(shards, device="cuda")
+    monkeypatch.setattr(torch.Tensor, "to", spy)
+    batches = list(loader)
+    assert len(batches) == 4 and len(copies) >= 4 * 5  # five host fields per batch
+    assert all(pinned and non_blocking for pinned, non_blocking in copies), copies
+
+
+def test_augmented_grid_png_and_flip_swaps_joints_with_the_pixels(shards, tmp_path):
+    """Draws augmented samples with skeletons (look at augmented_grid.png) and checks flips.
+
+    Synthetic people are drawn facing the camera with blue left limbs and orange right limbs.
+    A mirrored picture shows a person whose *right* side is blue, so after flip + joint swap
+    the joint named left_* must sit on orange exactly on the flipped samples, on blue otherwise.
+    """
+    cfg = _cfg(shards, size=(128, 96), **{"data.flip_prob": 0.5})
+    shard_set = ShardSet.open(shard_paths(cfg, "train"))
+    plan = make_epoch_plan(cfg, "train", shard_set.counts, rank=0, world_size=1, epoch=0, start_sample=0,
+                     batch_size=4, augment=True)  # fmt: skip
+    flipped = np.concatenate([a.flip for a in plan.augment])
+    tiles, agree = [], []
+    n = 0
+    for batch in build_loader(cfg, "train", epoch=0):
+        images = denormalise(batch.image).clamp(0, 255).byte().permute(0, 2, 3, 1).numpy()
+        for img, kp in zip(images, batch.keypoints.numpy()):
+            for side, (elbow, wrist) in enumerate(((7, 9), (8, 10))):
+                if kp[elbow, 2] > 0 and kp[wrist, 2] > 0:
+                    x, y = ((kp[elbow, :2] + kp[wrist, :2]) / 2).round().astype(int)
+                    r, _, b = img[y, x].astype(int)
+                    if abs(b - r) > 60:  # clearly blue or clearly orange (not occluded)
+                        named_left_on_blue = (b > r) == (side == 0)
+                        agree.append((bool(flipped[n]), named_left_on_blue != flipped[n]))
+            tile = np.ascontiguousarray(img[:, :, ::-1])
+            for a, b in COCO.skeleton:
+                if kp[a, 2] > 0 and kp[b, 2] > 0:
+                    pa, pb = tuple(kp[a, :2].round().astype(int)), tuple(kp[b, :2].round().astype(int))
+                    cv2.line(tile, pa, pb, (0, 255, 0), 1, cv2.LINE_AA)
+            for j, (x, y, w) in enumerate(kp):
+                if w > 0:  # left joints red, right joints yellow (BGR)
+                    colour = (0, 0, 255) if j in (1, 3, 5, 7, 9, 11, 13, 15) else (0, 255, 255)
+                    cv2.circle(tile, (round(float(x)), round(float(y))), 2, colour, -1)
+            tiles.append(tile)
+            n += 1
+    rows = [np.hstack(tiles[i : i + 7]) for i in range(0, 28, 7)]
+    path = tmp_path / "augmented_grid.png"
+    assert cv2.imwrite(str(path), np.vstack(rows))
+    print(f"augmented grid: {path}")
+    assert 0 < flipped[:n].sum() < n and len(agree) >= 10
+    # overlapping people can cover a forearm with someone else's limb: a few disagree
+    for state in (False, True):
+        hits = [ok for f, ok in agree if f == state]
+        print(f"flipped={state}: {np.mean(hits):.2f} of {len(hits)} forearms agree")
+        assert len(hits) >= 5 and np.mean(hits) > 0.75
+
+
+def test_targets_from_a_loader_batch(shards):
+    batch = next(iter(build_loader(_cfg(shards), "train")))
+    targets, weights = gaussian_targets(batch.keypoints, (16, 16), sigma=2.0)
+    assert targets.shape == (4, 17, 16, 16) and weights.shape == (4, 17)
+    on = weights > 0
+    peak = targets.flatten(2).argmax(-1)
+    u = (batch.keypoints[..., 0] / 4).round().clamp(0, 15)
+    v = (batch.keypoints[..., 1] / 4).round().clamp(0, 15)
+    assert torch.equal(peak[on], (v * 16 + u).long()[on])
+
+
+def test_a_loader_with_workers_puts_opencv_on_one_thread_before_they_fork():
+    """A fork taken after OpenCV's thread pool ran in the parent (e.g. overlays drawn after an
+    evaluation) can hang the worker's first cv2 call: a DataLoader of cv2.warpAffine calls
+    forked after a 1500x1500 warpAffine in the parent hung in 1 of 2 runs without this. So
+    every loader with workers sets the parent to one OpenCV thread before forking."""
+    threads = cv2.getNumThreads()
+    try:
+        cv2.setNumThreads(2)
+        PoseLoader(torch.utils.data.TensorDataset(torch.zeros(2)), num_workers=0)
+        assert cv2.getNumThreads() == 2  # no workers, no fork: OpenCV keeps its threads
+        PoseLoader(torch.utils.data.TensorDataset(torch.zeros(2)), num_workers=1)
+        assert cv2.getNumThreads() == 1
+    finally:
+        cv2.setNumThreads(threads)

@@ -1,0 +1,172 @@
+"""The ``gpu`` loader's parts: the batched warp, its affine_grid matrices, the producer thread
+(order, early stop, errors) on the CPU, and the side-stream hand-over on CUDA (``gpu``)."""
+
+from __future__ import annotations
+
+import threading
+
+import cv2
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pnfs.data.geometry import invert
+from pnfs.data.loaders.assemble import denormalise
+from pnfs.data.loaders.gpu_loader import GpuPoseLoader, _Normalise, sampling_theta, warp_batch
+
+
+def _affines(rng: np.random.Generator, n: int) -> np.ndarray:
+    """Random well-conditioned crop->input affines [n, 2, 3] (rotation, scale, shift)."""
+    theta = rng.uniform(-np.pi, np.pi, n)
+    k = rng.uniform(0.5, 2.0, n)
+    m = np.zeros((n, 2, 3))
+    m[:, 0, 0], m[:, 0, 1] = k * np.cos(theta), -k * np.sin(theta)
+    m[:, 1, 0], m[:, 1, 1] = k * np.sin(theta), k * np.cos(theta)
+    m[:, :, 2] = rng.uniform(-20, 20, (n, 2))
+    return m
+
+
+def test_sampling_theta_samples_the_crop_at_the_inverse_map_of_each_pixel_centre():
+    rng = np.random.default_rng(0)
+    crop_to_input = _affines(rng, 5)
+    crop_size, (h, w) = (37, 53), (24, 18)
+    theta = torch.from_numpy(sampling_theta(crop_to_input, crop_size, (h, w)))
+    grid = F.affine_grid(theta, [5, 3, h, w], align_corners=False)  # [5, h, w, 2] float64
+    ys, xs = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
+    pixels = np.stack([xs, ys, np.ones_like(xs)], -1).reshape(-1, 3).astype(np.float64)
+    src = np.einsum("nij,pj->npi", invert(crop_to_input), pixels)  # crop px of every input px
+    expected = (2 * src + 1) / np.array([crop_size[1], crop_size[0]]) - 1
+    np.testing.assert_allclose(grid.numpy().reshape(5, -1, 2), expected, atol=1e-9)
+
+
+def test_warp_batch_is_exact_for_the_identity_and_integer_shifts():
+    rng = np.random.default_rng(1)
+    big = torch.from_numpy(rng.integers(0, 256, (3, 20, 30), dtype=np.uint8))
+    small = torch.from_numpy(rng.integers(0, 256, (3, 9, 11), dtype=np.uint8))
+    identity = np.array([[1.0, 0, 0], [0, 1, 0]])
+    shift = np.array([[1.0, 0, 2], [0, 1, 3]])  # crop px (u, v) -> input px (u + 2, v + 3)
+    out = warp_batch([big, small], np.stack([identity, shift]), (20, 30))
+    assert out.shape == (2, 3, 20, 30) and out.dtype == torch.float32
+    exact = dict(rtol=0, atol=1e-3)  # float32 grid coordinates; a half-pixel error moves values by ~100
+    torch.testing.assert_close(out[0], big.float(), **exact)
+    torch.testing.assert_close(out[1, :, 3:12, 2:13], small.float(), **exact)
+    inside = torch.zeros(20, 30, dtype=torch.bool)
+    inside[3:12, 2:13] = True
+    assert out[1][:, ~inside].abs().max() < 1e-3  # black outside the crop, also over the padding
+
+
+def _jpeg(rng: np.random.Generator, h: int, w: int) -> torch.Tensor:
+    smooth = cv2.GaussianBlur(rng.integers(0, 256, (h, w, 3), dtype=np.uint8), (7, 7), 2)
+    ok, data = cv2.imencode(".jpg", smooth, [cv2.IMWRITE_JPEG_QUALITY, 95])
+    assert ok
+    return torch.from_numpy(data.reshape(-1).copy())
+
+
+class _Items(torch.utils.data.Dataset):
+    """Items shaped like PlanBytes's: ``n`` batches of two crops; reading batch ``fail_at`` fails."""
+
+    input_size = (32, 24)
+
+    def __init__(self, n: int, fail_at: int | None = None):
+        rng = np.random.default_rng(2)
+        self.jpgs = [[_jpeg(rng, 40, 30), _jpeg(rng, 28, 36)] for _ in range(n)]
+        self.fail_at = fail_at
+        self.affines = _affines(rng, 2 * n).reshape(n, 2, 2, 3) * [[[1, 1, 0]]] + [[[0, 0, 12]]]
+
+    def __len__(self) -> int:
+        return len(self.jpgs)
+
+    def __getitem__(self, b: int) -> dict:
+        if b == self.fail_at:
+            raise OSError(f"cannot read batch {b}")
+        return {
+            "batch": b,
+            "bad": [],
+            "jpg": self.jpgs[b],
+            "crop_to_input": torch.from_numpy(self.affines[b]),
+            "keypoints": torch.full((2, 17, 3), float(b)),
+            "affine": torch.from_numpy(invert(self.affines[b])).float(),
+            "image_id": torch.tensor([b, b]),
+            "ann_id": torch.tensor([2 * b, 2 * b + 1]),
+            "score": torch.ones(2),
+        }
+
+
+def _producers() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "pnfs-gpu-loader"]
+
+
+@pytest.mark.parametrize("prefetch", [1, 3])
+def test_producer_thread_keeps_the_order_and_ends(prefetch):
+    loader = GpuPoseLoader(_Items(5), num_workers=0, device="cpu", prefetch=prefetch)
+    batches = list(loader)
+    assert len(loader) == 5 and [b.ann_id.tolist() for b in batches] == [[2 * b, 2 * b + 1] for b in range(5)]
+    assert all(b.image.shape == (2, 3, 32, 24) and b.image.dtype == torch.float32 for b in batches)
+    assert [float(b.keypoints[0, 0, 0]) for b in batches] == [0, 1, 2, 3, 4]
+    assert not _producers()
+
+
+def test_stopping_early_ends_the_producer_thread():
+    batches = iter(GpuPoseLoader(_Items(6), num_workers=0, device="cpu", prefetch=2))
+    assert int(next(batches).image_id[0]) == 0 and int(next(batches).image_id[0]) == 1
+    assert _producers()  # decoding ahead, blocked on the full queue
+    batches.close()  # what a `break` out of the epoch does
+    assert not _producers()
+
+
+def test_an_error_in_the_producer_reaches_the_consumer_after_the_good_batches():
+    got = []
+    with pytest.raises(OSError, match="cannot read batch 2"):
+        for batch in GpuPoseLoader(_Items(4, fail_at=2), num_workers=0, device="cpu"):
+            got.append(int(batch.image_id[0]))
+    assert got == [0, 1]
+    assert not _producers()
+
+
+def test_prefetch_must_be_positive():
+    with pytest.raises(ValueError, match="prefetch"):
+        GpuPoseLoader(_Items(1), num_workers=0, device="cpu", prefetch=0)
+
+
+@pytest.mark.gpu
+def test_cuda_batches_match_the_cpu_path_while_the_consumer_stream_is_busy():
+    """Side-stream decode + hand-over: what the step reads equals the CPU path's batches. The
+    consumer's stream is kept busy (a sleep kernel) before it reads each batch and drops it at
+    once, so a missing wait_event (reading before the warp) or record_stream (the allocator
+    giving the memory to the next batch before the read) corrupts what is read."""
+    items = _Items(8)
+    ref = list(GpuPoseLoader(items, num_workers=0, device="cpu"))
+    got = []
+    for batch in GpuPoseLoader(items, num_workers=0, device="cuda", prefetch=2):
+        assert all(getattr(batch, f).device.type == "cuda" for f in ("image", "keypoints", "affine", "score"))
+        torch.cuda._sleep(50_000_000)  # the "training step" on the consumer's stream
+        got.append((batch.image * 1.0, batch.keypoints * 1.0, batch.ann_id.clone()))
+        del batch
+    torch.cuda.synchronize()
+    assert len(got) == len(ref)
+    for a, (image, keypoints, ann_id) in zip(ref, got):
+        assert torch.equal(a.keypoints, keypoints.cpu()) and torch.equal(a.ann_id, ann_id.cpu())
+        diff = (denormalise(a.image) - denormalise(image.cpu())).abs()
+        assert diff.mean() < 1.5  # nvJPEG vs libjpeg IDCT, same warp
+
+
+@pytest.mark.gpu
+def test_a_decode_does_not_write_into_crops_a_queued_warp_still_reads():
+    """Batch 0's warp waits on the side stream behind a sleep kernel (the stream is busy) when
+    its crops are dropped; batch 1's crops have the same sizes. Decoded with the side stream
+    current, nvJPEG (on its own stream) writes batch 1 into batch 0's crops before that warp
+    reads them; with the decode stream and record_stream the memory is not handed out early."""
+    items = _Items(2)
+    ref = list(GpuPoseLoader(items, num_workers=0, device="cpu"))
+    loader = GpuPoseLoader(items, num_workers=0, device="cuda")
+    normalise = _Normalise(loader.device)
+    side = torch.cuda.Stream(loader.device)
+    with torch.cuda.stream(side):
+        torch.cuda._sleep(200_000_000)
+        first, _ = loader.assemble(items[0], normalise)
+        second, _ = loader.assemble(items[1], normalise)
+    torch.cuda.synchronize()
+    for a, got in zip(ref, (first, second)):
+        diff = (denormalise(a.image) - denormalise(got.image.cpu())).abs()
+        assert diff.mean() < 1.5  # nvJPEG vs libjpeg IDCT, same warp; another batch's pixels: ~50
