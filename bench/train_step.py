@@ -75,6 +75,12 @@ CASES = (
     Case("lean-auto-graphed", "lean", "auto", graphed=True),
     Case("lean-per-part", "lean", "torch", overrides=("model.batched_parts=false",)),
     Case("lean-batched", "lean", "torch", overrides=("model.batched_parts=true",)),
+    Case(
+        "lean-batched-per-tensor",
+        "lean",
+        "torch",
+        overrides=("model.batched_parts=true", "train.flat_params=false"),
+    ),
 )
 # Measurements of their own, by name in --cases: both eager steps interleaved in one process, and
 # (CPU only) the pieces in which the two steps differ.
@@ -162,7 +168,8 @@ def build_case(
     model = build_model(cfg).to(device)
     if cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    opt = build_optimizers(model, cfg, fused_weights=step == "lean").weights
+    lean = step == "lean"
+    opt = build_optimizers(model, cfg, fused_weights=lean, flat=lean and cfg.train.flat_params).weights
     params = [p for g in opt.param_groups for p in g["params"]]
     forward = torch.compile(model) if compiled else model
     dtype = amp_dtype(cfg, device)
