@@ -11,7 +11,7 @@ run as a handful of operators over the flat buffers:
 
     data  [N]   p_i.data = data[o_i : o_i + n_i] with p_i's own shape and strides
     grad  [N]   p_i.grad = grad[o_i : o_i + n_i] likewise; the backward adds into it in place
-    ||g||     = vector_norm(grad)                      (one buffer; the norm of the buffers' norms)
+    ||g||     = vector_norm(grad)                      (in float64; over buffers: the norm of their norms)
     zero      : grad.zero_()                           (before the step's backward)
 
 The kinds stay apart (weights; alpha/beta), as the search strategies treat them apart
@@ -153,13 +153,14 @@ class FlatParameters:
             buf.grad.zero_()
 
     def norm(self) -> torch.Tensor:
-        """Total 2-norm of the gradients, ``||(||g_1||, ..., ||g_B||)||`` over the B buffers
-        (one buffer: its norm). Equal to the per-tensor norm of ``clip_grad_norm_`` up to
-        the order of the float sums (relative 1e-6 in float32)."""
-        norms = [torch.linalg.vector_norm(g) for g in self.grads]
-        if len(norms) == 1:
-            return norms[0]
-        return torch.linalg.vector_norm(torch.stack(norms))
+        """Total 2-norm of the gradients, ``||(||g_1||, ..., ||g_B||)||`` over the B buffers, summed
+        in float64 and returned in the gradients' dtype (0-dim). One float32 reduction over a
+        buffer of 10^5..10^7 elements loses up to 1e-5 relative on the CPU (measured: 1.9e-5 over
+        215,864 gradients), more than the per-tensor norms of ``clip_grad_norm_`` do; summed in
+        float64 it is the exact norm rounded once, within 1e-6 of the per-tensor one."""
+        norms = [torch.linalg.vector_norm(g, dtype=torch.float64) for g in self.grads]
+        total = norms[0] if len(norms) == 1 else torch.linalg.vector_norm(torch.stack(norms))
+        return total.to(self.grads[0].dtype)
 
     def clipped_norm(self, max_norm: float) -> torch.Tensor:
         """:meth:`norm` before clipping the gradients to ``max_norm`` as ``clip_grad_norm_`` does,
@@ -319,6 +320,13 @@ class FlatAdam(torch.optim.Optimizer):
                 f"optimizer state: parameters {missing[:5]} have no Adam state while others have; "
                 "train.flat_params=true needs one for every parameter (resume with train.flat_params=false)"
             )
+        for k, p in enumerate(self.flat.params):
+            for name in ("exp_avg", "exp_avg_sq"):
+                if loaded[p][name].shape != p.shape:
+                    raise ValueError(
+                        f"optimizer state: parameter {k} has shape {tuple(p.shape)}, the saved {name} of "
+                        f"shape {tuple(loaded[p][name].shape)}: a state of another model or parameter order"
+                    )
         steps = {float(loaded[p]["step"]) for p in self.flat.params}
         if len(steps) != 1:
             raise ValueError(
