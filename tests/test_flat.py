@@ -162,6 +162,9 @@ def test_flat_training_ends_where_per_tensor_training_ends(strategy):
     losses_a, losses_b = train(a, a_arch, 4, first_seed=1), train(b, b_arch, 4, first_seed=1)
     assert losses_b == pytest.approx(losses_a, rel=1e-6)
     assert_close_weights(plain, model, rel=1e-5)
+    outside = [p for p in model.parameters() if not b.optimizer.flat.holds(p)]
+    assert bool(outside) == (strategy != "sync")  # darts1, random: alpha/beta outside the weight Adam
+    assert all(p.grad is None for p in outside)  # dropped after the weight step, as per tensor
     saved_a, saved_b = a.optimizer.state_dict(), b.optimizer.state_dict()
     assert saved_a["param_groups"] == saved_b["param_groups"]
     for k, entry in saved_a["state"].items():
@@ -346,6 +349,49 @@ def test_ddp_writes_its_reduced_gradients_into_the_flat_views(single_rank_group)
     ddp_parts.optimizer.flat.check_views()
 
 
+def two_rank_worker(rank: int, store_path: str, out: str) -> None:
+    """One of two gloo ranks: 3 DDP steps on its own batches, per tensor and flat; saves both."""
+    store = dist.FileStore(store_path, 2)
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=2)
+    try:
+        cfg, plain, model = models()
+        result = {}
+        for name, m, flat in (("per_tensor", plain, False), ("flat", model, True)):
+            s, _ = parts(cfg, m, flat=flat)
+            s.forward = wrap_ddp(m, CPU)
+            for i in range(3):
+                weight_step(s, random_batch(cfg, seed=10 * rank + i))
+            result[name] = {k: v.clone() for k, v in m.state_dict().items()}
+            if flat:
+                s.optimizer.flat.check_views()
+        torch.save(result, f"{out}-{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_ddp_ranks_average_into_the_flat_gradients(tmp_path):
+    """Two ranks on different batches: the flat ranks end with the same weights (the reduced
+    gradients reached the flat buffers) and where per-tensor DDP ends."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(two_rank_worker, args=(str(tmp_path / "store"), str(tmp_path / "rank")), nprocs=2)
+    ranks = [torch.load(tmp_path / f"rank-{r}.pt") for r in range(2)]
+    for key, value in ranks[0]["flat"].items():
+        if "running" not in key:  # BatchNorm statistics are each rank's own (docs/design.md §7)
+            assert torch.equal(value, ranks[1]["flat"][key]), key
+    for key, want in ranks[0]["per_tensor"].items():
+        got = ranks[0]["flat"][key]
+        if want.is_floating_point():
+            assert (got - want).abs().max() <= 1e-5 * want.abs().max().clamp_min(1e-12), key
+    # and the averaging mattered: rank 0 alone on its own batches ends elsewhere
+    cfg, _, model = models()
+    s, _ = parts(cfg, model, flat=True)
+    for i in range(3):
+        weight_step(s, random_batch(cfg, seed=i))
+    alone = model.state_dict()
+    assert any(not torch.equal(alone[k], ranks[0]["flat"][k]) for k in alone if "running" not in k)
+
+
 def test_a_graphed_flat_step_ends_bitwise_where_the_eager_flat_step_ends():
     """The stand-in capture replays the recorded flat step: the buffers never move (static
     addresses), and a capturable tensor learning rate reaches the flat update."""
@@ -421,3 +467,8 @@ def test_train_flat_params_picks_the_weight_optimizer_of_a_training_run(
     size = os.path.getsize(ckpt.latest_checkpoint(tmp_path / "back" / "checkpoints"))
     whole_size = os.path.getsize(ckpt.latest_checkpoint(tmp_path / "whole" / "checkpoints"))
     assert size <= 1.02 * whole_size  # flat saves no more than per-tensor
+    saved = ckpt.load_checkpoint(ckpt.latest_checkpoint(tmp_path / "back" / "checkpoints"))
+    tensors = [*saved["model"].values()]
+    tensors += [t for entry in saved["optimizers"]["weights"]["state"].values() for t in entry.values()]
+    for t in tensors:  # each in its own storage, as a per-tensor run writes them: a part saved again is small
+        assert t.untyped_storage().nbytes() == t.numel() * t.element_size()
