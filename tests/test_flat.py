@@ -472,3 +472,25 @@ def test_train_flat_params_picks_the_weight_optimizer_of_a_training_run(
     tensors += [t for entry in saved["optimizers"]["weights"]["state"].values() for t in entry.values()]
     for t in tensors:  # each in its own storage, as a per-tensor run writes them: a part saved again is small
         assert t.untyped_storage().nbytes() == t.numel() * t.element_size()
+
+
+@pytest.mark.skipif(
+    not hasattr(torch._dynamo.config, "trace_autograd_ops"), reason="Dynamo cannot trace backward here"
+)
+def test_a_whole_flat_training_step_of_the_demo_model_traces_without_graph_breaks(monkeypatch):
+    """As the per-tensor step does (tests/test_train_step.py): the zeroing with its re-attach,
+    forward, backward, the flat norm, FlatAdam's update and the record, one graph."""
+    from pnfs.config import load_config
+    from pnfs.model import build_model
+
+    monkeypatch.setenv("PNFS_KERNELS", "torch")
+    cfg = load_config("demo", ["train.device=cpu"])
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    s, _ = parts(cfg, model, flat=True)
+    batch = random_batch(cfg, n=2)
+    weight_step(s, batch)
+    with torch._dynamo.config.patch(trace_autograd_ops=True):
+        explained = torch._dynamo.explain(weight_step)(s, batch)
+    assert explained.graph_break_count == 0, [b.reason for b in explained.break_reasons]
+    assert explained.graph_count == 1
