@@ -18,8 +18,8 @@ Cases: baseline and lean with ``PNFS_KERNELS=torch`` (PyTorch references), lean 
 model under ``torch.compile`` for both steps; last, baseline and lean (torch, eager) once more in
 one process with their blocks interleaved, the ratio least moved by a changing load.
 On the CPU a last child times, by process CPU time, the pieces in which the two steps differ
-(loss forward+backward from the vectors, the Adam update, the gradient norm, the two host syncs;
-``measure_parts``): what the lean step can save there at most.
+(loss forward+backward from the vectors, the Adam update, the gradient norm, the two host syncs,
+and the update and norm over flat buffers; ``measure_parts``): what the lean step can save there at most.
 ``--baseline`` runs only the baseline case. Steps
 run in blocks of ``--block`` (the log interval); a block ends with one read (and a device sync),
 the median block time / block is the step time. ``ops_per_step`` counts the ``aten::`` events
@@ -75,6 +75,12 @@ CASES = (
     Case("lean-auto-graphed", "lean", "auto", graphed=True),
     Case("lean-per-part", "lean", "torch", overrides=("model.batched_parts=false",)),
     Case("lean-batched", "lean", "torch", overrides=("model.batched_parts=true",)),
+    Case(
+        "lean-batched-per-tensor",
+        "lean",
+        "torch",
+        overrides=("model.batched_parts=true", "train.flat_params=false"),
+    ),
 )
 # Measurements of their own, by name in --cases: both eager steps interleaved in one process, and
 # (CPU only) the pieces in which the two steps differ.
@@ -162,7 +168,8 @@ def build_case(
     model = build_model(cfg).to(device)
     if cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    opt = build_optimizers(model, cfg, fused_weights=step == "lean").weights
+    lean = step == "lean"
+    opt = build_optimizers(model, cfg, fused_weights=lean, flat=lean and cfg.train.flat_params).weights
     params = [p for g in opt.param_groups for p in g["params"]]
     forward = torch.compile(model) if compiled else model
     dtype = amp_dtype(cfg, device)
@@ -306,6 +313,7 @@ def measure_parts(args: argparse.Namespace, reps: int = 7) -> dict:
     fused loss's reference)."""
     from pnfs.config import load_config
     from pnfs.data import gaussian_targets
+    from pnfs.engine.flat import FlatAdam, FlatParameters
     from pnfs.engine.step import clipped_norm, fused_adam_update
     from pnfs.kernels import squash_score
     from pnfs.loss import JointVectors, pose_loss
@@ -330,6 +338,10 @@ def measure_parts(args: argparse.Namespace, reps: int = 7) -> dict:
     loop_adam.step()
     fused_adam.step()
     no_inf = torch.zeros(())
+    # the same update and norm over flat buffers (train.flat_params); the parameters become views
+    # of them, which the per-tensor pieces above step alike
+    flat_adam = FlatAdam(FlatParameters([params]), lr=cfg.train.lr)
+    flat_adam.apply(no_inf)
     max_norm = cfg.train.grad_clip if cfg.train.grad_clip > 0 else math.inf
     loss, norm = torch.ones(()), torch.ones(())
 
@@ -344,6 +356,8 @@ def measure_parts(args: argparse.Namespace, reps: int = 7) -> dict:
         "adam_fused_update": lambda: fused_adam_update(fused_adam, no_inf),
         "clip_grad_norm": lambda: torch.nn.utils.clip_grad_norm_(params, max_norm),
         "clipped_norm": lambda: clipped_norm(params, cfg.train.grad_clip),
+        "flat_adam_update": lambda: flat_adam.apply(no_inf),
+        "flat_clipped_norm": lambda: flat_adam.flat.clipped_norm(cfg.train.grad_clip),
         "two_host_syncs": lambda: math.isfinite(loss.item()) and bool(torch.isfinite(norm)),
     }
     ms = {}

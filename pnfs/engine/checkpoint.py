@@ -218,6 +218,22 @@ def new_checkpoint(**entries: Any) -> dict[str, Any]:
     return {"format": FORMAT, "version": pnfs.__version__, **entries}
 
 
+def own_storage(state: dict[str, Any]) -> dict[str, Any]:
+    """``state`` with every tensor that views a larger storage copied into its own.
+
+    ``torch.save`` writes a tensor's whole storage: a parameter that views a flat buffer
+    (``train.flat_params``, :mod:`pnfs.engine.flat`) would otherwise put the buffer in the file
+    (once, as the views share it, but a state dict that holds only some of them would still
+    carry all of it). With copies the file holds each tensor's own bytes, as without flat
+    parameters."""
+    return {
+        name: t.clone()
+        if isinstance(t, torch.Tensor) and t.untyped_storage().nbytes() > t.numel() * t.element_size()
+        else t
+        for name, t in state.items()
+    }
+
+
 def optimizer_state(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     """``optimizer.state_dict()`` with plain-number learning rates: a ``train.cuda_graph`` run's
     tensor learning rate (on its GPU) is saved as the float it holds (one host read, at a

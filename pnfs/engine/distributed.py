@@ -165,8 +165,11 @@ def average_buffers(model: nn.Module, world_size: int) -> None:
 def wrap_ddp(model: nn.Module, device: torch.device, for_cuda_graph: bool = False) -> nn.Module:
     """``DistributedDataParallel`` around ``model`` without the broadcast of every buffer (the
     BatchNorm statistics) from rank 0 at each forward: :func:`average_buffers` averages them at
-    each epoch's end instead (docs/design.md §7). ``for_cuda_graph`` (``train.cuda_graph``): DDP's
-    static graph, built on a side stream, as PyTorch's CUDA-graph notes ask before a capture."""
+    each epoch's end instead (docs/design.md §7). ``gradient_as_bucket_view`` stays off: DDP then
+    copies the reduced gradients into each ``p.grad`` in place, which keeps them views of the flat
+    gradient buffer (``train.flat_params``, :mod:`pnfs.engine.flat`). ``for_cuda_graph``
+    (``train.cuda_graph``): DDP's static graph, built on a side stream, as PyTorch's CUDA-graph
+    notes ask before a capture."""
     from pnfs.engine.graph import side_stream
 
     ddp = nn.parallel.DistributedDataParallel

@@ -17,6 +17,7 @@ from pnfs.config import Config, ConfigError, config_to_dict, dump_config
 from pnfs.engine import checkpoint as ckpt
 from pnfs.engine.architecture import architecture_entropies, export_architecture
 from pnfs.engine.distributed import DistContext, wrap_ddp
+from pnfs.engine.flat import FlatAdam
 from pnfs.engine.guard import NonFiniteGuard
 from pnfs.engine.runlog import Scalars, setup_logger
 from pnfs.engine.runtime import amp_dtype, set_determinism
@@ -68,7 +69,12 @@ class Run:
             # (DeepSpeed broadcasts parameters as byte views, which needs contiguous NCHW weights)
             model.to(memory_format=torch.channels_last)
         self.model = model
-        self.optimizers = build_optimizers(model, cfg, fused_weights=not self.use_deepspeed)
+        self.optimizers = build_optimizers(
+            model,
+            cfg,
+            fused_weights=not self.use_deepspeed,
+            flat=cfg.train.flat_params and not self.use_deepspeed,
+        )
         self.arch_params = [p for p in model.arch_parameters() if p.requires_grad]
 
         checkpoint = self._find_checkpoint(resume)
@@ -92,6 +98,8 @@ class Run:
         if checkpoint is not None and len(checkpoint.get("rank_buffers") or []) == ctx.world_size:
             # each rank's own BatchNorm statistics, after the wrapper's start-up broadcast of rank 0's
             ckpt.load_buffers(model, checkpoint["rank_buffers"][ctx.rank])
+        if isinstance(self.optimizers.weights, FlatAdam):  # loading and wrapping kept the views
+            self.optimizers.weights.flat.check_views()
         if cfg.train.compile:  # CUDA graphs of the forward and backward on a GPU (docs/design.md §8)
             mode = "reduce-overhead" if ctx.device.type == "cuda" else None
             # on a Module torch.compile returns an OptimizedModule (a Module); its stub says Callable
@@ -215,7 +223,7 @@ class Run:
             self.engine.save_checkpoint(str(ds_dir.parent), tag=ds_dir.name)
         if self.ctx.is_main:
             state = ckpt.new_checkpoint(
-                model=self.model.state_dict(),
+                model=ckpt.own_storage(self.model.state_dict()),
                 optimizers={
                     "weights": None if self.use_deepspeed else ckpt.optimizer_state(self.optimizers.weights),
                     "arch": ckpt.optimizer_state(self.optimizers.arch) if self.optimizers.arch else None,

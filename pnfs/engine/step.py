@@ -6,6 +6,10 @@
     finite = isfinite(norm)                            (the same on every rank)
     Adam step with found_inf = not finite              (fused Adam: a skipped step changes nothing)
 
+With ``train.flat_params`` (:mod:`pnfs.engine.flat`) the weight optimizer is a
+:class:`~pnfs.engine.flat.FlatAdam`: the gradients are zeroed in their flat buffer before the
+backward, and the norm and the Adam update each run over the flat buffers in a few operators.
+
 Nothing here waits for the device: the loss and the flag go to a :class:`StepRecord` that the
 host reads once per log interval. A rank whose loss is not finite poisons one gradient element
 (``loss + 0 * loss * anchor``), so the all-reduce carries the flag to every rank and the norm is
@@ -22,6 +26,7 @@ import torch
 from torch import nn
 
 from pnfs.engine.distributed import average_gradients
+from pnfs.engine.flat import FlatAdam
 from pnfs.engine.guard import StepRecord
 from pnfs.loss import LossSetup, batch_loss, pose_loss
 
@@ -62,7 +67,9 @@ def apply_if_finite(optimizer: torch.optim.Optimizer, finite: torch.Tensor) -> N
     """Fused Adam's ``found_inf`` path (as GradScaler drives it): parameters, moments and the
     step count stay as they are when ``finite`` is False. No host sync."""
     found_inf = (~finite).to(torch.float32)
-    if len(optimizer.state) == sum(len(g["params"]) for g in optimizer.param_groups):
+    if isinstance(optimizer, FlatAdam):
+        optimizer.apply(found_inf)
+    elif len(optimizer.state) == sum(len(g["params"]) for g in optimizer.param_groups):
         fused_adam_update(optimizer, found_inf)
     else:  # the first step builds Adam's state
         # fused Adam reads found_inf from an attribute GradScaler sets (torch declares none)
@@ -105,12 +112,35 @@ def fused_adam_update(optimizer: torch.optim.Optimizer, found_inf: torch.Tensor)
 
 def weight_step(s: StepParts, batch: Any, loss_fn: Callable[..., torch.Tensor] = pose_loss) -> None:
     """One step of the weight optimizer on ``batch`` (alpha/beta included under ``sync``)."""
+    if isinstance(s.optimizer, FlatAdam):
+        flat_weight_step(s, s.optimizer, batch, loss_fn)
+        return
     loss = batch_loss(s.forward, batch, s.setup, loss_fn)
     logged = loss.detach()
     poison_non_finite(loss, s.params[0]).backward()
     finite = torch.isfinite(clipped_norm(s.params, s.max_norm))
     apply_if_finite(s.optimizer, finite)
     s.module.zero_grad(set_to_none=True)
+    s.record.add(logged, finite)
+
+
+def flat_weight_step(
+    s: StepParts, optimizer: FlatAdam, batch: Any, loss_fn: Callable[..., torch.Tensor] = pose_loss
+) -> None:
+    """:func:`weight_step` over flat buffers (``train.flat_params``): the gradient buffers are
+    zeroed before the backward, which adds into them; after the step they hold this step's
+    gradients (clipped), and the gradients of the module's other parameters (darts1's
+    alpha/beta) are dropped as the per-tensor step drops all."""
+    flat = optimizer.flat
+    flat.zero_grad()
+    loss = batch_loss(s.forward, batch, s.setup, loss_fn)
+    logged = loss.detach()
+    poison_non_finite(loss, s.params[0]).backward()
+    finite = torch.isfinite(flat.clipped_norm(s.max_norm))
+    apply_if_finite(optimizer, finite)
+    for p in s.module.parameters():
+        if p.grad is not None and not flat.holds(p):
+            p.grad = None
     s.record.add(logged, finite)
 
 

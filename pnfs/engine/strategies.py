@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from pnfs.config import Config, ConfigError
+from pnfs.engine.flat import FlatAdam, FlatParameters
 from pnfs.model.baseline import BaselinePoseNet
 from pnfs.model.pnfs import PoseNFS
 
@@ -78,13 +79,19 @@ def weight_param_groups(model: PoseModel, cfg: Config) -> list[nn.Parameter]:
     return weights
 
 
-def build_optimizers(model: PoseModel, cfg: Config, fused_weights: bool = False) -> Optimizers:
+def build_optimizers(
+    model: PoseModel, cfg: Config, fused_weights: bool = False, flat: bool = False
+) -> Optimizers:
     """Adam(lr=train.lr) over :func:`weight_param_groups`; darts1 adds Adam over alpha/beta.
 
-    ``model`` is the bare module (not the DDP wrapper): parameters are the same tensors.
+    ``model`` is the bare module (not the DDP wrapper), on its device and in its memory format:
+    parameters are the same tensors.
     The architecture Adam, and the weight Adam with ``fused_weights`` (not handed to DeepSpeed),
     are PyTorch's fused Adam, whose ``found_inf`` input skips a step on the device
-    (:func:`pnfs.engine.step.apply_if_finite`; docs/design.md §7).
+    (:func:`pnfs.engine.step.apply_if_finite`; docs/design.md §7). With ``flat``
+    (``train.flat_params``) the weight Adam is :class:`pnfs.engine.flat.FlatAdam`, the same
+    fused update over flat buffers (weights in one, alpha/beta under ``sync`` in another) that
+    the parameters become views of; its state dict is the per-tensor Adam's.
     """
     check_strategy(model, cfg)
     arch = list(model.arch_parameters())
@@ -92,9 +99,15 @@ def build_optimizers(model: PoseModel, cfg: Config, fused_weights: bool = False)
     weights = weight_param_groups(model, cfg)
     if cfg.search.strategy != "sync":
         assert not (_ids(weights) & arch_ids), "alpha/beta must not be in the weight optimizer"
-    weight_opt = torch.optim.Adam(
-        weights, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay, fused=fused_weights
-    )
+    if flat:
+        kinds = [[p for p in weights if id(p) not in arch_ids], [p for p in weights if id(p) in arch_ids]]
+        weight_opt: torch.optim.Optimizer = FlatAdam(
+            FlatParameters(kinds), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay
+        )
+    else:
+        weight_opt = torch.optim.Adam(
+            weights, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay, fused=fused_weights
+        )
     arch_opt = None
     if cfg.search.strategy == "darts1":
         arch_opt = torch.optim.Adam(
