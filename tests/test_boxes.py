@@ -150,3 +150,17 @@ def test_the_length_is_the_number_of_batches_rounded_up(images, batch_size, batc
     folder, files, _ = images
     loader = BoxLoader(BOXES, files, folder, INPUT, batch_size=batch_size, num_joints=2)
     assert len(loader) == batches == len(list(loader))
+
+
+def test_ids_written_as_floats_and_integer_scores_keep_the_batch_dtypes(images):
+    """A hand-written or third-party boxes file may say ``"image_id": 3.0`` or ``"score": 1``:
+    ids stay int64 (they are matched against the annotations), scores float32."""
+    folder, files, _ = images
+    boxes = [
+        {"image_id": 3.0, "bbox": [1, 1, 8, 8], "score": 1},
+        {"image_id": 5.0, "bbox": [2, 2, 9, 9], "score": 0},
+    ]
+    (batch,) = list(BoxLoader(boxes, files, folder, INPUT, batch_size=2, num_joints=2))
+    assert batch.image_id.dtype == torch.int64 and batch.image_id.tolist() == [3, 5]
+    assert batch.score.dtype == torch.float32 and batch.score.tolist() == [1.0, 0.0]
+    assert batch.ann_id.dtype == torch.int64 and batch.ann_id.tolist() == [0, 1]

@@ -238,3 +238,34 @@ def test_onnx_outputs_are_named_by_the_inputs_and_the_batch_is_free(tmp_path):
     graph = onnx.load(str(out)).graph
     assert [o.name for o in graph.output] == ["scores"]
     assert [d.dim_value for d in graph.input[0].type.tensor_type.shape.dim] == [2, 3]  # fixed batch
+
+
+# --------------------------------------------------------------------------- DecodingModel
+
+
+@pytest.mark.parametrize(
+    "flip, flip_shift, refine",
+    [(False, False, "quarter"), (True, True, "gaussian"), (True, False, "gaussian"), (True, True, "quarter")],
+)
+def test_the_decoding_model_is_predict_in_one_module(flip, flip_shift, refine):
+    """DecodingModel(network, flip permutation, flip_shift, refine) gives predict's keypoints and
+    scores bit for bit (eagerly; the exports of it are compared in test_export*.py)."""
+    from pnfs.config import load_config
+    from pnfs.deploy import DecodingModel
+    from pnfs.inference import predict
+    from pnfs.model import build_model
+
+    cfg = load_config("demo", ["data.input_size=[64,96]", "model.num_parts=1"])
+    torch.manual_seed(5)
+    network = build_model(cfg).eval()
+    perm = cfg.joints.flip_permutation() if flip else None
+    images = torch.randn(3, 3, 64, 96)
+    affine = torch.tensor([[2.0, 0.1, 5.0], [-0.1, 2.5, 7.0]]).expand(3, 2, 3).contiguous()
+    with torch.no_grad():
+        keypoints, scores = DecodingModel(network, perm, flip_shift, refine)(images, affine)
+    want = predict(network, images, affine, flip_permutation=perm, flip_shift=flip_shift, refine=refine)
+    assert torch.equal(keypoints, want.keypoints) and torch.equal(scores, want.scores)
+    if (flip, flip_shift, refine) == (False, False, "quarter"):  # the defaults are predict's
+        with torch.no_grad():
+            default_keypoints, _ = DecodingModel(network)(images, affine)
+        assert torch.equal(default_keypoints, want.keypoints)
