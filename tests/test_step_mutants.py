@@ -5,11 +5,12 @@ Tests of the step's other paths are in ``test_train_step.py`` and ``test_first_t
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.distributed as dist
 from test_train_step import random_batch, step_parts, tiny
 
-from pnfs.engine.step import StepParts, arch_step, weight_step
+from pnfs.engine.step import StepParts, apply_if_finite, arch_step, weight_step
 from pnfs.engine.strategies import build_optimizers
 
 
@@ -62,3 +63,34 @@ def test_a_weight_step_frees_every_gradient():
         weight_step(s, batch)
         held = [n for n, p in model.named_parameters() if p.grad is not None]
         assert held == [], f"gradients left after the step: {held[:5]}"
+
+
+@pytest.mark.parametrize("amsgrad", [False, True])
+def test_the_fused_update_is_adams_step_with_amsgrad_and_a_group_without_gradients(amsgrad):
+    """apply_if_finite's fused path against ``Adam.step()`` beyond what build_optimizers makes
+    (one group, no amsgrad): amsgrad's moment, and a first group whose parameters got no
+    gradient this step, which Adam skips while still stepping the groups after it."""
+    torch.manual_seed(0)
+    values = [torch.randn(5), torch.randn(3, 2), torch.randn(4)]
+    ours = [torch.nn.Parameter(v.clone()) for v in values]
+    theirs = [torch.nn.Parameter(v.clone()) for v in values]
+
+    def adam(params):
+        groups = [{"params": params[:1]}, {"params": params[1:], "lr": 0.05, "weight_decay": 0.01}]
+        return torch.optim.Adam(groups, lr=0.1, betas=(0.8, 0.9), amsgrad=amsgrad, fused=True)
+
+    opt_ours, opt_theirs = adam(ours), adam(theirs)
+    finite = torch.tensor(True)
+    for step in range(4):
+        grads = [torch.randn(v.shape) * (1 + step) for v in values]
+        for params in (ours, theirs):
+            for p, g in zip(params, grads):
+                p.grad = None if (step >= 2 and p is params[0]) else g.clone()
+        apply_if_finite(opt_ours, finite)  # step 0 builds the state, 1-3 take the fused path
+        opt_theirs.step()
+    for p, q in zip(ours, theirs):
+        assert torch.equal(p, q)
+    for p, q in zip(ours, theirs):
+        for key, value in opt_theirs.state[q].items():
+            assert torch.equal(opt_ours.state[p][key], value), key
+    assert int(opt_ours.state[ours[0]]["step"]) == 2 and int(opt_ours.state[ours[1]]["step"]) == 4
