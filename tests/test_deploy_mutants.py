@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 from typing import ClassVar
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -245,7 +246,13 @@ def test_onnx_outputs_are_named_by_the_inputs_and_the_batch_is_free(tmp_path):
 
 @pytest.mark.parametrize(
     "flip, flip_shift, refine",
-    [(False, False, "quarter"), (True, True, "gaussian"), (True, False, "gaussian"), (True, True, "quarter")],
+    [
+        (False, False, "quarter"),
+        (True, False, "quarter"),
+        (True, True, "gaussian"),
+        (True, False, "gaussian"),
+        (True, True, "quarter"),
+    ],
 )
 def test_the_decoding_model_is_predict_in_one_module(flip, flip_shift, refine):
     """DecodingModel(network, flip permutation, flip_shift, refine) gives predict's keypoints and
@@ -265,7 +272,107 @@ def test_the_decoding_model_is_predict_in_one_module(flip, flip_shift, refine):
         keypoints, scores = DecodingModel(network, perm, flip_shift, refine)(images, affine)
     want = predict(network, images, affine, flip_permutation=perm, flip_shift=flip_shift, refine=refine)
     assert torch.equal(keypoints, want.keypoints) and torch.equal(scores, want.scores)
-    if (flip, flip_shift, refine) == (False, False, "quarter"):  # the defaults are predict's
+    if (flip_shift, refine) == (False, "quarter"):  # the defaults are predict's
         with torch.no_grad():
-            default_keypoints, _ = DecodingModel(network)(images, affine)
+            default_keypoints, _ = DecodingModel(network, perm)(images, affine)
         assert torch.equal(default_keypoints, want.keypoints)
+
+
+class Weighted(nn.Module):
+    """images [N, 256] -> images @ W (a 256 x 256 weight: initializers an ONNX file must hold)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(256, 256))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return images @ self.weight
+
+
+def test_onnx_export_is_one_self_contained_file_named_as_asked(tmp_path, capsys):
+    """The weights live inside the .onnx (no side file, external_data=False), the input keeps
+    the name given (not the forward's argument name), the exporter's progress lines go to
+    stderr and stdout stays empty."""
+    pytest.importorskip("onnxscript")
+    import onnx
+    import onnxruntime
+
+    torch.manual_seed(0)
+    module = Weighted().eval()
+    out = tmp_path / "export" / "w.onnx"
+    out.parent.mkdir()
+    export_file(module, (torch.ones(2, 256),), ["pixels"], "onnx", out, dynamic=False)
+    captured = capsys.readouterr()
+    assert captured.out == "" and "[torch.onnx]" in captured.err
+    assert sorted(p.name for p in out.parent.iterdir()) == ["w.onnx"]
+    moved = tmp_path / "elsewhere.onnx"
+    out.rename(moved)  # no side file to follow it
+    graph = onnx.load(str(moved)).graph
+    assert [i.name for i in graph.input] == ["pixels"]
+    session = onnxruntime.InferenceSession(str(moved), providers=["CPUExecutionProvider"])
+    x = torch.randn(2, 256)
+    (got,) = session.run(None, {"pixels": x.numpy()})
+    np.testing.assert_allclose(got, (x @ module.weight).detach().numpy(), rtol=1e-4, atol=1e-4)
+
+
+def test_onnx_export_names_its_free_batch_axis_and_hides_only_the_shared_axis_warning(tmp_path, recwarn):
+    pytest.importorskip("onnxscript")
+    import onnx
+
+    out = tmp_path / "two.onnx"
+    export_file(
+        Recorder().train(),
+        (torch.ones(2, 3), torch.ones(2, 2, 3)),
+        ["images", "affine"],
+        "onnx",
+        out,
+        dynamic=True,
+    )
+    graph = onnx.load(str(out)).graph
+    assert {i.type.tensor_type.shape.dim[0].dim_param for i in graph.input} == {"batch"}
+    messages = [str(w.message) for w in recwarn]
+    assert not [m for m in messages if "axis name" in m]  # the two inputs share the batch axis on purpose
+    assert [m for m in messages if "training mode" in m], "every other warning of the exporter still shows"
+
+
+def test_onnx_export_checks_the_written_file_in_full(tmp_path, monkeypatch):
+    pytest.importorskip("onnxscript")
+    import onnx
+
+    checked: list[tuple[str, object]] = []
+    real_check = onnx.checker.check_model
+    monkeypatch.setattr(
+        onnx.checker,
+        "check_model",
+        lambda path, full_check=False: (
+            checked.append((path, full_check)) or real_check(path, full_check=full_check)
+        ),
+    )
+    out = tmp_path / "c.onnx"
+    export_file(Recorder(), (torch.ones(1, 3),), ["images"], "onnx", out, dynamic=False)
+    assert checked == [(str(out), True)]
+
+
+def test_a_missing_onnx_package_says_how_to_install_it(tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "onnx", None)
+    with pytest.raises(RuntimeError) as err:
+        export_file(Recorder(), (torch.ones(1, 3),), ["images"], "onnx", tmp_path / "m.onnx", dynamic=False)
+    assert str(err.value) == (
+        "--format onnx needs the onnx and onnxscript packages (onnx is missing): pip install onnx onnxscript"
+    )
+
+
+def test_an_onnx_file_the_checker_refuses_is_named(tmp_path, monkeypatch):
+    pytest.importorskip("onnxscript")
+    import onnx
+
+    def refuse(path, full_check=False):
+        raise onnx.shape_inference.InferenceError("shapes do not infer")
+
+    monkeypatch.setattr(onnx.checker, "check_model", refuse)
+    out = tmp_path / "r.onnx"
+    with pytest.raises(ValueError) as err:
+        export_file(Recorder(), (torch.ones(1, 3),), ["images"], "onnx", out, dynamic=False)
+    assert str(err.value) == f"exported {str(out)!r} is not a valid ONNX model: shapes do not infer"
