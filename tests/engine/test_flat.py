@@ -426,9 +426,8 @@ def test_train_flat_params_picks_the_weight_optimizer_of_a_training_run(
     """``train.flat_params`` as a user sets it (a config override): true (the default) trains with
     FlatAdam, false with per-tensor Adam; a run stopped under one resumes under the other and
     ends close to the uninterrupted run (the checkpoint format is the same)."""
-    from tests.engine.test_trainer import config
-
     import pnfs.engine.trainer as trainer_module
+    from tests.engine.test_trainer import config
 
     seen = []
     real = trainer_module.Trainer.__init__
