@@ -154,7 +154,7 @@ def test_a_batchnorm_without_running_statistics_is_refused_by_name():
 # argument, and ``export_file``'s formats, output names, batch axis and kernel switch.
 #
 # The whole-model checks (a frozen preset equals its eval-mode model, exports match ``predict``)
-# are ``test_deploy.py`` and ``test_export.py``; these small cases run in a second and say
+# are above and in ``tests/launch/test_export.py``; these small cases run in a second and say
 # which piece broke.
 
 

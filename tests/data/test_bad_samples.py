@@ -265,7 +265,7 @@ def test_two_processes_only_one_meets_the_bad_sample_and_both_finish_together(da
 # pnfs/data/bad_samples.py on its own (issue 26, mutation section of docs/testing.md): which
 # raw arrays a sample is refused for, the default ``data.max_bad_samples`` at its rounding edges,
 # the report's limit, cap and layout, and how the ranks' reports merge. The loader's path through
-# it (real shards with each kind of damage) is ``test_corrupt_data.py``.
+# it (real shards with each kind of damage) is above.
 
 JOINTS = 3
 

@@ -263,10 +263,9 @@ def test_a_whole_training_step_of_the_demo_model_traces_without_graph_breaks(mon
     assert explained.graph_count == 1
 
 
-# pnfs/engine/step.py, what its mutation run showed untested (docs/testing.md, mutation
-# section): darts1's architecture step averages alpha/beta's gradients over ``world_size`` ranks.
-#
-# Tests of the step's other paths are in ``test_train_step.py`` and ``test_first_time_paths.py``.
+# What the mutation run of pnfs/engine/step.py showed untested (docs/testing.md, mutation
+# section): darts1's architecture step averages alpha/beta's gradients over ``world_size`` ranks,
+# a weight step frees its gradients, the fused update with amsgrad and an empty group.
 
 
 def arch_parts() -> StepParts:
