@@ -102,9 +102,7 @@ class TrainConfig:
     channels_last: bool = True
     compile: bool = False
     cuda_graph: bool = False  # replay the whole step from one CUDA graph (CUDA only; docs/design.md §8)
-    flat_params: bool = (
-        True  # parameters and gradients as views of flat buffers, Adam over them (docs/design.md §7)
-    )
+    flat_params: bool = True  # params and grads as views of flat buffers, Adam over them (docs/design.md §7)
     seed: int = 0
     deterministic: bool = False
     out_dir: str = "runs/default"
