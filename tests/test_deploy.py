@@ -515,3 +515,26 @@ def test_an_onnx_file_the_checker_refuses_is_named(tmp_path, monkeypatch):
     with pytest.raises(ValueError) as err:
         export_file(Recorder(), (torch.ones(1, 3),), ["images"], "onnx", out, dynamic=False)
     assert str(err.value) == f"exported {str(out)!r} is not a valid ONNX model: shapes do not infer"
+
+
+class NotAPair(nn.Module):
+    """``conv`` is not a Conv2d (a Sequential holding one), ``bn`` follows it: no ``bn(conv(x))``
+    pair that fold_batchnorms may fold by name (the Sequential's own neighbours aside)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Sequential(nn.Conv2d(2, 2, 1), nn.ReLU())
+        self.bn = random_bn(2, True, 1e-3, torch.float32)
+
+    def forward(self, x):
+        return self.bn(self.conv(x))
+
+
+def test_fold_batchnorms_folds_a_named_pair_only_when_both_halves_are_there():
+    torch.manual_seed(6)
+    block = NotAPair().eval()
+    x = torch.randn(1, 2, 4, 4)
+    want = block(x)
+    fold_batchnorms(block)
+    assert isinstance(block.bn, nn.BatchNorm2d) and isinstance(block.conv, nn.Sequential)
+    torch.testing.assert_close(block(x), want, rtol=0, atol=0)
