@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import tarfile
 import warnings
 from pathlib import Path
@@ -215,6 +216,10 @@ def test_coverage_warning_names_the_manifest_the_crops_and_the_settings(tmp_path
     )
 
 
+@pytest.mark.skipif(
+    "MUTANT_UNDER_TEST" in os.environ,
+    reason="mutmut's trampoline is one more frame between the caller and check_coverage",
+)
 def test_coverage_warning_points_at_the_caller_of_the_loader_builder(tmp_path):
     """stacklevel=3: check_coverage <- build_loader <- the line that built the loader."""
     paths = coverage_folder(tmp_path, options=CROPS)
