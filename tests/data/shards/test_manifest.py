@@ -319,3 +319,16 @@ def test_coverage_is_not_checked_for_urls(tmp_path):
     coverage_folder(tmp_path, options=CROPS)
     url = "http://127.0.0.1:9/val-000000.tar"
     assert coverage_warnings([url], scale_range=(0.1, 100.0), input_size=(64, 16)) == []
+
+
+def test_a_url_is_never_read_as_a_local_path_even_where_one_would_match(tmp_path, monkeypatch):
+    """``http://host:9/val-000000.tar`` taken as a path has the parent ``http:/host:9``: a folder
+    of that name here, with a manifest that would warn and a shard that would fail, is not read."""
+    monkeypatch.chdir(tmp_path)
+    lookalike = tmp_path / "http:" / "127.0.0.1:9"
+    shard = write_shard(lookalike / "val-000000.tar", 2)
+    write_manifest(lookalike, {"val": {"shards": [entry(shard, 5)], "options": CROPS}})
+    url = "http://127.0.0.1:9/val-000000.tar"
+    assert Path(url).parent.resolve() == lookalike  # the trap is set
+    assert coverage_warnings([url], scale_range=(0.1, 100.0), input_size=(64, 16)) == []
+    assert check_manifest([url], verify=True) == []
