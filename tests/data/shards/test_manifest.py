@@ -130,6 +130,12 @@ def test_every_split_of_the_manifest_is_listed(tmp_path):
     assert check_manifest([str(train), str(val)], verify=False) == [f"{val}: 2 samples, {manifest} lists 5"]
 
 
+def test_a_split_without_a_shard_list_is_passed_over(tmp_path):
+    a = write_shard(tmp_path / "val-000000.tar", 2)
+    manifest = write_manifest(tmp_path, {"train": {"options": CROPS}, "val": {"shards": [entry(a, 3)]}})
+    assert check_manifest([str(a)], verify=False) == [f"{a}: 2 samples, {manifest} lists 3"]
+
+
 def test_an_unlisted_shard_is_passed_over_and_the_next_one_still_checked(tmp_path):
     extra = write_shard(tmp_path / "val-000000.tar", 2)  # sorts first, not in the manifest
     b = write_shard(tmp_path / "val-000001.tar", 2)
@@ -332,3 +338,8 @@ def test_a_url_is_never_read_as_a_local_path_even_where_one_would_match(tmp_path
     assert Path(url).parent.resolve() == lookalike  # the trap is set
     assert coverage_warnings([url], scale_range=(0.1, 100.0), input_size=(64, 16)) == []
     assert check_manifest([url], verify=True) == []
+    # the local shard given by its relative path is checked once, the URL beside it not at all
+    local = "http:/127.0.0.1:9/val-000000.tar"
+    assert check_manifest([url, local], verify=False) == [
+        f"{local}: 2 samples, {Path('http:/127.0.0.1:9/manifest.json')} lists 5"
+    ]
