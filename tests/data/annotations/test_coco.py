@@ -111,7 +111,7 @@ def test_not_a_coco_file_is_refused_naming_it(tmp_path, data):
         ({"image_id": "1"}, "malformed_annotation", "11"),
         ({"image_id": 7}, "malformed_annotation", "11"),
         ({"id": 11.0}, "malformed_annotation", "11.0"),
-        ({"id": DROP}, "malformed_annotation", "#1"),
+        ({"id": DROP}, "malformed_annotation", "#0"),
         ({"image_id": 3}, "malformed_annotation", "11"),  # image 3 has no file_name
         ({"keypoints": [1.0, 2.0, 2] * 16}, "wrong_keypoint_count", "11"),
         ({"keypoints": [1.0, 2.0, 2] * 18}, "wrong_keypoint_count", "11"),
@@ -124,16 +124,17 @@ def test_not_a_coco_file_is_refused_naming_it(tmp_path, data):
     ],
 )
 def test_each_bad_annotation_is_skipped_by_its_reason_and_the_good_one_kept(fields, reason, ident):
-    people, skipped, filtered = read(annotation(), annotation(**{"id": 11, **fields}))
+    """The bad one comes first: the good one after it is still read."""
+    people, skipped, filtered = read(annotation(**{"id": 11, **fields}), annotation())
     assert [p.ann_id for p in people] == [10]
     assert skipped == {reason: {"count": 1, "first_ids": [ident]}} and filtered == {}
 
 
 def test_an_annotation_that_is_not_an_object_is_skipped_by_its_position():
-    data = coco(annotation(), ["not", "a", "dict"])
+    data = coco(["not", "a", "dict"], annotation())
     skipped, filtered = SkipReport(), SkipReport()
     assert [p.ann_id for p in read_coco_persons(data, skipped, filtered)] == [10]
-    assert skipped.to_dict() == {"malformed_annotation": {"count": 1, "first_ids": ["#1"]}}
+    assert skipped.to_dict() == {"malformed_annotation": {"count": 1, "first_ids": ["#0"]}}
 
 
 @pytest.mark.parametrize(
@@ -149,7 +150,7 @@ def test_an_annotation_that_is_not_an_object_is_skipped_by_its_position():
     ],
 )
 def test_each_filtered_person_is_counted_by_its_reason(fields, reason):
-    people, skipped, filtered = read(annotation(), annotation(id=11, **fields))
+    people, skipped, filtered = read(annotation(id=11, **fields), annotation())
     assert [p.ann_id for p in people] == [10]
     assert filtered == {reason: {"count": 1, "first_ids": ["11"]}} and skipped == {}
 
@@ -244,7 +245,18 @@ def test_a_detection_list_that_is_not_a_list_is_refused_naming_it(tmp_path):
     ],
 )
 def test_each_bad_detection_is_counted_by_its_reason_and_index(det, reason):
-    people, skipped, filtered = read_dets([detection(), det])
-    assert [p.ann_id for p in people] == [0]
-    assert {**skipped, **filtered} == {reason: {"count": 1, "first_ids": ["det#1"]}}
+    people, skipped, filtered = read_dets([det, detection()])  # the good one after the bad one
+    assert [p.ann_id for p in people] == [1]
+    assert {**skipped, **filtered} == {reason: {"count": 1, "first_ids": ["det#0"]}}
     assert (reason in filtered) == (reason == "not_person_category")
+
+
+def test_a_box_under_one_pixel_wide_or_high_is_kept_and_a_detection_needs_no_category():
+    """Only a side <= 0 is a zero-area box; a detection without category_id is a person."""
+    kps = [20.0, 30.0, 2] * 17
+    people, skipped, _ = read(annotation(bbox=[20.0, 30.0, 0.5, 0.5], keypoints=kps))
+    assert skipped == {} and len(people) == 1
+    np.testing.assert_array_equal(people[0].bbox, [20.0, 30.0, 0.5, 0.5])
+    thin = [detection(bbox=[5.0, 6.0, 0.5, 40.0]), detection(bbox=[5.0, 6.0, 30.0, 0.5], category_id=DROP)]
+    people, skipped, filtered = read_dets(thin)
+    assert [p.ann_id for p in people] == [0, 1] and skipped == filtered == {}

@@ -134,9 +134,9 @@ def test_not_a_list_is_refused_naming_the_file(tmp_path):
 )
 def test_each_bad_entry_is_skipped_by_its_reason_and_the_good_one_kept(fields, reason):
     bad = {k: v for k, v in entry(**fields).items() if v is not DROP}
-    people, skipped = read([entry(image="1.jpg"), bad])
-    assert [p.image_id for p in people] == [1]
-    assert skipped == {reason: {"count": 1, "first_ids": ["row1"]}}
+    people, skipped = read([bad, entry(image="1.jpg")])  # the good one after the bad one
+    assert [(p.image_id, p.ann_id) for p in people] == [(1, 1)]
+    assert skipped == {reason: {"count": 1, "first_ids": ["row0"]}}
 
 
 def test_coordinates_at_their_lower_edge_are_kept():
