@@ -483,3 +483,89 @@ def test_crowd_split_stats_prints_pycocotools_tables_only_when_verbose(tmp_path,
     empty = crowd_split_stats(gt_path, res_path, sigmas, verbose=False)
     assert isinstance(empty["AP_medium"], float) and math.isnan(empty["AP_medium"])
     assert empty["AP_easy"] == pytest.approx(1.0)
+
+
+def test_command_line_usage_and_required_files(shared_data, tmp_path, capsys):
+    """--help names the module and the docstring's first line; a missing --annotations or
+    --results is argparse's usage error (exit 2), not a crash further down."""
+    with pytest.raises(SystemExit) as done:
+        main(["--help"])
+    assert done.value.code == 0
+    words = " ".join(capsys.readouterr().out.split())  # argparse wraps at the terminal's width
+    assert words.startswith(
+        "usage: python -m pnfs.evaluate.coco [-h] --annotations ANNOTATIONS --results RESULTS"
+    )
+    assert " COCO keypoint evaluation: results from predictions, rescoring, OKS-NMS, pycocotools. " in words
+    gt_path = shared_data / "coco_sample" / "test_coco.json"
+    for argv, missing in (
+        (["--results", str(tmp_path / "res.json")], "--annotations"),
+        (["--annotations", str(gt_path)], "--results"),
+    ):
+        with pytest.raises(SystemExit) as done:
+            main(argv)
+        assert done.value.code == 2
+        assert f"the following arguments are required: {missing}" in capsys.readouterr().err
+
+
+def test_command_line_json_prints_one_line_and_the_table_prints_pycocotools_too(
+    shared_data, tmp_path, capsys
+):
+    """--json: stdout is the one JSON line (pycocotools' chatter goes to stderr); without it
+    pycocotools' chatter and table come first, then ours."""
+    gt_path = shared_data / "coco_sample" / "test_coco.json"
+    _, anns = _gt_people(gt_path)
+    res = tmp_path / "res.json"
+    res.write_text(json.dumps(_results(anns, 3.0)))
+    capsys.readouterr()
+    assert main(["--annotations", str(gt_path), "--results", str(res), "--json"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 1 and round(json.loads(lines[0])["AP"], 4) == 0.8016
+    assert main(["--annotations", str(gt_path), "--results", str(res)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert (
+        sum(line.startswith(" Average Precision  (AP) @[ IoU=0.50:0.95 | area=   all") for line in lines) == 1
+    )
+    assert lines[-2].split() == list(STAT_KEYS) and lines[-1].split()[0] == "0.8016"
+
+
+def test_command_line_keypoints_yaml_brings_its_sigmas(shared_data, tmp_path, capsys):
+    """--keypoints with a YAML of COCO's 17 joints and three times COCO's sigmas scores the
+    jittered people with those sigmas: the AP of evaluate_keypoints(sigmas=3 x COCO's)."""
+    import yaml
+
+    names = list(COCO.joints)
+    wide = {
+        "name": "coco_wide",
+        "joints": names,
+        "flip_pairs": [[names[a], names[b]] for a, b in COCO.flip_pairs],
+        "skeleton": [[names[a], names[b]] for a, b in COCO.skeleton],
+        "sigmas": [3 * s for s in COCO.sigmas],
+        "parts": {"body": names},
+    }
+    path = tmp_path / "wide.yaml"
+    path.write_text(yaml.safe_dump(wide, sort_keys=False))
+    gt_path = shared_data / "coco_sample" / "test_coco.json"
+    _, anns = _gt_people(gt_path)
+    res = tmp_path / "res.json"
+    res.write_text(json.dumps(_results(anns, 3.0)))
+    want = evaluate_keypoints(gt_path, _results(anns, 3.0), sigmas=SIGMAS * 3, verbose=False)["AP"]
+    capsys.readouterr()
+    assert (
+        main(["--annotations", str(gt_path), "--results", str(res), "--keypoints", str(path), "--json"]) == 0
+    )
+    got = json.loads(capsys.readouterr().out)["AP"]
+    assert got == pytest.approx(want, abs=1e-12) and got > 0.8016 + 0.05
+
+
+def test_command_line_crowdpose_table_is_its_seven_numbers(tmp_path, capsys):
+    """Without --json a CrowdPose evaluation ends with its own two lines: the seven keys, each
+    right-aligned in 9 characters, and their values with 4 decimals."""
+    from tests.test_crowdpose import write_ground_truth_and_results
+
+    gt_path, res_path = write_ground_truth_and_results(tmp_path, shift=60.0)
+    capsys.readouterr()
+    assert main(["--annotations", str(gt_path), "--results", str(res_path), "--keypoints", "crowdpose"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[-2] == "       AP      AP50      AP75        AR   AP_easy AP_medium   AP_hard"
+    values = lines[-1].split()
+    assert len(lines[-1]) == 7 * 9 + 6 and values[4:6] == ["1.0000", "1.0000"] and float(values[6]) < 0.5
