@@ -569,3 +569,37 @@ def test_command_line_crowdpose_table_is_its_seven_numbers(tmp_path, capsys):
     assert lines[-2] == "       AP      AP50      AP75        AR   AP_easy AP_medium   AP_hard"
     values = lines[-1].split()
     assert len(lines[-1]) == 7 * 9 + 6 and values[4:6] == ["1.0000", "1.0000"] and float(values[6]) < 0.5
+
+
+def test_load_detections_keeps_which_boxes_and_refuses_by_file_and_index(tmp_path):
+    """Category 1 at or above the threshold, as {image_id: int, bbox: 4 floats, score: float};
+    every refusal names the file (and the entry's index)."""
+    dets = [
+        {"image_id": "4", "category_id": 1, "bbox": [1, 2, 3, 4], "score": 0.5},  # at the threshold
+        {"image_id": 4, "category_id": 1, "bbox": [5, 6, 7, 8], "score": math.nextafter(0.5, 0)},  # below
+        {"image_id": 6, "category_id": 3, "bbox": [5, 6, 7, 8], "score": 0.9},  # not a person
+        {"image_id": 7, "category_id": "1", "bbox": ["9", 10, 11.5, 12], "score": "0.75"},
+    ]
+    path = tmp_path / "dets.json"
+    path.write_text(json.dumps(dets))
+    kept = load_detections(path, score_threshold=0.5)
+    assert kept == [
+        {"image_id": 4, "bbox": [1.0, 2.0, 3.0, 4.0], "score": 0.5},
+        {"image_id": 7, "bbox": [9.0, 10.0, 11.5, 12.0], "score": 0.75},
+    ]
+    assert all(type(d["image_id"]) is int and type(d["score"]) is float for d in kept)
+    assert all(type(v) is float for d in kept for v in d["bbox"])
+    assert len(load_detections(path)) == 3  # default threshold 0: every person box
+    for text, message in (
+        ("{not json", r"dets\.json: cannot read detections: Expecting property name"),
+        ('{"image_id": 1}', r"dets\.json: expected a list of detections, got dict$"),
+        (json.dumps([dets[0], {**dets[0], "bbox": [1, 2, 3]}]),
+         r"dets\.json: detection 1: bbox must be \[x, y, w, h\], got \[1\.0, 2\.0, 3\.0\]$"),
+        (json.dumps([{**dets[0], "image_id": None}]), r"dets\.json: detection 0 is malformed \(TypeError"),
+        (json.dumps([{**dets[0], "score": "high"}]), r"dets\.json: detection 0 is malformed \(ValueError"),
+    ):  # fmt: skip
+        path.write_text(text)
+        with pytest.raises(ValueError, match=message):
+            load_detections(path)
+    with pytest.raises(ValueError, match=r"missing\.json: cannot read detections: "):
+        load_detections(tmp_path / "missing.json")
