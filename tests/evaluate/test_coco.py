@@ -603,3 +603,40 @@ def test_load_detections_keeps_which_boxes_and_refuses_by_file_and_index(tmp_pat
             load_detections(path)
     with pytest.raises(ValueError, match=r"missing\.json: cannot read detections: "):
         load_detections(tmp_path / "missing.json")
+
+
+def test_evaluate_keypoints_refuses_a_foreign_joint_count_on_either_side(shared_data, tmp_path):
+    """The joint-count check reads the first non-empty keypoints of each side: the annotations
+    (a box-only person with ``keypoints: []`` first is skipped) and then the results."""
+    gt_path = shared_data / "coco_sample" / "test_coco.json"
+    data, anns = _gt_people(gt_path)
+    short = [{**r, "keypoints": r["keypoints"][: 3 * 14]} for r in _results(anns, 0.0)]
+    with pytest.raises(
+        ValueError, match=r"^the results hold 14 keypoints per person, the keypoint set scores 17: "
+    ):
+        evaluate_keypoints(gt_path, short, verbose=False)
+    first = min(data["annotations"], key=lambda a: a["id"])
+    data["annotations"] = [
+        {**first, "id": 1, "keypoints": [], "num_keypoints": 0},
+        *({**a, "id": a["id"] + 10, "keypoints": a["keypoints"][: 3 * 14]} for a in data["annotations"]),
+    ]
+    other = tmp_path / "gt14.json"
+    other.write_text(json.dumps(data))
+    with pytest.raises(
+        ValueError, match=r"^the annotations hold 14 keypoints per person, the keypoint set scores 17"
+    ):
+        evaluate_keypoints(other, _results(anns, 0.0), verbose=False)
+
+
+def test_evaluate_keypoints_prints_by_default_and_refuses_odd_results(shared_data, tmp_path, capsys):
+    gt_path = shared_data / "coco_sample" / "test_coco.json"
+    _, anns = _gt_people(gt_path)
+    capsys.readouterr()
+    evaluate_keypoints(gt_path, _results(anns, 0.0))  # verbose by default: pycocotools' table on stdout
+    assert " Average Precision  (AP) @[ IoU=0.50:0.95 | area=   all" in capsys.readouterr().out
+    with pytest.raises(ValueError, match=r"^no keypoint results to evaluate \(the list is empty\)$"):
+        evaluate_keypoints(gt_path, [], verbose=False)
+    res = tmp_path / "res.json"
+    res.write_text(json.dumps({"annotations": []}))
+    with pytest.raises(ValueError, match=r"res\.json: expected a list of results, got dict$"):
+        evaluate_keypoints(gt_path, res, verbose=False)
