@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -213,8 +214,6 @@ def test_two_gloo_processes_give_the_same_metrics_as_one(shared_data, coco_shard
 
 
 def test_gathering_keeps_every_sample_once_in_a_fixed_order():
-    import numpy as np
-
     from pnfs.evaluate.runner import FIELDS, gather_predictions
 
     def share(ids):
@@ -233,3 +232,16 @@ def test_gathering_keeps_every_sample_once_in_a_fixed_order():
     assert merged["ann_id"].tolist() == [3, 7, 12, 25]
     assert merged["keypoints"][:, 0, 0].tolist() == [3, 7, 12, 25]
     assert set(merged) == set(FIELDS)
+
+
+def test_mpii_metrics_without_annotations_names_the_key():
+    """The MPII refusal comes before anything is read, naming the key and the file it wants."""
+    from pnfs.evaluate.runner import FIELDS, mpii_metrics
+
+    cfg = load_config("demo", ["data.dataset=mpii", "data.val_annotations="])
+    pred = {name: np.zeros(0) for name in FIELDS}
+    message = (
+        r"^data\.val_annotations: MPII evaluation needs the annotation json \(valid\.json\); it is empty$"
+    )
+    with pytest.raises(ValueError, match=message):
+        mpii_metrics(pred, cfg)
