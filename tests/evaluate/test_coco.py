@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import subprocess
 import sys
 
@@ -640,3 +641,35 @@ def test_evaluate_keypoints_prints_by_default_and_refuses_odd_results(shared_dat
     res.write_text(json.dumps({"annotations": []}))
     with pytest.raises(ValueError, match=r"res\.json: expected a list of results, got dict$"):
         evaluate_keypoints(gt_path, res, verbose=False)
+
+
+def test_unknown_image_ids_are_listed_ten_at_most_whatever_their_type(shared_data, tmp_path, capsys):
+    """Results naming images the annotations lack: the first ten unknown ids, sorted as text (a
+    string id beside int ids is named too, not a TypeError)."""
+    gt_path = shared_data / "coco_sample" / "test_coco.json"
+    _, anns = _gt_people(gt_path)
+    one = _results(anns, 0.0)[0]
+    strangers = [{**one, "image_id": 1000001 + i} for i in range(12)]
+    want = str(list(range(1000001, 1000011)))
+    with pytest.raises(
+        ValueError, match=rf"^results name image ids not in the annotations: {re.escape(want)}$"
+    ):
+        evaluate_keypoints(gt_path, strangers, verbose=False)
+    mixed = [{**one, "image_id": "x"}, {**one, "image_id": 1000001}]
+    with pytest.raises(
+        ValueError, match=r"^results name image ids not in the annotations: \[1000001, 'x'\]$"
+    ):
+        evaluate_keypoints(gt_path, mixed, verbose=False)
+
+
+def test_ground_truth_loading_talks_to_stderr_and_a_missing_file_is_named(shared_data, tmp_path, capsys):
+    from pnfs.evaluate.coco import load_ground_truth
+
+    capsys.readouterr()
+    gt = load_ground_truth(shared_data / "coco_sample" / "test_coco.json")
+    assert load_ground_truth(gt) is gt  # an already-loaded COCO is taken as it is
+    out, err = capsys.readouterr()
+    assert out == "" and "loading annotations into memory" in err
+    missing = tmp_path / "missing.json"
+    with pytest.raises(FileNotFoundError, match=rf"^COCO annotations '{re.escape(str(missing))}' not found$"):
+        load_ground_truth(missing)
