@@ -213,20 +213,23 @@ def test_two_gloo_processes_give_the_same_metrics_as_one(shared_data, coco_shard
     assert json.dumps(lines["mpii", "0"]) == json.dumps(single)  # NaN-safe exact comparison
 
 
+def _share(ids):
+    """One rank's predictions for the samples ``ids`` (keypoints carry the id, to follow them)."""
+    n = len(ids)
+    return {
+        "keypoints": np.asarray(ids, dtype=np.float64)[:, None, None] * np.ones((n, 17, 2)),
+        "scores": np.ones((n, 17)),
+        "image_id": np.asarray([i // 10 for i in ids], dtype=np.int64),
+        "ann_id": np.asarray(ids, dtype=np.int64),
+        "box_score": np.ones(n),
+        "area": np.ones(n),
+    }
+
+
 def test_gathering_keeps_every_sample_once_in_a_fixed_order():
     from pnfs.evaluate.runner import FIELDS, gather_predictions
 
-    def share(ids):
-        n = len(ids)
-        return {
-            "keypoints": np.asarray(ids, dtype=np.float64)[:, None, None] * np.ones((n, 17, 2)),
-            "scores": np.ones((n, 17)),
-            "image_id": np.asarray([i // 10 for i in ids], dtype=np.int64),
-            "ann_id": np.asarray(ids, dtype=np.int64),
-            "box_score": np.ones(n),
-            "area": np.ones(n),
-        }
-
+    share = _share
     # a padded shard repeats samples 3 and 12; order on the ranks must not matter
     merged = gather_predictions(share([12, 3, 7, 3, 25, 12]), world_size=1)
     assert merged["ann_id"].tolist() == [3, 7, 12, 25]
@@ -245,3 +248,25 @@ def test_mpii_metrics_without_annotations_names_the_key():
     )
     with pytest.raises(ValueError, match=message):
         mpii_metrics(pred, cfg)
+
+
+def test_gathering_on_two_ranks_merges_what_each_rank_sends(monkeypatch):
+    """world_size=2: this rank's own share goes to the all-gather, and every rank's share is in
+    the result (the collective stands in for gloo here; the two-process test runs the real one)."""
+    import pnfs.evaluate.runner as runner
+
+    sent = []
+
+    def all_gather(obj):
+        sent.append(obj)
+        return [obj, _share([4, 30, 7])]  # rank 1 holds 4, 30 and a padded 7
+
+    monkeypatch.setattr(runner, "all_gather_objects", all_gather)
+    mine = _share([7, 12])
+    merged = runner.gather_predictions(mine, world_size=2)
+    assert len(sent) == 1 and sent[0] is mine
+    assert merged["ann_id"].tolist() == [4, 7, 12, 30]
+    assert merged["keypoints"][:, 0, 0].tolist() == [4, 7, 12, 30]
+    sent.clear()
+    assert runner.gather_predictions(mine, world_size=1)["ann_id"].tolist() == [7, 12]
+    assert sent == []  # one process calls no collective
