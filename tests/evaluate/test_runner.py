@@ -270,3 +270,15 @@ def test_gathering_on_two_ranks_merges_what_each_rank_sends(monkeypatch):
     sent.clear()
     assert runner.gather_predictions(mine, world_size=1)["ann_id"].tolist() == [7, 12]
     assert sent == []  # one process calls no collective
+
+
+def test_gathered_predictions_stay_on_rank_0(monkeypatch):
+    """In a process group of two, rank 1 gets None and rank 0 the merged predictions."""
+    import pnfs.evaluate.runner as runner
+
+    monkeypatch.setattr(runner, "all_gather_objects", lambda obj: [obj, _share([4])])
+    monkeypatch.setattr(runner.dist, "is_initialized", lambda: True)
+    for rank, want in ((1, None), (0, [4, 7])):
+        monkeypatch.setattr(runner.dist, "get_rank", lambda rank=rank: rank)
+        merged = runner.gather_predictions(_share([7]), world_size=2)
+        assert (merged if merged is None else merged["ann_id"].tolist()) == want, rank
