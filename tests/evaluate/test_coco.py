@@ -559,8 +559,9 @@ def test_command_line_keypoints_yaml_brings_its_sigmas(shared_data, tmp_path, ca
 
 
 def test_command_line_crowdpose_table_is_its_seven_numbers(tmp_path, capsys):
-    """Without --json a CrowdPose evaluation ends with its own two lines: the seven keys, each
-    right-aligned in 9 characters, and their values with 4 decimals."""
+    """Without --json a CrowdPose evaluation prints pycocotools' overall table and ends with its own
+    two lines: the seven keys, each right-aligned in 9 characters, and their values with 4
+    decimals. With --json stdout is the one JSON line."""
     from tests.test_crowdpose import write_ground_truth_and_results
 
     gt_path, res_path = write_ground_truth_and_results(tmp_path, shift=60.0)
@@ -570,6 +571,12 @@ def test_command_line_crowdpose_table_is_its_seven_numbers(tmp_path, capsys):
     assert lines[-2] == "       AP      AP50      AP75        AR   AP_easy AP_medium   AP_hard"
     values = lines[-1].split()
     assert len(lines[-1]) == 7 * 9 + 6 and values[4:6] == ["1.0000", "1.0000"] and float(values[6]) < 0.5
+    overall = " Average Precision  (AP) @[ IoU=0.50:0.95 | area=   all"
+    assert sum(line.startswith(overall) for line in lines) == 1  # pycocotools' overall table, not the bins'
+    argv = ["--annotations", str(gt_path), "--results", str(res_path), "--keypoints", "crowdpose", "--json"]
+    assert main(argv) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 1 and json.loads(lines[0])["AP_easy"] == pytest.approx(1.0)
 
 
 def test_load_detections_keeps_which_boxes_and_refuses_by_file_and_index(tmp_path):
