@@ -282,3 +282,13 @@ def test_gathered_predictions_stay_on_rank_0(monkeypatch):
         monkeypatch.setattr(runner.dist, "get_rank", lambda rank=rank: rank)
         merged = runner.gather_predictions(_share([7]), world_size=2)
         assert (merged if merged is None else merged["ann_id"].tolist()) == want, rank
+
+
+def test_coco_metrics_without_annotations_names_the_key():
+    from pnfs.evaluate.runner import FIELDS, coco_metrics
+
+    cfg = load_config("demo", ["data.val_annotations="])
+    pred = {name: np.zeros(0) for name in FIELDS}
+    message = r"^data\.val_annotations: COCO evaluation needs the ground-truth json; it is empty$"
+    with pytest.raises(ValueError, match=message):
+        coco_metrics(pred, cfg)
