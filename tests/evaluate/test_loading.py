@@ -96,3 +96,54 @@ def test_first_mismatch_drops_torch_header_and_cuts_at_240_characters():
     assert _first_mismatch(RuntimeError("")) == "RuntimeError"
     assert _first_mismatch(RuntimeError("x" * 240)) == "x" * 240
     assert _first_mismatch(RuntimeError("x" * 241)) == "x" * 240 + " ..."
+
+
+def test_first_mismatch_of_a_header_and_one_line_is_that_line():
+    """torch's header followed by a single mismatch: the mismatch, not the header."""
+    header = "Error(s) in loading state_dict for PoseNFS:"
+    assert _first_mismatch(RuntimeError(f"{header}\n\tsize mismatch for w: [3] vs [4]")) == (
+        "size mismatch for w: [3] vs [4]"
+    )
+
+
+def test_a_posenfs_checkpoint_that_does_not_fit_names_backbone_parts_channels_and_d(demo, tmp_path):
+    """A PoseNFS checkpoint loaded with a config of other channels: the refusal names what the
+    config builds in PoseNFS terms (backbone, P, C, d), the values the config sets."""
+    cfg, model = demo
+    path = tmp_path / "demo.pt"
+    torch.save(model.state_dict(), path)
+    other = load_config("demo", [*OVERRIDES, f"model.channels={cfg.model.channels + 4}"])
+    m = other.model
+    label = rf"backbone {m.backbone.name}, P={m.num_parts}, C={cfg.model.channels + 4}, d={m.vector_dim}"
+    with pytest.raises(
+        ValueError, match=rf"checkpoint '{path}' does not fit the config's model \({label}\): "
+    ):
+        load_for_inference(path, "demo", [*OVERRIDES, f"model.channels={cfg.model.channels + 4}"])
+
+
+class Foreign:
+    """A Python object in a checkpoint: only a full unpickler (weights_only=False) builds it."""
+
+
+@pytest.mark.parametrize(
+    "content, first_line",
+    [
+        (b"not a checkpoint\nsecond line", r"Weights only load failed\. In PyTorch 2\.6, we changed"),
+        (b"", r"EOFError"),  # torch's error has no text: its type stands in
+        (
+            {"model": {"w": torch.zeros(1)}, "note": Foreign()},
+            r"Weights only load failed\. This file can still be",
+        ),
+    ],
+    ids=["garbage", "empty", "foreign_object"],
+)
+def test_an_unreadable_checkpoint_gives_the_first_line_of_torchs_refusal(tmp_path, content, first_line):
+    """Read with weights_only=True: a pickled Python object is refused like garbage; the message
+    carries the first line of torch's own error (or its type when it has no text)."""
+    path = tmp_path / "ckpt.pt"
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        torch.save(content, path)
+    with pytest.raises(ValueError, match=rf"^checkpoint '{path}' cannot be read: {first_line}"):
+        load_for_inference(path, "demo", OVERRIDES)

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -212,24 +213,82 @@ def test_two_gloo_processes_give_the_same_metrics_as_one(shared_data, coco_shard
     assert json.dumps(lines["mpii", "0"]) == json.dumps(single)  # NaN-safe exact comparison
 
 
-def test_gathering_keeps_every_sample_once_in_a_fixed_order():
-    import numpy as np
+def _share(ids):
+    """One rank's predictions for the samples ``ids`` (keypoints carry the id, to follow them)."""
+    n = len(ids)
+    return {
+        "keypoints": np.asarray(ids, dtype=np.float64)[:, None, None] * np.ones((n, 17, 2)),
+        "scores": np.ones((n, 17)),
+        "image_id": np.asarray([i // 10 for i in ids], dtype=np.int64),
+        "ann_id": np.asarray(ids, dtype=np.int64),
+        "box_score": np.ones(n),
+        "area": np.ones(n),
+    }
 
+
+def test_gathering_keeps_every_sample_once_in_a_fixed_order():
     from pnfs.evaluate.runner import FIELDS, gather_predictions
 
-    def share(ids):
-        n = len(ids)
-        return {
-            "keypoints": np.asarray(ids, dtype=np.float64)[:, None, None] * np.ones((n, 17, 2)),
-            "scores": np.ones((n, 17)),
-            "image_id": np.asarray([i // 10 for i in ids], dtype=np.int64),
-            "ann_id": np.asarray(ids, dtype=np.int64),
-            "box_score": np.ones(n),
-            "area": np.ones(n),
-        }
-
+    share = _share
     # a padded shard repeats samples 3 and 12; order on the ranks must not matter
     merged = gather_predictions(share([12, 3, 7, 3, 25, 12]), world_size=1)
     assert merged["ann_id"].tolist() == [3, 7, 12, 25]
     assert merged["keypoints"][:, 0, 0].tolist() == [3, 7, 12, 25]
     assert set(merged) == set(FIELDS)
+
+
+def test_mpii_metrics_without_annotations_names_the_key():
+    """The MPII refusal comes before anything is read, naming the key and the file it wants."""
+    from pnfs.evaluate.runner import FIELDS, mpii_metrics
+
+    cfg = load_config("demo", ["data.dataset=mpii", "data.val_annotations="])
+    pred = {name: np.zeros(0) for name in FIELDS}
+    message = (
+        r"^data\.val_annotations: MPII evaluation needs the annotation json \(valid\.json\); it is empty$"
+    )
+    with pytest.raises(ValueError, match=message):
+        mpii_metrics(pred, cfg)
+
+
+def test_gathering_on_two_ranks_merges_what_each_rank_sends(monkeypatch):
+    """world_size=2: this rank's own share goes to the all-gather, and every rank's share is in
+    the result (the collective stands in for gloo here; the two-process test runs the real one)."""
+    import pnfs.evaluate.runner as runner
+
+    sent = []
+
+    def all_gather(obj):
+        sent.append(obj)
+        return [obj, _share([4, 30, 7])]  # rank 1 holds 4, 30 and a padded 7
+
+    monkeypatch.setattr(runner, "all_gather_objects", all_gather)
+    mine = _share([7, 12])
+    merged = runner.gather_predictions(mine, world_size=2)
+    assert len(sent) == 1 and sent[0] is mine
+    assert merged["ann_id"].tolist() == [4, 7, 12, 30]
+    assert merged["keypoints"][:, 0, 0].tolist() == [4, 7, 12, 30]
+    sent.clear()
+    assert runner.gather_predictions(mine, world_size=1)["ann_id"].tolist() == [7, 12]
+    assert sent == []  # one process calls no collective
+
+
+def test_gathered_predictions_stay_on_rank_0(monkeypatch):
+    """In a process group of two, rank 1 gets None and rank 0 the merged predictions."""
+    import pnfs.evaluate.runner as runner
+
+    monkeypatch.setattr(runner, "all_gather_objects", lambda obj: [obj, _share([4])])
+    monkeypatch.setattr(runner.dist, "is_initialized", lambda: True)
+    for rank, want in ((1, None), (0, [4, 7])):
+        monkeypatch.setattr(runner.dist, "get_rank", lambda rank=rank: rank)
+        merged = runner.gather_predictions(_share([7]), world_size=2)
+        assert (merged if merged is None else merged["ann_id"].tolist()) == want, rank
+
+
+def test_coco_metrics_without_annotations_names_the_key():
+    from pnfs.evaluate.runner import FIELDS, coco_metrics
+
+    cfg = load_config("demo", ["data.val_annotations="])
+    pred = {name: np.zeros(0) for name in FIELDS}
+    message = r"^data\.val_annotations: COCO evaluation needs the ground-truth json; it is empty$"
+    with pytest.raises(ValueError, match=message):
+        coco_metrics(pred, cfg)
