@@ -115,8 +115,8 @@ def test_channels_last_sets_the_layout_of_the_trained_weights(tmp_path_factory, 
 
 def test_deterministic_turns_on_torchs_deterministic_algorithms(tmp_path_factory, tmp_path):
     """train.deterministic=true: the run switches torch to deterministic algorithms (the same
-    weights on a rerun). Setting it false does not switch them off again on the CPU: the
-    setting is process-wide and the run leaves it as it was (see docs/testing.md)."""
+    weights on a rerun). The setting is process-wide; that false switches it off again after a
+    true is engine/test_runtime.py's test."""
     before = torch.are_deterministic_algorithms_enabled()
     try:
         torch.use_deterministic_algorithms(False)

@@ -13,13 +13,16 @@ from pnfs.config import Config
 
 
 def set_determinism(cfg: Config) -> None:
-    """``train.deterministic``: deterministic kernels (bitwise resume); else cuDNN autotuning on GPU."""
-    if cfg.train.deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=True)
-        torch.backends.cudnn.benchmark = False
+    """``train.deterministic``: deterministic kernels (bitwise resume); else cuDNN autotuning on GPU.
+
+    The settings are process-wide, so both values are written: a run with ``false`` after one
+    with ``true`` in the same process (a sweep, a notebook) gets torch's defaults back.
+    """
+    deterministic = cfg.train.deterministic
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)
+    torch.backends.cudnn.benchmark = not deterministic and torch.cuda.is_available()
+    if deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    elif torch.cuda.is_available():
-        torch.backends.cudnn.benchmark = True
 
 
 def amp_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:
