@@ -11,9 +11,14 @@ Train (``train_plan``)
       instead: sample i of the permuted stream goes to slot i mod (world x workers));
     * inside a shard samples are permuted too (seeded by seed, epoch, shard);
     * equal batch counts: every rank yields ``(total // world) // batch_size`` batches. Batch
-      b of a rank comes from worker b mod W (DataLoader's round robin), and each worker's
-      stream is cut to the batches it owes, or *resampled* (repeated from its start) when
-      its shards hold fewer samples: a few samples are dropped or seen twice per epoch;
+      b of a rank comes from worker b mod W (DataLoader's round robin), so each (rank, worker)
+      slot owes a fixed number of samples. Each slot's stream is cut to what it owes, and the
+      samples past the cuts fill the slots whose shards hold fewer (when the shards do not
+      split evenly over ranks x workers): those of the same rank first, then, with what is
+      left, those of any rank, so a rank reads another rank's shard only when its own hold
+      fewer samples than it owes. Every rank computes the same assignment, so no sample is
+      read twice in an epoch, and only the remainder of ``total`` over ``world x
+      batch_size`` (fewer than ``world x batch_size`` samples) waits for another epoch;
     * the rank's epoch stream is those batches concatenated; ``start_sample`` = k drops its
       first k samples and the rest is re-batched (a final partial batch appears only when k
       is not a multiple of the batch size), so a resumed epoch yields exactly the remainder;
@@ -82,6 +87,37 @@ def _batch(stream: np.ndarray, batch_size: int) -> list[np.ndarray]:
     return [stream[i : i + batch_size] for i in range(0, len(stream), batch_size)]
 
 
+def _top_up(
+    slots: list[np.ndarray], owed: list[int], spare: np.ndarray
+) -> tuple[list[np.ndarray], np.ndarray]:
+    """Slots [n_i, 2] holding at most ``owed[i]`` samples each, topped up in slot order from
+    ``spare`` [m, 2] -> (the slots, what is left of ``spare``). A slot stays short only when
+    ``spare`` runs out."""
+    filled, used = [], 0
+    for slot, n in zip(slots, owed):
+        short = n - len(slot)
+        filled.append(np.concatenate([slot, spare[used : used + short]]))
+        used += short
+    return filled, spare[used:]
+
+
+def _share_out(streams: list[np.ndarray], owed: list[int], world_size: int) -> list[np.ndarray]:
+    """The (rank, worker) slots' streams, rank-major, each cut to what it owes (``owed`` per
+    worker); the samples past the cuts fill the short slots of their own rank first (shards a
+    node already reads), then, what is left over from every rank, the short slots of any rank.
+    Every (shard, sample) pair ends in at most one slot; all are filled when the streams hold
+    ``world_size * sum(owed)`` samples or more."""
+    workers = len(owed)
+    slots, spares = [], []
+    for r in range(world_size):
+        mine = streams[r * workers : (r + 1) * workers]
+        rest = np.concatenate([stream[n:] for stream, n in zip(mine, owed)])
+        kept, left = _top_up([stream[:n] for stream, n in zip(mine, owed)], owed, rest)
+        slots += kept
+        spares.append(left)
+    return _top_up(slots, owed * world_size, np.concatenate(spares))[0]
+
+
 def train_plan(
     counts: list[int],
     batch_size: int,
@@ -107,21 +143,17 @@ def train_plan(
         )
     rng = np.random.default_rng([seed, epoch])
     perm = rng.permutation(len(counts))
-    slots = world_size * workers
-    if len(counts) >= slots:
-        mine = perm[rank::world_size]
-        streams = [_stream_of(mine[w::workers], counts, seed, epoch, True) for w in range(workers)]
-    else:
+    if len(counts) >= world_size * workers:  # by shard: slot (r, w) reads perm[r::world][w::workers]
+        streams = [
+            _stream_of(perm[r::world_size][w::workers], counts, seed, epoch, True)
+            for r in range(world_size)
+            for w in range(workers)
+        ]
+    else:  # by sample: slot (r, w) takes everything[r::world][w::workers]
         everything = _stream_of(perm, counts, seed, epoch, True)
-        mine = everything[rank::world_size]
-        streams = [mine[w::workers] for w in range(workers)]
-    owed = [len(range(w, per_rank, workers)) for w in range(workers)]
-    cut = []
-    for w, stream in enumerate(streams):
-        if len(stream) == 0:
-            stream = np.concatenate([s for s in streams if len(s)])
-        reps = -(-owed[w] * batch_size // len(stream))
-        cut.append(np.concatenate([stream] * max(1, reps))[: owed[w] * batch_size])
+        streams = [everything[r::world_size][w::workers] for r in range(world_size) for w in range(workers)]
+    owed = [len(range(w, per_rank, workers)) * batch_size for w in range(workers)]
+    cut = _share_out(streams, owed, world_size)[rank * workers : (rank + 1) * workers]
     epoch_stream = np.concatenate(
         [
             cut[b % workers][(b // workers) * batch_size : (b // workers + 1) * batch_size]

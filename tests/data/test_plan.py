@@ -103,6 +103,66 @@ def test_more_workers_than_samples_owe_nothing_and_the_rest_read_each_sample_onc
     assert sorted(pairs(plan)) == [(s, p) for s in range(2) for p in range(3)]
 
 
+@pytest.mark.parametrize(
+    "counts, batch, world, workers",
+    [
+        ([8] * 6, 4, 1, 5),  # 6 shards over 5 workers: one worker reads two
+        ([8] * 6, 4, 1, 7),  # 7 workers: one has no shard
+        ([5, 9, 3, 7, 4, 6], 2, 4, 1),  # 6 unequal shards over 4 ranks
+        ([5, 9, 3, 7, 4, 6], 2, 2, 3),  # and over 2 ranks x 3 workers
+        ([12, 12, 12], 3, 2, 2),  # by sample (3 shards < 4 slots)
+        ([40, 1, 1], 4, 1, 2),  # one big shard feeds the other worker
+    ],
+)
+def test_shards_that_do_not_split_evenly_still_give_every_sample_at_most_once(counts, batch, world, workers):
+    """Over all ranks the epoch holds world x (total // world // batch) x batch distinct samples:
+    a slot whose shards are short reads the rest of another slot's, instead of repeating its own."""
+    per_rank = sum(counts) // world // batch
+    seen = []
+    for rank in range(world):
+        plan = train_plan(counts, batch, seed=9, epoch=3, rank=rank, world_size=world, workers=workers)
+        assert [len(b) for b in plan.batches] == [batch] * per_rank
+        seen += pairs(plan)
+    assert len(seen) == len(set(seen)) == world * per_rank * batch
+    assert set(seen) <= {(s, p) for s, n in enumerate(counts) for p in range(n)}
+
+
+def test_a_worker_reads_its_own_shards_first_and_only_then_another_workers_rest():
+    """6 shards of 8 over 5 workers, batch 4, 12 batches: workers 0 and 1 serve 3 batches (12
+    samples), workers 2-4 serve 2 (8). Worker 0 holds two shards (16 samples), worker 1 one (8):
+    every worker's batches begin with its own first shard, whole, and the 4 samples worker 1
+    lacks are the tail of worker 0's second shard."""
+    counts = [8] * 6
+    plan = train_plan(counts, 4, seed=11, epoch=0, workers=5)
+    perm = np.random.default_rng([11, 0]).permutation(6)
+    own = {w: {int(s) for s in perm[w::5]} for w in range(5)}
+    by_worker = {w: [tuple(map(int, x)) for b in plan.batches[w::5] for x in b] for w in range(5)}
+    for w, got in by_worker.items():
+        owed = 4 * len(range(w, 12, 5))
+        assert len(got) == owed
+        assert {s for s, _ in got[:8]} == {int(perm[w])}  # its first shard, whole, first
+    lender = int(perm[5])  # worker 0's second shard: what it does not owe goes to the others
+    borrowed = [p for w in range(1, 5) for p in by_worker[w][8:]]
+    assert {s for s, _ in borrowed} <= {lender} and own[0] == {int(perm[0]), lender}
+
+
+def test_a_rank_reads_another_ranks_shard_only_when_its_own_are_short():
+    """7 shards of 6 over 3 ranks x 2 workers, batch 4 (12 samples a rank): rank 0 holds 3
+    shards, its workers 2 and 1; its worker 1 fills up from worker 0's second shard, so the
+    ranks still read disjoint shards. A 10- and a 2-sample shard over 2 ranks, batch 2 (6
+    samples a rank): the rank with 2 reads them, then 4 from the tail of the other's shard."""
+    plans = [train_plan([6] * 7, 4, seed=0, epoch=0, rank=r, world_size=3, workers=2) for r in range(3)]
+    shards = [{s for s, _ in pairs(plan)} for plan in plans]
+    assert all(not shards[i] & shards[j] for i in range(3) for j in range(i + 1, 3))
+    assert sorted(len(s) for s in shards) == [2, 2, 3]
+    plans = [train_plan([10, 2], 2, seed=0, epoch=0, rank=r, world_size=2) for r in range(2)]
+    got = [pairs(plan) for plan in plans]
+    short = next(r for r in range(2) if {s for s, _ in got[r][:2]} == {1})
+    assert sorted(got[short][:2]) == [(1, 0), (1, 1)] and {s for s, _ in got[short][2:]} == {0}
+    assert {s for s, _ in got[1 - short]} == {0}
+    assert sorted(got[0] + got[1]) == [(0, p) for p in range(10)] + [(1, 0), (1, 1)]
+
+
 def test_samples_inside_a_shard_are_shuffled_and_the_val_order_is_file_order():
     counts = [40, 40]
     for workers, world in ((1, 1), (1, 2)):  # by shard, and by sample (1 shard < 2 slots below)

@@ -98,7 +98,7 @@ def test_train_plan_equal_batches_on_every_rank_and_shards_split_by_rank(counts,
     ]
     assert len({len(p) for p in plans}) == 1
     assert all(len(b) == 4 for p in plans for b in p.batches)
-    if len(counts) >= world * workers:  # whole shards per rank: no shard is read by two ranks
+    if len(counts) >= world * workers:  # each rank's shards hold what it owes: no shard read by two
         used = [{int(s) for b in p.batches for s in b[:, 0]} for p in plans]
         assert all(not (used[i] & used[j]) for i in range(world) for j in range(i + 1, world))
 
