@@ -365,6 +365,9 @@ def test_coverage_names_a_scale_beyond_the_crops_with_the_max_scale_to_reshard_w
     assert coverage_problems(cfg, "k", m, {"margin": 1.25, "max_scale": 1.5}) == []  # 1.875 exactly
     assert coverage_problems(cfg, "k", m, {"margin": 1.25, "max_scale": 1.5 * (1 - 5e-7)}) == []
     assert len(coverage_problems(cfg, "k", m, {"margin": 1.25, "max_scale": 1.5 * (1 - 5e-6)})) == 1
+    # a reach at the tolerance exactly passes: 1.25000125 is the float 1.25 * (1 + 1e-6)
+    at_edge = _cfg("data.margin=1.0", "data.scale_range=[0.75,1.25000125]")
+    assert coverage_problems(at_edge, "k", m, {"margin": 1, "max_scale": 1.25}) == []
     # without both numbers there is nothing to compare
     assert coverage_problems(cfg, "k", m, {"max_scale": 1.0}) == []
     assert coverage_problems(cfg, "k", m, {"margin": 1.0}) == []
@@ -387,6 +390,9 @@ def test_coverage_names_an_input_aspect_outside_the_crops_range():
     assert coverage_problems(cfg, "k", m, {"aspect_range": [0.75 * (1 + 5e-7), 1.0]}) == []
     assert coverage_problems(cfg, "k", m, {"aspect_range": [0.5, 0.75 * (1 - 5e-7)]}) == []
     assert len(coverage_problems(cfg, "k", m, {"aspect_range": [0.75 * (1 + 5e-6), 1.0]})) == 1
+    # aspects at the tolerance exactly pass: these floats times 1 -/+ 1e-6 are 0.75 exactly
+    assert coverage_problems(cfg, "k", m, {"aspect_range": [0.7500007500007501, 1.0]}) == []
+    assert coverage_problems(cfg, "k", m, {"aspect_range": [0.5, 0.7499992500007501]}) == []
     assert len(coverage_problems(cfg, "k", m, {"aspect_range": [0.5, 0.75 * (1 - 5e-6)]})) == 1
     both = coverage_problems(cfg, "k", m, {"margin": 1.0, "max_scale": 1.0, "aspect_range": [0.8, 1.0]})
     assert [p.split("=", 1)[0] for p in both] == ["data.scale_range", "data.input_size"]
@@ -418,6 +424,26 @@ def test_a_shard_that_differs_from_its_manifest_stops_the_run_only_under_on_erro
     ]
     assert facts.counts == [3]
     assert shard_problems(_cfg(f"data.train_shards={folder}"), "train")[0] == []  # on_error=skip
+
+
+def test_the_preflight_checks_shard_sizes_and_counts_but_hashes_nothing(tmp_path):
+    """sha256 is data.verify_shards' check at the loader's start (pnfs.data.shards.manifest),
+    not the preflight's: it would read every shard twice."""
+    from pnfs.preflight import shard_problems
+
+    folder = tmp_path / "shards"
+    p0 = _tar(folder / "train-000000.tar", ["1_1", "1_2"])
+    entry = {"file": p0.name, "samples": 2, "bytes": p0.stat().st_size, "sha256": "0" * 64}
+    (folder / "manifest.json").write_text(json.dumps({"splits": {"train": {"shards": [entry]}}}))
+    cfg = _cfg(f"data.train_shards={folder}", "data.on_error=raise", "data.verify_shards=true")
+    assert shard_problems(cfg, "train")[0] == []
+    entry["bytes"] += 1
+    (folder / "manifest.json").write_text(json.dumps({"splits": {"train": {"shards": [entry]}}}))
+    (line,) = shard_problems(cfg, "train")[0]
+    assert line.endswith(
+        f"{p0}: {entry['bytes'] - 1} bytes, {folder / 'manifest.json'} lists {entry['bytes']}; "
+        "re-shard or copy the shards again"
+    )
 
 
 def test_shards_of_another_joint_set_are_named_with_the_manifest(tmp_path):
@@ -754,6 +780,28 @@ def test_the_run_folder_is_made_and_written_to(tmp_path):
     ]
 
 
+def test_a_run_folder_that_refuses_files_is_named(tmp_path, monkeypatch):
+    """The probe file goes into the run folder itself: one that exists but takes no files (read
+    only; root writes anywhere, so the refusal is made here) is named."""
+    import errno
+    import tempfile
+
+    from pnfs.preflight import run_folder_problems
+
+    real = tempfile.NamedTemporaryFile
+    out = tmp_path / "read-only"
+
+    def probe(*args, **kwargs):
+        if kwargs.get("dir") is not None and Path(kwargs["dir"]) == out:
+            raise PermissionError(errno.EACCES, "Permission denied")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(tempfile, "NamedTemporaryFile", probe)
+    assert run_folder_problems(_cfg(f"train.out_dir={out}"), _small_module()) == [
+        f"train.out_dir='{out}': not writable (Permission denied); choose another --out"
+    ]
+
+
 def test_the_run_folder_needs_room_for_keep_last_plus_one_checkpoints(tmp_path, monkeypatch):
     import shutil
     from types import SimpleNamespace
@@ -923,6 +971,20 @@ def test_preflight_runs_every_check_and_the_evaluations_when_the_run_evaluates(t
     ]
     # 6 samples over 2 processes: 3 a rank, no batch of 4
     assert keys == [*evaluation, "train.batch_size", "--deepspeed", "model.backbone.weights", "train.out_dir"]
+    # the train shards' problem stays first when the evaluation's are added
+    gone = _cfg(*base, f"data.train_shards={tmp_path / 'nothing'}")
+    keys = [p.split("=", 1)[0] for p in preflight(gone, evaluates=True)]
+    assert keys == ["data.train_shards", *evaluation]
+    # the DeepSpeed json is checked against this config's batch and the world size given
+    ds = tmp_path / "ds.json"
+    ds.write_text(json.dumps({"train_micro_batch_size_per_gpu": 4, "train_batch_size": 4}))
+    ok = _cfg(*base, f"data.train_shards={tmp_path / 'train'}")
+    assert preflight(ok, world_size=1, deepspeed_config=str(ds)) == []
+    _tar(tmp_path / "train" / "train-000001.tar", [f"{i}_{i}" for i in range(6, 12)])
+    assert preflight(ok, world_size=2, deepspeed_config=str(ds)) == [
+        f"--deepspeed='{ds}': train_batch_size=4 but train.batch_size x gradient_accumulation_steps x world "
+        "size = 4 x 1 x 2 = 8; drop the field (pnfs fills it) or make them agree"
+    ]
 
 
 def test_the_world_size_comes_from_torchruns_environment(monkeypatch):
