@@ -194,7 +194,10 @@ def test_cached_names_are_the_url_hash_and_its_last_path_part():
 
     url = "http://h/coco/train-000000.tar"
     assert cached_name(url) == _sha1_16(url) + "-train-000000.tar"
-    assert cached_name("http://h/coco/shard/") == _sha1_16("http://h/coco/shard/") + "-shard.tar"
+    assert cached_name("http://h/coco/person/") == _sha1_16("http://h/coco/person/") + "-person.tar"
+    assert (
+        cached_name("http://h/coco/MAX/") == _sha1_16("http://h/coco/MAX/") + "-MAX.tar"
+    )  # only "/" stripped
     piped = "pipe:aws s3 cp s3://b/val-000001.tar -"  # the last word of the last part
     assert cached_name(piped) == _sha1_16(piped) + "--.tar"
     assert cached_name("pipe:cat /d/a.tar") == _sha1_16("pipe:cat /d/a.tar") + "-a.tar"
@@ -284,6 +287,8 @@ def test_without_an_index_the_tar_is_scanned_and_folders_are_skipped(tmp_path):
         tmp_path / "inner.tar", [("d.v1", None), ("d.v1/k0.jpg", b"xy"), ("d.v1/k0.ids.i64", b"z" * 16)]
     )
     assert scan_tar(inner) == [("d.v1/k0", {"jpg": (1024, 2), "ids.i64": (2048, 16)})]
+    deeper = _tar(tmp_path / "deeper.tar", [("top/d.v1/k0.jpg", b"xy")])  # the dot after the last "/"
+    assert scan_tar(deeper) == [("top/d.v1/k0", {"jpg": (512, 2)})]
     # cut inside k1.kp.f32 (a truncated download): the members up to the cut, at their full size
     (tmp_path / "cut.tar").write_bytes((tmp_path / "s.tar").read_bytes()[:3590])
     assert scan_tar(tmp_path / "cut.tar") == TWO_INDEX
@@ -326,6 +331,9 @@ def test_a_folder_gives_its_splits_tars_or_all_of_them(tmp_path):
     everything = [str(tmp_path / "train-000000.tar"), *val]
     assert expand_shards(str(tmp_path), "test") == everything  # no test-*.tar: every tar
     assert expand_shards(str(tmp_path)) == everything
+    assert expand_shards([str(tmp_path)], "val") == val  # the split reaches the folders of a list
+    _tar(tmp_path / "None-000000.tar", TWO)  # no split given: not the shards of a split "None"
+    assert expand_shards(str(tmp_path)) == [str(tmp_path / "None-000000.tar"), *everything]
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match=rf"^no \.tar shards in folder {tmp_path / 'empty'}$"):
         expand_shards(str(tmp_path / "empty"), "val")
@@ -371,6 +379,10 @@ def test_what_a_pattern_that_finds_nothing_is_told(tmp_path):
         f"shard not found: {tmp_path / 'val.tar'} (under {tmp_path}: shards-seed0/train-000000.tar, "
         "shards-seed0/val/val-000000.tar, shards-seed0/val/val-000001.tar, ...)"
     )
+    assert why(tmp_path / "train-000000.tar") == (  # no wildcard: every tar below, not that name's
+        f"shard not found: {tmp_path / 'train-000000.tar'} (under {tmp_path}: shards-seed0/train-000000.tar, "
+        "shards-seed0/val/val-000000.tar, shards-seed0/val/val-000001.tar, ...)"
+    )
     assert why(tmp_path / "test-*.tar") == (  # the name matches nothing below: any tar
         f"no file matches the pattern {tmp_path / 'test-*.tar'} (under {tmp_path}: "
         "shards-seed0/train-000000.tar, shards-seed0/val/val-000000.tar, "
@@ -411,6 +423,10 @@ def test_samples_past_the_end_of_the_file_or_short_of_members_are_cut():
     )
     assert whole_samples([short, *TWO_INDEX], 10240) == ([short, *TWO_INDEX], [])  # only the last is checked
     assert whole_samples([TWO_INDEX[0], ("k1", {"jpg": (2560, 5), "extra": (3584, 1)})], 10240)[1] == []
+    assert whole_samples([TWO_INDEX[0], short], 10240) == (
+        TWO_INDEX[:1],
+        [("k2", "the shard ends after members ['jpg'] of its last sample")],
+    )
     assert whole_samples([short], 10240) == ([short], [])  # one sample: nothing to compare with
     assert whole_samples([], 0) == ([], [])
 
@@ -446,6 +462,8 @@ def test_a_shard_set_travels_to_workers_without_its_descriptors(tmp_path):
     from pnfs.data.shards.reader import ShardSet
 
     bad = BadSample("truncated_shard", "http://h/a.tar", "k9", "cut")
+    local = ShardSet([str(tmp_path / "a.tar")], [TWO_INDEX])
+    assert local.urls == [str(tmp_path / "a.tar")] and not local.remote and local.dropped == []
     s = ShardSet([str(_tar(tmp_path / "a.tar", TWO))], [TWO_INDEX], ["http://h/a.tar"], dropped=[bad])
     assert s.remote and s.urls == ["http://h/a.tar"]
     s.read(0, 0, ("jpg",))
@@ -468,18 +486,17 @@ def test_a_truncated_shard_opens_with_its_cut_samples_named_by_url(tmp_path):
 
     whole = _tar(tmp_path / "whole.tar", TWO)
     (tmp_path / "cut.tar").write_bytes(whole.read_bytes()[:3590])  # inside k1.kp.f32
+    (tmp_path / "cut2.tar").write_bytes(whole.read_bytes()[:2000])  # in the padding before k1: k0 whole
     url = f"pipe:cat {tmp_path / 'cut.tar'}"
-    s = ShardSet.open([str(whole), url], tmp_path / "cache")
-    assert s.remote and s.urls == [str(whole), url] and s.paths[1] != url
-    assert s.counts == [2, 1]
-    assert s.dropped == [
-        BadSample(
-            "truncated_shard",
-            url,
-            "k1",
-            "the shard ends at byte 3590, inside member k1.kp.f32 (bytes 3584..3596)",
-        )
-    ]
+    s = ShardSet.open([url, str(tmp_path / "cut2.tar"), str(whole)], tmp_path / "cache")
+    assert s.remote and s.urls == [url, str(tmp_path / "cut2.tar"), str(whole)]
+    assert Path(s.paths[0]).parent == tmp_path / "cache"  # the named cache, not the process's
+    assert s.counts == [1, 1, 2]
+    cut = "the shard ends at byte 3590, inside member k1.kp.f32 (bytes 3584..3596)"
+    assert s.dropped == [BadSample("truncated_shard", url, "k1", cut)]
+    s.close()
+    s = ShardSet.open([url, str(whole)], tmp_path / "cache")
+    assert s.dropped == [BadSample("truncated_shard", url, "k1", cut)] and s.counts == [1, 2]
     s.close()
 
 
@@ -514,3 +531,45 @@ def test_meta_arrays_are_little_endian_stacked_in_float64_with_float32_scores_an
     ]
     assert m.score.dtype == np.float32 and m.score.tolist() == [0.5, 1.0]
     assert m.ids.dtype == np.int64 and m.ids.tolist() == [[1, 10], [2, 20]]
+
+
+def test_the_process_cache_is_removed_at_exit_even_if_already_gone(tmp_path, monkeypatch):
+    import atexit
+
+    from pnfs.data.shards import reader
+
+    at_exit = []
+    monkeypatch.setattr(reader, "_PROCESS_CACHE", [])
+    monkeypatch.setattr(atexit, "register", lambda fn, *args: at_exit.append((fn, args)))
+    got = local_copy(f"pipe:cat {_tar(tmp_path / 'src.tar', TWO)}")
+    assert local_copy(f"pipe:cat  {tmp_path / 'src.tar'}").parent == got.parent and len(at_exit) == 1
+    fn, args = at_exit[0]
+    fn(*args)
+    assert not got.parent.exists()
+    fn(*args)  # gone already (removed by hand): no error at exit
+
+
+def test_an_unknown_url_scheme_is_named_and_leaves_nothing(tmp_path):
+    with pytest.raises(
+        OSError, match=r"^cannot read shard nosuch://h/a\.tar: nosuch://h/a\.tar: no gopen handler"
+    ):
+        local_copy("nosuch://h/a.tar", tmp_path)
+    assert [p.suffix for p in tmp_path.iterdir()] == [".lock"]
+
+
+def test_a_sample_is_read_with_one_pread_of_its_own_span(tmp_path, monkeypatch):
+    from pnfs.data.shards.reader import ShardSet
+
+    s = ShardSet.open([str(_tar(tmp_path / "a.tar", TWO))])
+    reads = []
+    real_pread = os.pread
+
+    def spy(fd, n, offset):
+        reads.append((n, offset))
+        return real_pread(fd, n, offset)
+
+    monkeypatch.setattr(os, "pread", spy)
+    assert s.read(0, 1, ("jpg", "kp.f32")) == {"jpg": b"hello", "kp.f32": b"B" * 12}
+    assert s.read_present(0, 1, ("kp.f32", "png")) == {"kp.f32": b"B" * 12}
+    assert reads == [(3596 - 2560, 2560), (12, 3584)]  # k1.jpg at 2560 .. k1.kp.f32's end at 3596
+    s.close()
