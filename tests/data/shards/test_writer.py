@@ -348,3 +348,34 @@ def test_only_split_dash_six_digits_files_are_the_writers(png_folder):
     assert sorted(p.name for p in out.glob("*.tar")) == [
         "train-000000.tar", "val-000000.tar", "val-0000001.tar", "val-12.tar", "val-backup.tar"
     ]  # fmt: skip
+
+
+def test_stale_shards_lists_every_shard_written_from_other_inputs_or_beyond_the_count(png_folder):
+    from pnfs.data.shards.writer import _stored_digest, stale_shards
+
+    out = png_folder / "out"
+    entry = _write(png_folder, [_record(i) for i in range(1, 5)], shard_size=1)
+    digests = [s["inputs_sha256"] for s in entry["shards"]]
+    assert [_stored_digest(out, f"val-00000{i}.tar") for i in range(4)] == digests
+    assert stale_shards(out, "val", digests) == []
+
+    def files(i):
+        return [
+            out / PARTS_DIR / f"val-00000{i}.tar.json",
+            out / f"val-00000{i}.idx",
+            out / f"val-00000{i}.tar",
+        ]
+
+    assert stale_shards(out, "val", [digests[0], "other", *digests[2:]]) == files(1)
+    assert stale_shards(out, "val", digests[:2]) == files(2) + files(3)  # beyond the new count
+    assert stale_shards(out, "val", ["other", digests[1], "other", digests[3]]) == files(0) + files(2)
+    (out / "val-000003.idx").unlink()  # incomplete: no digest, so never reused
+    assert _stored_digest(out, "val-000003.tar") is None
+    assert stale_shards(out, "val", digests) == [files(3)[0], files(3)[2]]
+    (out / PARTS_DIR / "val-000002.tar.json").write_text("{not json")
+    assert _stored_digest(out, "val-000002.tar") is None
+    (out / PARTS_DIR / "val-000001.tar.json").write_text("{}")
+    assert _stored_digest(out, "val-000001.tar") is None
+    (out / "val-000000.tar").unlink()
+    assert _stored_digest(out, "val-000000.tar") is None
+    assert stale_shards(out, "other-split", digests) == []
