@@ -64,7 +64,8 @@ def _process_cache() -> Path:
 
 def cached_name(url: str) -> str:
     """``<sha1(url)[:16]>-<last path part>``: distinct URLs never share a cache file."""
-    tail = url.rstrip("/").rsplit("/", 1)[-1].split()[-1] or "shard"
+    words = url.rstrip("/").rsplit("/", 1)[-1].split()  # a pipe command's last word
+    tail = words[-1] if words else "shard"
     tail = tail if tail.endswith(".tar") else tail + ".tar"
     return f"{hashlib.sha1(url.encode()).hexdigest()[:16]}-{tail}"
 
@@ -124,9 +125,21 @@ def read_index(tar_path: Path) -> list[tuple[str, dict[str, tuple[int, int]]]]:
 
 
 def scan_tar(tar_path: Path) -> list[tuple[str, dict[str, tuple[int, int]]]]:
+    """[(key, {ext: (offset, size)})] from the tar's headers, in file order.
+
+    A tar cut inside a member's data (a truncated download) ends the scan at that member, which
+    is listed with its full size: :func:`whole_samples` then cuts it by the file's size, as it
+    does for a shard with an index."""
     out: list[tuple[str, dict[str, tuple[int, int]]]] = []
     with tarfile.open(tar_path) as tar:
-        for member in tar:
+        members = iter(tar)
+        while True:
+            try:
+                member = next(members)
+            except StopIteration:
+                break
+            except tarfile.ReadError:  # "unexpected end of data": the file ends inside a member
+                break
             if not member.isfile():
                 continue
             dot = member.name.find(".", member.name.rfind("/") + 1)

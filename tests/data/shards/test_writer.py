@@ -163,3 +163,219 @@ def test_shard_mpii_refuses_other_options_then_overwrites(shared_data, tmp_path,
     after = json.loads(manifest.read_text())["splits"][split]
     assert after["options"]["margin"] == 1.5
     assert [s["sha256"] for s in after["shards"]] != [s["sha256"] for s in before[split]["shards"]]
+
+
+# --------------------------------------------------------------------------- writer-mutant tests
+# Issue 26 part 6 (docs/testing.md): write_shards and its parts called directly on hand-made
+# records and images; every expected value is written out here.
+
+
+def _record(ann_id: int, bbox=(10.0, 20.0, 30.0, 40.0), image_file="a.png", image_id=1, score=1.0):
+    """A person on ``image_file`` with 17 labelled joints inside ``bbox``."""
+    from pnfs.data.annotations.records import PersonRecord
+
+    x, y = bbox[0] + 1.0, bbox[1] + 1.0
+    kp = np.array([[x + j % 5, y + j, 2.0] for j in range(17)])
+    return PersonRecord(image_file, image_id, ann_id, np.array(bbox, float), kp, 100.0 + ann_id, score)
+
+
+def _options(out: Path, **kw):
+    from pnfs.data.shards.writer import ShardOptions
+
+    return ShardOptions(out=out, split="val", joint_set="coco17", **kw)
+
+
+def _write(tmp: Path, records, **kw) -> dict:
+    """write_shards of ``records`` from ``tmp/images`` into ``tmp/out`` (no progress bar)."""
+    from pnfs.data.annotations.records import SkipReport
+    from pnfs.data.shards.writer import write_shards
+
+    overwrite = kw.pop("overwrite", False)
+    opts = _options(tmp / "out", **kw)
+    return write_shards(
+        records, tmp / "images", opts, SkipReport(), SkipReport(), command=["cmd", "x"], progress=False,
+        overwrite=overwrite,
+    )  # fmt: skip
+
+
+@pytest.fixture
+def png_folder(tmp_path):
+    """``images/a.png``: 128x96 (h x w) random RGB, lossless, so crops are exact."""
+    images = tmp_path / "images"
+    images.mkdir()
+    cv2.imwrite(
+        str(images / "a.png"), np.random.default_rng(1).integers(0, 255, (128, 96, 3), dtype=np.uint8)
+    )
+    return tmp_path
+
+
+def _rewrite(out: Path, name: str, edit) -> None:
+    """Rewrite shard ``name`` with ``edit({member: bytes})`` applied, its index rebuilt and its
+    manifest sha256 updated, so only the edit is wrong."""
+    import io
+    import tarfile
+
+    from pnfs.data.shards.reader import write_index
+
+    path = out / name
+    with tarfile.open(path) as tar:
+        members = {m.name: tar.extractfile(m).read() for m in tar}
+    members = edit(members)
+    with tarfile.open(path, "w", format=tarfile.GNU_FORMAT) as tar:
+        for member, data in members.items():
+            info = tarfile.TarInfo(member)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    write_index(path, path.with_suffix(".idx"))
+    manifest = json.loads((out / MANIFEST).read_text())
+    for shard in manifest["splits"]["val"]["shards"]:
+        if shard["file"] == name:
+            shard["sha256"] = sha256_file(path)
+    (out / MANIFEST).write_text(json.dumps(manifest))
+
+
+def test_verify_names_every_problem_of_every_sample_and_shard(png_folder):
+    from pnfs.data.shards.writer import verify_shards
+
+    out = png_folder / "out"
+    _write(png_folder, [_record(i) for i in range(1, 7)], shard_size=2)
+    assert verify_shards(out, "val") == []
+    (out / "val-000000.tar").unlink()
+
+    def shard1(m):  # 1_3 without its score, 1_4 with another crop size
+        del m["1_3.score.f32"]
+        meta = json.loads(m["1_4.json"])
+        meta["crop_size"] = [1, 1]
+        m["1_4.json"] = json.dumps(meta).encode()
+        return m
+
+    def shard2(m):  # 1_5's json unreadable, 1_6's raw keypoints moved by one pixel
+        m["1_5.json"] = b"not json"
+        m["1_6.kp.f32"] = (np.frombuffer(m["1_6.kp.f32"], "<f4") + 1).astype("<f4").tobytes()
+        return m
+
+    _rewrite(out, "val-000001.tar", shard1)
+    _rewrite(out, "val-000002.tar", shard2)
+    manifest = json.loads((out / MANIFEST).read_text())
+    manifest["splits"]["val"]["shards"][1]["sha256"] = "0" * 64
+    manifest["splits"]["val"]["shards"][2]["samples"] = 3
+    (out / MANIFEST).write_text(json.dumps(manifest))
+    s1, s2 = out / "val-000001.tar", out / "val-000002.tar"
+    assert verify_shards(out, "val") == [
+        f"{out / 'val-000000.tar'}: missing",
+        f"{s1}: sha256 differs from the manifest",
+        f"{s1}: sample 1_3 lacks ['score.f32']",
+        f"{s1}: sample 1_4: jpg size differs from json crop_size",
+        f"{s2}: 2 samples, manifest says 3",
+        f"{s2}: sample 1_5: Expecting value: line 1 column 1 (char 0)",
+        f"{s2}: sample 1_6: kp.f32 differs from json keypoints",
+    ]
+
+
+def _image_error(path: Path):
+    from pnfs.data.shards.writer import ImageError, decode_image
+
+    with pytest.raises(ImageError) as e:
+        decode_image(path)
+    return e.value.reason, str(e.value)
+
+
+def test_decode_image_reads_rgb_and_names_each_bad_file_by_reason(tmp_path):
+    import simplejpeg
+
+    from pnfs.data.shards.writer import decode_image
+
+    bgr = np.random.default_rng(0).integers(0, 255, (16, 24, 3), dtype=np.uint8)
+    cv2.imwrite(str(tmp_path / "a.png"), bgr)
+    assert np.array_equal(decode_image(tmp_path / "a.png"), bgr[:, :, ::-1])  # RGB, lossless
+    red = np.zeros((16, 24, 3), np.uint8)
+    red[..., 0] = 250
+    jpeg = simplejpeg.encode_jpeg(red, quality=95, colorspace="RGB", colorsubsampling="444")
+    (tmp_path / "red.jpg").write_bytes(jpeg)
+    got = decode_image(tmp_path / "red.jpg")
+    assert got.shape == (16, 24, 3) and got[..., 0].min() > 240 and got[..., 1:].max() < 10
+    assert _image_error(tmp_path / "none.jpg") == ("missing_image", f"{tmp_path / 'none.jpg'}: no such file")
+    (tmp_path / "folder.jpg").mkdir()
+    reason, text = _image_error(tmp_path / "folder.jpg")
+    assert reason == "unreadable_image" and text.startswith(
+        f"{tmp_path / 'folder.jpg'}: [Errno 21] Is a directory"
+    )
+    noisy = simplejpeg.encode_jpeg(bgr, quality=95, colorspace="RGB", colorsubsampling="444")
+    (tmp_path / "cut.jpg").write_bytes(noisy[: len(noisy) // 2])  # inside the scan
+    assert _image_error(tmp_path / "cut.jpg") == (
+        "truncated_jpeg",
+        f"{tmp_path / 'cut.jpg'}: Premature end of JPEG file",
+    )
+    (tmp_path / "junk.png").write_bytes(b"this is not an image")
+    assert _image_error(tmp_path / "junk.png") == (
+        "unreadable_image",
+        f"{tmp_path / 'junk.png'}: not a decodable image",
+    )
+    garbled = jpeg[:200] + bytes(range(256)) + jpeg[456:]  # its tables overwritten
+    (tmp_path / "garbled.jpg").write_bytes(garbled)
+    reason, text = _image_error(tmp_path / "garbled.jpg")
+    assert reason == "unreadable_image" and text.startswith(
+        f"{tmp_path / 'garbled.jpg'}: tjDecompressHeader3(): "
+    )
+
+
+def test_a_jpeg_with_a_benign_libjpeg_warning_is_decoded(tmp_path):
+    import simplejpeg
+
+    from pnfs.data.shards.writer import decode_image
+
+    image = np.random.default_rng(0).integers(0, 255, (16, 24, 3), dtype=np.uint8)
+    jpeg = bytearray(simplejpeg.encode_jpeg(image, quality=95, colorspace="RGB", colorsubsampling="444"))
+    jpeg[-16] = 0  # the scan ends early: "N extraneous bytes before marker 0xd9"
+    with pytest.raises(ValueError, match="extraneous bytes"):
+        simplejpeg.decode_jpeg(bytes(jpeg), colorspace="RGB", strict=True)
+    (tmp_path / "warn.jpg").write_bytes(bytes(jpeg))
+    got = decode_image(tmp_path / "warn.jpg")
+    assert got.shape == (16, 24, 3) and got.dtype == np.uint8
+
+
+def test_only_split_dash_six_digits_files_are_the_writers(png_folder):
+    from pnfs.data.shards.writer import _existing_shards
+
+    out = png_folder / "out"
+    _write(png_folder, [_record(1), _record(2)], shard_size=1)
+    for name in ("val-backup.tar", "val-12.tar", "val-0000001.tar", "train-000000.tar", "val-000000.txt"):
+        (out / name).write_bytes(b"mine")
+    found = _existing_shards(out, "val")
+    assert sorted(found) == [0, 1]
+    assert sorted(p.name for p in found[1]) == ["val-000001.idx", "val-000001.tar", "val-000001.tar.json"]
+    _write(png_folder, [_record(1)], shard_size=1, overwrite=True)  # shard 1 goes, the others stay
+    assert sorted(p.name for p in out.glob("*.tar")) == [
+        "train-000000.tar", "val-000000.tar", "val-0000001.tar", "val-12.tar", "val-backup.tar"
+    ]  # fmt: skip
+
+
+def test_stale_shards_lists_every_shard_written_from_other_inputs_or_beyond_the_count(png_folder):
+    from pnfs.data.shards.writer import _stored_digest, stale_shards
+
+    out = png_folder / "out"
+    entry = _write(png_folder, [_record(i) for i in range(1, 5)], shard_size=1)
+    digests = [s["inputs_sha256"] for s in entry["shards"]]
+    assert [_stored_digest(out, f"val-00000{i}.tar") for i in range(4)] == digests
+    assert stale_shards(out, "val", digests) == []
+
+    def files(i):
+        return [
+            out / PARTS_DIR / f"val-00000{i}.tar.json",
+            out / f"val-00000{i}.idx",
+            out / f"val-00000{i}.tar",
+        ]
+
+    assert stale_shards(out, "val", [digests[0], "other", *digests[2:]]) == files(1)
+    assert stale_shards(out, "val", digests[:2]) == files(2) + files(3)  # beyond the new count
+    assert stale_shards(out, "val", ["other", digests[1], "other", digests[3]]) == files(0) + files(2)
+    (out / "val-000003.idx").unlink()  # incomplete: no digest, so never reused
+    assert _stored_digest(out, "val-000003.tar") is None
+    assert stale_shards(out, "val", digests) == [files(3)[0], files(3)[2]]
+    (out / PARTS_DIR / "val-000002.tar.json").write_text("{not json")
+    assert _stored_digest(out, "val-000002.tar") is None
+    (out / PARTS_DIR / "val-000001.tar.json").write_text("{}")
+    assert _stored_digest(out, "val-000001.tar") is None
+    (out / "val-000000.tar").unlink()
+    assert _stored_digest(out, "val-000000.tar") is None
+    assert stale_shards(out, "other-split", digests) == []
