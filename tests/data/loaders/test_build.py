@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import logging
 import math
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import pytest
 import torch
 
 from pnfs.config import load_config
+from pnfs.data.bad_samples import BadSampleError
 from pnfs.data.loaders.assemble import denormalise
 from pnfs.data.loaders.build import build_loader, make_epoch_plan, shard_paths
 from pnfs.data.loaders.torch_loader import PoseLoader
@@ -489,3 +491,226 @@ def test_a_loader_with_workers_puts_opencv_on_one_thread_before_they_fork():
         assert cv2.getNumThreads() == 1
     finally:
         cv2.setNumThreads(threads)
+
+
+# ----------------------------------------------------------------------------- build-mutant tests
+# (issue 26 part 6: build.py under mutation, docs/testing.md): the shard keys per split, the
+# plan's arguments from the config, every refusal by its whole message, and what build_loader
+# hands each loader.
+
+
+def test_shard_paths_take_the_splits_own_key_or_the_override(shards):
+    one = str(shards / "train-000001.tar")
+    cfg = load_config(None, [f"data.train_shards={one}", f"data.val_shards={shards}"])
+    assert shard_paths(cfg, "train") == [one]
+    # a folder gives the split's own shards (3 of the 8 there)
+    assert shard_paths(cfg, "val") == [str(shards / f"val-00000{i}.tar") for i in range(3)]
+    assert shard_paths(cfg, "val", shards=[one]) == [one]
+    empty = load_config(None, [])
+    assert shard_paths(empty, "train", shards=one) == [one]
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_shard_paths_name_the_empty_key_of_the_split(shards, split):
+    other = "val" if split == "train" else "train"
+    cfg = load_config(None, [f"data.{other}_shards={shards}"])
+    with pytest.raises(ValueError) as e:
+        shard_paths(cfg, split)
+    assert str(e.value) == f"data.{split}_shards is empty: no shards for '{split}'"
+
+
+_PLAN_KEYS = ["train.seed=7", "data.num_workers=3", "data.rotation=30", "data.scale_range=[0.8,1.2]",
+              "data.flip_prob=0.3"]  # fmt: skip
+
+
+def _same_plan(a, b) -> None:
+    assert len(a) == len(b) and len(a.augment) == len(b.augment)
+    for x, y in zip(a.batches, b.batches):
+        np.testing.assert_array_equal(x, y)
+    for x, y in zip(a.augment, b.augment):
+        for name in ("scale", "rotation", "flip"):
+            np.testing.assert_array_equal(getattr(x, name), getattr(y, name))
+
+
+def test_make_epoch_plan_hands_the_config_to_the_train_plan():
+    counts = [7, 9, 8, 6, 5]
+    cfg = load_config(None, _PLAN_KEYS)
+    got = make_epoch_plan(cfg, "train", counts, rank=1, world_size=2, epoch=5, start_sample=4, batch_size=3,
+                          augment=True)  # fmt: skip
+    want = train_plan(counts, 3, seed=7, epoch=5, rank=1, world_size=2, workers=3, start_sample=4,
+                      rotation=30.0, scale_range=(0.8, 1.2), flip_prob=0.3, augment=True)  # fmt: skip
+    _same_plan(got, want)
+    scales = np.concatenate([a.scale for a in got.augment])
+    assert (
+        scales.min() >= 0.8
+        and scales.max() <= 1.2
+        and np.abs(np.concatenate([a.rotation for a in got.augment])).max() <= 30
+    )
+    plain = make_epoch_plan(cfg, "train", counts, rank=1, world_size=2, epoch=5, start_sample=4, batch_size=3,
+                            augment=False)  # fmt: skip
+    assert all((a.scale == 1).all() and (a.rotation == 0).all() and not a.flip.any() for a in plain.augment)
+
+
+def test_make_epoch_plan_reads_with_one_worker_when_the_config_has_none():
+    counts = [7, 9, 8, 6, 5]
+    cfg = load_config(None, ["data.num_workers=0"])
+    got = make_epoch_plan(cfg, "train", counts, rank=0, world_size=1, epoch=2, start_sample=0, batch_size=4,
+                          augment=True)  # fmt: skip
+    _same_plan(got, train_plan(counts, 4, seed=cfg.train.seed, epoch=2, workers=1))
+    assert not _flat_equal(got, train_plan(counts, 4, seed=cfg.train.seed, epoch=2, workers=2))
+
+
+def _flat_equal(a, b) -> bool:
+    return [tuple(r) for x in a.batches for r in x.tolist()] == [
+        tuple(r) for x in b.batches for r in x.tolist()
+    ]
+
+
+def test_make_epoch_plan_hands_the_config_to_the_val_plan():
+    counts = [7, 9, 8]
+    cfg = load_config(None, _PLAN_KEYS)
+    got = make_epoch_plan(cfg, "val", counts, rank=1, world_size=3, epoch=5, start_sample=2, batch_size=3,
+                          augment=True)  # fmt: skip
+    want = val_plan(counts, 3, rank=1, world_size=3, start_sample=2, augment=True, seed=7, epoch=5,
+                    rotation=30.0, scale_range=(0.8, 1.2), flip_prob=0.3)  # fmt: skip
+    _same_plan(got, want)
+    # samples 8..15 of the 24 (rank 1 of 3: shard 1 from sample 1), from the third on
+    assert [tuple(r) for b in got.batches for r in b.tolist()] == [(1, i) for i in range(3, 9)]
+
+
+def test_build_loader_refuses_another_split_and_a_rank_outside_the_world(shards):
+    cfg = _cfg(shards)
+    with pytest.raises(ValueError) as e:
+        build_loader(cfg, "test")
+    assert str(e.value) == "split must be 'train' or 'val', got 'test'"
+    for rank, world in ((2, 2), (-1, 2), (0, 0)):
+        with pytest.raises(ValueError) as e:
+            build_loader(cfg, "val", rank=rank, world_size=world)
+        assert str(e.value) == f"rank {rank} outside world_size {world}"
+    assert len(build_loader(cfg, "val", rank=1, world_size=2)) == 2  # the last rank is inside
+
+
+def test_dali_refuses_urls_without_a_cache_dir_naming_the_first():
+    cfg = load_config(None, ["data.loader=dali", "data.val_shards=http://host/val-{000000..000001}.tar"])
+    with pytest.raises(ValueError) as e:
+        build_loader(cfg, "val")
+    assert str(e.value) == (
+        "data.loader=dali reads local files only, but data.val_shards names URLs "
+        "(http://host/val-000000.tar): set data.cache_dir to a local folder (the shards are copied "
+        "there once per node) or use data.loader=torch"
+    )
+
+
+def test_shards_of_another_joint_count_are_refused_naming_the_shard(shards):
+    cfg = _cfg(shards, **{"data.dataset": "mpii"})
+    with pytest.raises(ValueError) as e:
+        build_loader(cfg, "val")
+    assert (
+        str(e.value) == f"{shards / 'val-000000.tar'}: samples have 17 joints but data.dataset='mpii' has 16"
+    )
+
+
+def test_batch_size_and_augmentation_default_by_split(shards):
+    cfg = _cfg(shards, **{"train.batch_size": 3, "eval.batch_size": 5})
+    assert [len(b) for b in build_loader(cfg, "val")] == [5, 5, 4]
+    assert [len(b) for b in build_loader(cfg, "val", batch_size=6)] == [6, 6, 2]
+    assert len(build_loader(cfg, "train")) == 30 // 3 and len(next(iter(build_loader(cfg, "train")))) == 3
+    val = torch.cat([b.affine for b in build_loader(cfg, "val")])
+    torch.testing.assert_close(val, torch.cat([b.affine for b in build_loader(cfg, "val", augment=False)]))
+    assert not torch.allclose(val, torch.cat([b.affine for b in build_loader(cfg, "val", augment=True)]))
+    train = torch.cat([b.affine for b in build_loader(cfg, "train")])
+    torch.testing.assert_close(train, torch.cat([b.affine for b in build_loader(cfg, "train", augment=True)]))
+    assert not torch.allclose(train, torch.cat([b.affine for b in build_loader(cfg, "train", augment=False)]))
+
+
+def test_the_loaders_get_the_configs_geometry_workers_and_policy(shards):
+    cfg = _cfg(shards, workers=2, size=(128, 96), **{"data.margin": 1.5, "data.on_error": "raise"})
+    torch_loader = build_loader(cfg, "val")
+    ds = torch_loader.dataset
+    assert (ds.input_size, ds.margin, ds.flip_perm, ds.on_error) == (
+        (128, 96),
+        1.5,
+        COCO.flip_permutation(),
+        "raise",
+    )
+    assert torch_loader.num_workers == 2 and torch_loader.loader.num_workers == 2
+    assert torch_loader.loader.pin_memory is torch.cuda.is_available()
+    gpu = build_loader(_cfg(shards, loader="gpu", workers=2, size=(128, 96), **{"data.margin": 1.5}), "val")
+    ds = gpu.dataset
+    assert (ds.input_size, ds.margin, ds.flip_perm, ds.on_error) == (
+        (128, 96),
+        1.5,
+        COCO.flip_permutation(),
+        "skip",
+    )
+    assert gpu.loader.num_workers == 2
+    assert type(gpu).__name__ == "GpuPoseLoader" and type(torch_loader).__name__ == "PoseLoader"
+
+
+def test_an_unknown_loader_is_refused_by_name(shards):
+    cfg = _cfg(shards)
+    cfg.data.loader = "cv"
+    with pytest.raises(ValueError) as e:
+        build_loader(cfg, "val")
+    assert str(e.value) == "data.loader: unknown loader 'cv'"
+
+
+def _truncated_copy(shards: Path, folder: Path) -> list[str]:
+    """The train shards with train-000002.tar cut inside its sample 4's JPEG: samples 4 and 5
+    are lost; returns their keys."""
+    folder.mkdir()
+    for p in shards.glob("train-*"):
+        (folder / p.name).write_bytes(p.read_bytes())
+    for p in shards.glob("*.json"):
+        (folder / p.name).write_bytes(p.read_bytes())
+    shard = folder / "train-000002.tar"
+    index = ShardSet.open([str(shard)]).index[0]
+    off, size = index[4][1]["jpg"]
+    with open(shard, "r+b") as f:
+        f.truncate(off + size // 2)
+    return [index[4][0], index[5][0]]
+
+
+def test_dropped_samples_are_logged_counted_or_raised(shards, tmp_path, caplog):
+    lost = _truncated_copy(shards, tmp_path / "cut")
+    cut = str(tmp_path / "cut" / "train-000002.tar")
+    with caplog.at_level(logging.WARNING, logger="pnfs.train"):
+        loader = build_loader(
+            _cfg(shards, **{"data.max_bad_samples": 5}), "train", shards=str(tmp_path / "cut")
+        )
+    report = loader.bad_samples
+    assert report.limit == 5 and report.counts == {"truncated_shard": 2}
+    assert [(s.reason, s.shard, s.key) for s in report.samples] == [("truncated_shard", cut, k) for k in lost]
+    dropped = [r.getMessage() for r in caplog.records if r.getMessage().startswith("bad sample dropped: ")]
+    assert dropped == [f"bad sample dropped: {s}" for s in report.samples]
+    assert len(loader) == 28 // 4
+    # the default limit: 0.1% of the 28 samples planned, at least 1; 2 dropped samples pass it
+    with pytest.raises(BadSampleError, match=r"2 bad samples, more than data\.max_bad_samples=1"):
+        build_loader(_cfg(shards), "train", shards=str(tmp_path / "cut"))
+    with pytest.raises(BadSampleError) as e:
+        build_loader(_cfg(shards, **{"data.on_error": "raise"}), "train", shards=str(tmp_path / "cut"))
+    first = ShardSet.open([cut]).dropped[0]
+    assert str(e.value) == f"{first} (data.on_error=raise; skip drops such samples)"
+    gpu = build_loader(
+        _cfg(shards, loader="gpu", **{"data.max_bad_samples": 5}), "train", shards=str(tmp_path / "cut")
+    )
+    assert gpu.bad_samples.counts == {"truncated_shard": 2} and gpu.bad_samples.limit == 5
+    with pytest.raises(BadSampleError) as e:
+        build_loader(
+            _cfg(shards, loader="dali", **{"data.max_bad_samples": 5}), "train", shards=str(tmp_path / "cut")
+        )
+    assert str(e.value) == (
+        f"data.loader=dali reads every sample its .idx lists and cannot drop {first}; "
+        "re-copy the shard or use data.loader=torch"
+    )
+
+
+def test_a_shard_that_does_not_match_its_manifest_is_logged(shards, tmp_path, caplog):
+    _truncated_copy(shards, tmp_path / "cut")
+    with caplog.at_level(logging.WARNING, logger="pnfs.train"):
+        build_loader(_cfg(shards, **{"data.max_bad_samples": 5}), "train", shards=str(tmp_path / "cut"))
+    problems = [r.getMessage() for r in caplog.records if "manifest" in r.getMessage()]
+    assert len(problems) == 1
+    assert problems[0].startswith(
+        f"shard does not match its manifest: {tmp_path / 'cut' / 'train-000002.tar'}"
+    )

@@ -8,12 +8,24 @@ import threading
 import cv2
 import numpy as np
 import pytest
+import simplejpeg
 import torch
 import torch.nn.functional as F
 
-from pnfs.data.geometry import invert
-from pnfs.data.loaders.assemble import denormalise
-from pnfs.data.loaders.gpu_loader import GpuPoseLoader, _Normalise, sampling_theta, warp_batch
+from pnfs.data.bad_samples import BadSampleReport
+from pnfs.data.geometry import Augment, invert
+from pnfs.data.loaders.assemble import batch_geometry, denormalise
+from pnfs.data.loaders.gpu_loader import (
+    GpuPoseLoader,
+    PlanBytes,
+    _as_is,
+    _Normalise,
+    decode_batch,
+    sampling_theta,
+    warp_batch,
+)
+from pnfs.data.shards.reader import ShardSet, parse_meta
+from tests.data.loaders.test_plan_reader import FLIP, SIZE, plan, sample, write_shard
 
 
 def _affines(rng: np.random.Generator, n: int) -> np.ndarray:
@@ -170,3 +182,144 @@ def test_a_decode_does_not_write_into_crops_a_queued_warp_still_reads():
     for a, got in zip(ref, (first, second)):
         diff = (denormalise(a.image) - denormalise(got.image.cpu())).abs()
         assert diff.mean() < 1.5  # nvJPEG vs libjpeg IDCT, same warp; another batch's pixels: ~50
+
+
+# ----------------------------------------------------------------------------- gpu-mutant tests
+# (issue 26 part 6: gpu_loader.py under mutation, docs/testing.md) on the hand-made shard of
+# test_plan_reader.py: a worker's item field by field, the producer's batch, the bad samples
+# replaced in the worker (a header that does not parse) and in the producer (a JPEG whose header
+# parses but whose data is cut: the batched decode fails, the batch is decoded crop by crop).
+
+
+def _noise_jpeg_cut() -> bytes:
+    """A 64 x 48 JPEG of noise whose last fifth is overwritten: the header parses, decoding fails."""
+    data = simplejpeg.encode_jpeg(np.random.default_rng(5).integers(0, 256, (64, 48, 3)).astype(np.uint8))
+    keep = len(data) * 4 // 5
+    return data[:keep] + b"\xff" * (len(data) - keep)
+
+
+def _plan_bytes(tmp_path, samples, batches) -> PlanBytes:
+    shards = ShardSet.open([write_shard(tmp_path / "s.tar", samples)])
+    return PlanBytes(shards, plan(batches, len(samples)), SIZE, 1.5, FLIP)
+
+
+def test_a_workers_item_is_the_batchs_bytes_geometry_and_ids(tmp_path):
+    samples = [sample(s) for s in range(5)]
+    ds = _plan_bytes(tmp_path, samples, [[0, 1], [4, 2]])
+    item, got = ds[1], ds.checked(1)
+    assert set(item) == {
+        "batch",
+        "bad",
+        "jpg",
+        "crop_to_input",
+        "keypoints",
+        "affine",
+        "image_id",
+        "ann_id",
+        "score",
+    }
+    assert item["batch"] == 1 and item["bad"] == []
+    assert [bytes(j.numpy()) for j in item["jpg"]] == [samples[4]["jpg"], samples[2]["jpg"]]
+    assert all(j.dtype == torch.uint8 and j.dim() == 1 for j in item["jpg"])
+    assert item["crop_to_input"].dtype == torch.float64
+    np.testing.assert_array_equal(item["crop_to_input"].numpy(), got.crop_to_input)
+    assert item["keypoints"].dtype == torch.float32 and item["affine"].dtype == torch.float32
+    torch.testing.assert_close(item["keypoints"], torch.from_numpy(got.keypoints).float())
+    torch.testing.assert_close(item["affine"], torch.from_numpy(got.input_to_image).float())
+    assert item["image_id"].tolist() == [104, 102] and item["ann_id"].tolist() == [204, 202]
+    assert item["image_id"].dtype == torch.int64 and item["ann_id"].dtype == torch.int64
+    assert item["score"].dtype == torch.float32 and item["score"].tolist() == pytest.approx([0.9, 0.7])
+
+
+def test_a_header_that_does_not_parse_is_replaced_in_the_worker(tmp_path):
+    samples = [sample(s) for s in range(4)]
+    samples[1] = sample(1, jpg=b"\xff\xd8 no header")
+    item = _plan_bytes(tmp_path, samples, [[0, 1]])[0]
+    assert item["ann_id"].tolist() == [200, 202]
+    ((reason, key, error),) = [(b.reason, b.key, b.error) for b in item["bad"]]
+    assert (reason, key) == ("bad_jpeg", "101_201") and "tjDecompressHeader" in error
+
+
+def test_decode_batch_gives_rgb_crops_channels_first():
+    crops = decode_batch(
+        [torch.frombuffer(bytearray(sample(s)["jpg"]), dtype=torch.uint8) for s in (1, 3)],
+        torch.device("cpu"),
+    )
+    assert [tuple(c.shape) for c in crops] == [(3, 16, 12), (3, 16, 12)]
+    assert all(c.dtype == torch.uint8 for c in crops)
+    assert [int(c[:, 8, 6].float().mean().round()) for c in crops] == [20, 60]
+    colour = simplejpeg.encode_jpeg(
+        np.tile(np.uint8([200, 30, 90]), (16, 16, 1)), quality=100, colorsubsampling="444"
+    )
+    (c,) = decode_batch([torch.frombuffer(bytearray(colour), dtype=torch.uint8)], torch.device("cpu"))
+    assert [abs(int(v) - w) <= 2 for v, w in zip(c[:, 8, 8], (200, 30, 90))] == [True] * 3  # RGB, not BGR
+
+
+def test_normalise_puts_imagenets_constants_on_the_device():
+    norm = _Normalise(torch.device("cpu"))
+    np.testing.assert_allclose(norm.mean.view(3).numpy(), [123.675, 116.28, 103.53], rtol=1e-6)
+    np.testing.assert_allclose(norm.std.view(3).numpy(), [58.395, 57.12, 57.375], rtol=1e-6)
+    assert norm.mean.shape == (1, 3, 1, 1) and norm.std.shape == (1, 3, 1, 1)
+    out = norm(torch.full((2, 3, 1, 1), 255.0))
+    np.testing.assert_allclose(
+        out[1].view(3).numpy(), [0.515 / 0.229, 0.544 / 0.224, 0.594 / 0.225], rtol=1e-5
+    )
+    meta = _Normalise(torch.device("meta"))
+    assert meta.mean.device.type == "meta" and meta.std.device.type == "meta"
+
+
+def test_the_loader_on_the_cpu_without_cuda():
+    loader = GpuPoseLoader(_Items(2), num_workers=0)
+    assert loader.device == torch.device("cpu") and loader.decode_stream is None and loader.prefetch == 1
+    assert loader.loader.pin_memory is False and loader.loader.collate_fn is _as_is
+    assert loader.bad_samples.limit == 0 and loader.bad_samples.samples == []
+    assert GpuPoseLoader(_Items(2), num_workers=0, device="cpu").device == torch.device("cpu")
+    with pytest.raises(ValueError) as e:
+        GpuPoseLoader(_Items(1), num_workers=0, device="cpu", prefetch=-1)
+    assert str(e.value) == "GpuPoseLoader: prefetch must be >= 1, got -1"
+    assert _as_is(item := {"batch": 3}) is item
+
+
+def test_the_producers_batch_from_a_workers_item(tmp_path):
+    samples = [sample(s) for s in range(5)]
+    ds = _plan_bytes(tmp_path, samples, [[0, 1], [4, 2]])
+    loader = GpuPoseLoader(ds, num_workers=0, device="cpu", bad_samples=BadSampleReport(limit=3))
+    batches = list(loader)
+    assert len(loader) == len(batches) == 2
+    batch = batches[1]
+    assert batch.image.shape == (2, 3, 32, 24) and batch.image.dtype == torch.float32
+    assert batch.ann_id.tolist() == [204, 202] and batch.image_id.tolist() == [104, 102]
+    item = ds[1]
+    for name in ("keypoints", "affine", "image_id", "ann_id", "score"):
+        assert torch.equal(getattr(batch, name), item[name]), name
+    for i, level in enumerate((80, 40)):  # the grey crops, normalised, at the input's centre
+        want = [(level / 255 - m) / s for m, s in zip((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))]
+        assert batch.image[i, :, 15, 11].tolist() == pytest.approx(want, abs=0.02)
+    assert loader.bad_samples.samples == []
+
+
+def test_a_crop_the_batched_decode_refuses_is_replaced_crop_by_crop(tmp_path, caplog):
+    samples = [sample(s) for s in range(5)]
+    samples[1] = sample(1, jpg=_noise_jpeg_cut())
+    ds = _plan_bytes(tmp_path, samples, [[0, 1], [3, 4]])
+    loader = GpuPoseLoader(ds, num_workers=0, device="cpu", bad_samples=BadSampleReport(limit=3))
+    with caplog.at_level("WARNING", logger="pnfs.train"):
+        batches = list(loader)
+    assert [b.ann_id.tolist() for b in batches] == [[200, 202], [203, 204]]
+    ((reason, key, error),) = [(b.reason, b.key, b.error) for b in loader.bad_samples.samples]
+    assert (reason, key) == ("bad_jpeg", "101_201") and "Image is incomplete or truncated" in error
+    assert [r.getMessage() for r in caplog.records] == [
+        f"bad sample dropped: {loader.bad_samples.samples[0]}"
+    ]
+    # the replaced slot carries the spare's geometry and pixels (grey 40 at the centre)
+    want = batch_geometry(parse_meta([samples[0], samples[2]]), Augment.identity(2), SIZE, 1.5, FLIP)[2]
+    torch.testing.assert_close(batches[0].keypoints, torch.from_numpy(want).float())
+    assert batches[0].image[1, 0, 15, 11].item() == pytest.approx((40 / 255 - 0.485) / 0.229, abs=0.02)
+
+
+def test_decode_one_turns_the_decoders_refusal_into_a_bad_jpeg(tmp_path):
+    loader = GpuPoseLoader(_Items(1), num_workers=0, device="cpu")
+    crop = loader._decode_one(sample(2)["jpg"], np.eye(2, 3))
+    assert crop.shape == (3, 16, 12) and int(crop[0, 8, 6]) == 40
+    with pytest.raises(ValueError, match=r"^decode_jpeg, .*Image is incomplete or truncated"):
+        loader._decode_one(_noise_jpeg_cut(), np.eye(2, 3))
