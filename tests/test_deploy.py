@@ -772,3 +772,29 @@ def test_output_change_puts_the_reference_back_in_training_mode_when_the_frozen_
     with pytest.raises(RuntimeError, match="frozen model failed"):
         output_change(reference, Failing(), torch.zeros(1, 3, 4, 4))
     assert reference.training
+
+
+def test_pruning_reaches_the_fabric_backbone_and_every_part():
+    cfg = load_config("mpii_fabric1_p3_256", ["data.input_size=[64,64]"])
+    model = trained_looking(cfg, torch.randn(1, 3, 64, 64))
+    exact, pruned = freeze(model), freeze(model, prune_below=0.3)
+    assert 0 < count_ops(pruned.backbone) < count_ops(exact.backbone) == count_ops(model.backbone)
+    for part, exact_part, trained in zip(pruned.parts, exact.parts, model.parts):
+        assert 0 < count_ops(part) < count_ops(exact_part) == count_ops(trained)
+
+
+def test_a_frozen_cell_whose_ops_are_not_lists_names_them():
+    """FrozenCell keeps each node's ops in a ModuleList, count_ops and forward check it."""
+    frozen = freeze_cell(random_cell(True, True, True), torch.zeros(3, len(CELL_OPS), dtype=torch.float64))
+    frozen.ops[0] = nn.Identity()
+    with pytest.raises(TypeError) as err:
+        frozen(*cell_inputs())
+    assert str(err.value) == "freeze: a node's ops is a Identity, expected ModuleList"
+    with pytest.raises(TypeError) as err:
+        count_ops(frozen)
+    assert str(err.value) == "freeze: a node's ops is a Identity, expected ModuleList"
+    cell = random_cell(True, True, True)
+    cell.edge_ops[1] = nn.Identity()
+    with pytest.raises(TypeError) as err:
+        count_ops(cell)
+    assert str(err.value) == "freeze: an edge's ops is a Identity, expected ModuleList"
