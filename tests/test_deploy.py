@@ -784,7 +784,8 @@ def test_pruning_reaches_the_fabric_backbone_and_every_part():
 
 
 def test_a_frozen_cell_whose_ops_are_not_lists_names_them():
-    """FrozenCell keeps each node's ops in a ModuleList, count_ops and forward check it."""
+    """A node's (FrozenCell) and an edge's (Cell) ops are a ModuleList; count_ops, forward and
+    freeze_cell check it."""
     frozen = freeze_cell(random_cell(True, True, True), torch.zeros(3, len(CELL_OPS), dtype=torch.float64))
     frozen.ops[0] = nn.Identity()
     with pytest.raises(TypeError) as err:
@@ -798,3 +799,53 @@ def test_a_frozen_cell_whose_ops_are_not_lists_names_them():
     with pytest.raises(TypeError) as err:
         count_ops(cell)
     assert str(err.value) == "freeze: an edge's ops is a Identity, expected ModuleList"
+    with pytest.raises(TypeError) as err:
+        freeze_cell(cell, torch.zeros(3, len(CELL_OPS), dtype=torch.float64))
+    assert str(err.value) == "freeze: an edge's ops is a Identity, expected ModuleList"
+
+
+def test_a_fabric_cell_that_is_not_a_cell_is_named():
+    fabric = Fabric([[4]], [4], 1, 1, ["skip_connect"])
+    fabric.cells["l1_s4"] = nn.Identity()
+    with pytest.raises(TypeError) as err:
+        freeze_fabric(fabric)
+    assert str(err.value) == "freeze: fabric cell l1_s4 is a Identity, expected Cell"
+
+
+# (edge, built op position, index inside the op or None, what the message names); CELL_OPS'
+# built ops are skip 0, sep 1, dil 2, avg 3, max 4
+BROKEN_OPS = {
+    "unknown op": (0, 0, None, "freeze: no rule for the op Tanh"),
+    "sep conv's pointwise conv": (0, 1, 1, "freeze: a pointwise conv is a Tanh, expected Conv2d"),
+    "sep conv's BN": (1, 1, 2, "freeze: its BN is a Tanh, expected BatchNorm2d"),
+    "dil conv's BN": (2, 2, 2, "freeze: its BN is a Tanh, expected BatchNorm2d"),
+    "pool's BN": (0, 3, 1, "freeze: a pool's BN is a Tanh, expected BatchNorm2d"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BROKEN_OPS))
+def test_an_op_of_another_layout_is_named(case):
+    edge, position, inner, message = BROKEN_OPS[case]
+    cell = random_cell(True, True, True)
+    if inner is None:
+        cell.edge_ops[edge][position] = nn.Tanh()
+    else:
+        cell.edge_ops[edge][position][inner] = nn.Tanh()
+    with pytest.raises(TypeError) as err:
+        freeze_cell(cell, torch.zeros(3, len(CELL_OPS), dtype=torch.float64))
+    assert str(err.value) == message
+
+
+@pytest.mark.parametrize(
+    "index, message",
+    [
+        (0, "a Downsample's conv is a Tanh, expected Conv2d"),
+        (1, "a Downsample's BN is a Tanh, expected BatchNorm2d"),
+    ],
+)
+def test_a_downsample_of_another_layout_is_named(index, message):
+    cell = random_cell(True, True, True)
+    cell.transforms["finer"][index] = nn.Tanh()
+    with pytest.raises(TypeError) as err:
+        freeze_cell(cell, torch.zeros(3, len(CELL_OPS), dtype=torch.float64))
+    assert str(err.value) == "freeze: " + message
