@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 from typing import ClassVar
 
@@ -19,9 +20,13 @@ from pnfs.deploy import (
     fold_conv_bn,
     fold_deconv_bn,
     freeze,
+    freeze_cell,
+    freeze_fabric,
     output_change,
 )
 from pnfs.model import build_model
+from pnfs.model.cell import Cell
+from pnfs.model.fabric import Fabric
 
 # freeze folds PoseNFS's BN/alpha/beta; Table VI's baselines (model.name != pnfs) are not frozen
 PRESETS = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml") if load_config(p).model.name == "pnfs")
@@ -538,3 +543,309 @@ def test_fold_batchnorms_folds_a_named_pair_only_when_both_halves_are_there():
     fold_batchnorms(block)
     assert isinstance(block.bn, nn.BatchNorm2d) and isinstance(block.conv, nn.Sequential)
     torch.testing.assert_close(block(x), want, rtol=0, atol=0)
+
+
+# --------------------------------------------------------------------------- frozen cells and fabrics
+#
+# freeze's pieces on one small cell in float64 (issue 26 part 6, the deploy-mutant tests of
+# docs/testing.md): a FrozenCell against the eval-mode Cell it came from (paper eqs. (1)-(2)),
+# for each way a cell reads its neighbours; pruning against the same Cell with the dropped ops
+# and slots giving zeros (their softmax weights are left as they are, not renormalised).
+
+CELL_OPS = ["zero", "skip_connect", "sep_conv_3x3", "dil_conv_3x3", "avg_pool_3x3", "max_pool_3x3"]
+
+
+def random_cell(has_finer: bool, has_same: bool, has_coarser: bool, seed: int = 7) -> Cell:
+    """A Cell(4 channels, H=2, every op) in eval mode, float64, with beta and every BatchNorm
+    far from their defaults."""
+    torch.manual_seed(seed)
+    cell = Cell(4, 2, CELL_OPS, has_finer, has_same, has_coarser).double()
+    if cell.beta is not None:
+        cell.beta.data.normal_(0.0, 1.0)
+    for m in cell.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.normal_(0.0, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+            if m.weight is not None:
+                m.weight.data.uniform_(0.5, 1.5)
+                m.bias.data.normal_(0.0, 0.5)
+    return cell.eval()
+
+
+def cell_inputs(n: int = 2) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """finer [n, 2, 8, 8], same [n, 4, 4, 4], coarser [n, 8, 2, 2] (float64)."""
+    torch.manual_seed(8)
+    return tuple(torch.randn(n, c, s, s, dtype=torch.float64) for c, s in ((2, 8), (4, 4), (8, 2)))
+
+
+NEIGHBOURS = {
+    "all three": (True, True, True),
+    "no finer": (False, True, True),  # the finer slot reads `same` unchanged: two identity weights
+    "no coarser": (True, True, False),
+    "only finer": (True, False, False),  # every slot its own stride-2 conv of `finer`: summed
+    "only same": (False, True, False),  # no beta: I = ReLU(3 * same)
+}
+
+
+@pytest.mark.parametrize("layout", sorted(NEIGHBOURS))
+def test_a_frozen_cell_equals_its_eval_mode_cell_for_every_neighbour_layout(layout):
+    cell = random_cell(*NEIGHBOURS[layout])
+    alpha = torch.randn(3, len(CELL_OPS), dtype=torch.float64)
+    inputs = cell_inputs()
+    before = [t.clone() for t in cell.state_dict().values()]
+    with torch.no_grad():
+        want = cell(*inputs, alpha)
+        frozen = freeze_cell(cell, alpha)
+        got = frozen(*inputs)
+    assert want.std() > 0.5
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    assert all(torch.equal(a, b) for a, b in zip(before, cell.state_dict().values()))  # left alone
+    assert count_ops(frozen) == count_ops(cell) == 3 * 5  # 3 edges, 5 ops each (zero never built)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in frozen.modules())
+    convs = {"all three": (1, 1), "no finer": (0, 1), "no coarser": (1, 0), "only finer": (1, 0)}
+    assert (len(frozen.down), len(frozen.up)) == convs.get(layout, (0, 0))  # one conv per source
+
+
+class ZeroOut(nn.Module):
+    """``module(x) * 0``: an op or transform that was pruned, for the reference cell."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.module = module
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.module(x) * 0.0
+
+
+def cell_without(cell: Cell, slots: set[str], ops: dict[int, set[int]]) -> Cell:
+    """A copy of ``cell`` whose beta ``slots`` and edge ops (edge -> op positions among the built
+    ones, zero excluded) give zeros, with every softmax weight as it was."""
+    copy_ = copy.deepcopy(cell)
+    for slot in slots:
+        copy_.transforms[slot] = ZeroOut(copy_.transforms[slot])
+    for e, positions in ops.items():
+        for k in positions:
+            copy_.edge_ops[e][k] = ZeroOut(copy_.edge_ops[e][k])
+    return copy_
+
+
+def test_pruning_a_cell_drops_exactly_the_ops_and_slots_below_the_threshold():
+    """softmax rows written out: each edge keeps its ops >= 0.15 and its strongest op, beta keeps
+    its slots >= 0.15 (the zero column is never built)."""
+    cell = random_cell(True, True, True)
+    #                 zero  skip  sep   dil   avg   max
+    rows = torch.tensor(
+        [
+            [0.05, 0.10, 0.30, 0.20, 0.14, 0.21],  # edge (0,1): sep, dil, max kept
+            [0.50, 0.10, 0.12, 0.09, 0.11, 0.08],  # edge (0,2): all built ones below: sep kept
+            [0.02, 0.16, 0.02, 0.40, 0.30, 0.10],  # edge (1,2): skip, dil, avg kept
+        ],
+        dtype=torch.float64,
+    )
+    alpha = rows.log()
+    cell.beta.data = torch.tensor([0.1, 0.6, 0.3], dtype=torch.float64).log()  # finer dropped
+    inputs = cell_inputs()
+    with torch.no_grad():
+        frozen = freeze_cell(cell, alpha, prune_below=0.15)
+        # positions among the built ops: skip 0, sep 1, dil 2, avg 3, max 4
+        want = cell_without(cell, {"finer"}, {0: {0, 3}, 1: {0, 2, 3, 4}, 2: {1, 4}})(*inputs, alpha)
+        got = frozen(*inputs)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    assert count_ops(frozen) == 3 + 1 + 3
+    assert (list(frozen.identity), list(frozen.down), list(frozen.up)) == (["same"], [], ["coarser"])
+
+
+def test_a_weight_exactly_at_the_threshold_is_kept():
+    """alpha = beta = 0: every softmax weight is 1/6 (ops) and 1/3 (slots) exactly, in float64."""
+    cell = random_cell(True, True, True)
+    cell.beta.data.zero_()
+    alpha = torch.zeros(3, len(CELL_OPS), dtype=torch.float64)
+    inputs = cell_inputs()
+    with torch.no_grad():
+        want = cell(*inputs, alpha)
+        at_op = freeze_cell(cell, alpha, prune_below=1 / 6)
+        at_slot = freeze_cell(cell, alpha, prune_below=1 / 3)
+    assert count_ops(at_op) == 15 and count_ops(at_slot) == 3  # above 1/6: only each edge's first op
+    torch.testing.assert_close(at_op(*inputs), want, rtol=1e-12, atol=1e-12)
+    assert (list(at_slot.identity), list(at_slot.down), list(at_slot.up)) == (
+        ["same"],
+        ["finer"],
+        ["coarser"],
+    )
+
+
+def test_a_frozen_cell_names_the_input_it_lacks():
+    frozen = freeze_cell(random_cell(True, True, False), torch.zeros(3, len(CELL_OPS), dtype=torch.float64))
+    finer, same, _ = cell_inputs()
+    with pytest.raises(ValueError) as err:
+        frozen(None, same, None)
+    assert str(err.value) == "FrozenCell: its input 'finer' is None"
+    assert frozen(finer, same, None).shape == (2, 4, 4, 4)  # `coarser` is not read
+
+
+def test_a_frozen_fabric_equals_its_eval_mode_fabric():
+    """Two layers over three scales (4, 8, 16): every cell reads its neighbours by scale."""
+    torch.manual_seed(9)
+    fabric = Fabric([[4, 8], [4]], [4, 8, 16], 1, 2, CELL_OPS).double()
+    fabric.alpha.data.normal_(0.0, 1.0)
+    for cell in fabric.cells.values():
+        cell.beta.data.normal_(0.0, 1.0)
+        for m in cell.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.normal_(0.0, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+    fabric.eval()
+    inputs = {s: torch.randn(2, s, 32 // s, 32 // s, dtype=torch.float64) for s in (4, 8, 16)}
+    with torch.no_grad():
+        want = fabric(inputs)
+        frozen = freeze_fabric(fabric)
+        got = frozen(inputs)
+    assert list(got) == [4] and frozen.layers == [[4, 8], [4]]
+    assert sorted(frozen.cells) == ["l1_s4", "l1_s8", "l2_s4"]
+    torch.testing.assert_close(got[4], want[4], rtol=1e-12, atol=1e-12)
+    pruned = freeze_fabric(fabric, prune_below=0.3)
+    assert count_ops(pruned) < count_ops(frozen) == 3 * 3 * 5
+
+
+@pytest.mark.parametrize("bad", [1.0, 1.5, -0.01])
+def test_a_prune_threshold_outside_0_to_1_is_refused_with_the_range(bad):
+    model = build_model(load_config("demo", ["data.input_size=[64,64]"]))
+    with pytest.raises(ValueError) as err:
+        freeze(model, prune_below=bad)
+    assert str(err.value) == f"--prune-below {bad!r} must be in [0, 1)"
+
+
+def test_a_batchnorm_left_unfolded_is_named(monkeypatch):
+    import pnfs.deploy
+
+    model = build_model(load_config("demo", ["data.input_size=[64,64]"]))
+    monkeypatch.setattr(pnfs.deploy, "fold_batchnorms", lambda module: module)
+    with pytest.raises(TypeError) as err:
+        freeze(model)
+    assert str(err.value) == "freeze: modules left unfolded: ['BatchNorm2d']"
+
+
+def test_freeze_keeps_the_memory_format_it_is_asked_for():
+    model = build_model(load_config("demo", ["data.input_size=[64,64]"]))
+    for channels_last in (True, False):
+        frozen = freeze(model, channels_last=channels_last)
+        # convs whose two layouts differ (a depthwise [c, 1, k, k] weight is both)
+        convs = [
+            m.weight for m in frozen.modules() if isinstance(m, nn.Conv2d) and min(m.weight.shape[1:]) > 1
+        ]
+        assert convs and all(w.is_contiguous() != channels_last for w in convs)
+
+
+class Fixed(nn.Module):
+    """Returns ``out`` whatever it is given, and records its ``training`` flag at each call."""
+
+    def __init__(self, out: torch.Tensor) -> None:
+        super().__init__()
+        self.out = out
+        self.modes: list[bool] = []
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        self.modes.append(self.training)
+        return self.out
+
+
+def test_output_change_reports_the_largest_and_mean_difference_and_the_moved_argmaxes():
+    # [N=1, K=2, 2, 2], values exact in bfloat16: joint 0's peak moves from (0, 0) to (1, 1),
+    # joint 1's stays at (0, 1); the differences are 0.375, 0.375 and 0.25 in 8 entries
+    a = torch.tensor([[[[0.875, 0.125], [0.25, 0.375]], [[0.125, 0.75], [0.0, 0.25]]]], dtype=torch.bfloat16)
+    b = torch.tensor([[[[0.5, 0.125], [0.25, 0.75]], [[0.125, 0.5], [0.0, 0.25]]]])
+    reference, frozen = Fixed(a).train(), Fixed(b)
+    change = output_change(reference, frozen, torch.zeros(1, 3, 4, 4))
+    assert change == {"max_abs": 0.375, "mean_abs": 1.0 / 8, "argmax_moved": 0.5}
+    assert reference.modes == [False] and reference.training  # run in eval mode, then put back
+    reference.eval()
+    output_change(reference, frozen, torch.zeros(1, 3, 4, 4))
+    assert not reference.training
+
+
+def test_output_change_puts_the_reference_back_in_training_mode_when_the_frozen_model_fails():
+    class Failing(nn.Module):
+        def forward(self, images):
+            raise RuntimeError("frozen model failed")
+
+    reference = Fixed(torch.zeros(1, 1, 2, 2)).train()
+    with pytest.raises(RuntimeError, match="frozen model failed"):
+        output_change(reference, Failing(), torch.zeros(1, 3, 4, 4))
+    assert reference.training
+
+
+def test_pruning_reaches_the_fabric_backbone_and_every_part():
+    cfg = load_config("mpii_fabric1_p3_256", ["data.input_size=[64,64]"])
+    model = trained_looking(cfg, torch.randn(1, 3, 64, 64))
+    exact, pruned = freeze(model), freeze(model, prune_below=0.3)
+    assert 0 < count_ops(pruned.backbone) < count_ops(exact.backbone) == count_ops(model.backbone)
+    for part, exact_part, trained in zip(pruned.parts, exact.parts, model.parts):
+        assert 0 < count_ops(part) < count_ops(exact_part) == count_ops(trained)
+
+
+def test_a_frozen_cell_whose_ops_are_not_lists_names_them():
+    """A node's (FrozenCell) and an edge's (Cell) ops are a ModuleList; count_ops, forward and
+    freeze_cell check it."""
+    frozen = freeze_cell(random_cell(True, True, True), torch.zeros(3, len(CELL_OPS), dtype=torch.float64))
+    frozen.ops[0] = nn.Identity()
+    with pytest.raises(TypeError) as err:
+        frozen(*cell_inputs())
+    assert str(err.value) == "freeze: a node's ops is a Identity, expected ModuleList"
+    with pytest.raises(TypeError) as err:
+        count_ops(frozen)
+    assert str(err.value) == "freeze: a node's ops is a Identity, expected ModuleList"
+    cell = random_cell(True, True, True)
+    cell.edge_ops[1] = nn.Identity()
+    with pytest.raises(TypeError) as err:
+        count_ops(cell)
+    assert str(err.value) == "freeze: an edge's ops is a Identity, expected ModuleList"
+    with pytest.raises(TypeError) as err:
+        freeze_cell(cell, torch.zeros(3, len(CELL_OPS), dtype=torch.float64))
+    assert str(err.value) == "freeze: an edge's ops is a Identity, expected ModuleList"
+
+
+def test_a_fabric_cell_that_is_not_a_cell_is_named():
+    fabric = Fabric([[4]], [4], 1, 1, ["skip_connect"])
+    fabric.cells["l1_s4"] = nn.Identity()
+    with pytest.raises(TypeError) as err:
+        freeze_fabric(fabric)
+    assert str(err.value) == "freeze: fabric cell l1_s4 is a Identity, expected Cell"
+
+
+# (edge, built op position, index inside the op or None, what the message names); CELL_OPS'
+# built ops are skip 0, sep 1, dil 2, avg 3, max 4
+BROKEN_OPS = {
+    "unknown op": (0, 0, None, "freeze: no rule for the op Tanh"),
+    "sep conv's pointwise conv": (0, 1, 1, "freeze: a pointwise conv is a Tanh, expected Conv2d"),
+    "sep conv's BN": (1, 1, 2, "freeze: its BN is a Tanh, expected BatchNorm2d"),
+    "dil conv's BN": (2, 2, 2, "freeze: its BN is a Tanh, expected BatchNorm2d"),
+    "pool's BN": (0, 3, 1, "freeze: a pool's BN is a Tanh, expected BatchNorm2d"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BROKEN_OPS))
+def test_an_op_of_another_layout_is_named(case):
+    edge, position, inner, message = BROKEN_OPS[case]
+    cell = random_cell(True, True, True)
+    if inner is None:
+        cell.edge_ops[edge][position] = nn.Tanh()
+    else:
+        cell.edge_ops[edge][position][inner] = nn.Tanh()
+    with pytest.raises(TypeError) as err:
+        freeze_cell(cell, torch.zeros(3, len(CELL_OPS), dtype=torch.float64))
+    assert str(err.value) == message
+
+
+@pytest.mark.parametrize(
+    "index, message",
+    [
+        (0, "a Downsample's conv is a Tanh, expected Conv2d"),
+        (1, "a Downsample's BN is a Tanh, expected BatchNorm2d"),
+    ],
+)
+def test_a_downsample_of_another_layout_is_named(index, message):
+    cell = random_cell(True, True, True)
+    cell.transforms["finer"][index] = nn.Tanh()
+    with pytest.raises(TypeError) as err:
+        freeze_cell(cell, torch.zeros(3, len(CELL_OPS), dtype=torch.float64))
+    assert str(err.value) == "freeze: " + message
