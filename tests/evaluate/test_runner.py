@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import subprocess
@@ -292,3 +293,242 @@ def test_coco_metrics_without_annotations_names_the_key():
     message = r"^data\.val_annotations: COCO evaluation needs the ground-truth json; it is empty$"
     with pytest.raises(ValueError, match=message):
         coco_metrics(pred, cfg)
+
+
+# --------------------------------------------------------------------------- fast runner tests
+# collect_predictions, _draw_crops, coco_metrics, mpii_metrics and evaluate_model over hand-made
+# batches, a recording stand-in network and hand-made ground truth: no shards, no training, a
+# few hundred ms each (the mutation selection of runner.py, docs/testing.md issue 26 part 6).
+
+CROP_H, CROP_W = 32, 24  # input px; the stand-in's heatmaps are 8 x 6 (stride 4)
+PEAK_X = [k % 6 for k in range(17)]  # heatmap px of joint k's single peak
+PEAK_Y = [k // 6 for k in range(17)]
+PEAK_VALUE = [0.1 + 0.05 * k for k in range(17)]  # 0.1 ... 0.9: the joint scores
+
+
+class PeakNetwork(torch.nn.Module):
+    """Heatmaps [N, K, H/4, W/4]: joint k has one peak PEAK_VALUE[k] at (PEAK_X[k], PEAK_Y[k]), zero
+    elsewhere (``shoulders``: also 0.5x and 0.25x the peak one heatmap px right and left of it, so
+    the sub-pixel refinement has something to fit). Records every input it is shown."""
+
+    def __init__(self, num_joints: int = 17, shoulders: bool = False):
+        super().__init__()
+        self.num_joints, self.shoulders = num_joints, shoulders
+        self.seen: list[dict] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.seen.append(
+            {
+                "images": x.detach().clone(),
+                "training": self.training,
+                "channels_last": x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous(),
+                "autocast": torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu"),
+            }
+        )
+        out = torch.zeros(x.shape[0], self.num_joints, x.shape[2] // 4, x.shape[3] // 4)
+        for k in range(self.num_joints):
+            x_k, y_k, v = PEAK_X[k % 17], PEAK_Y[k % 17], PEAK_VALUE[k % 17]
+            out[:, k, y_k, x_k] = v
+            if self.shoulders and 0 < x_k < out.shape[-1] - 1:
+                out[:, k, y_k, x_k + 1], out[:, k, y_k, x_k - 1] = 0.5 * v, 0.25 * v
+        return out
+
+
+def _batch(image_ids, ann_ids, scores, affines, seed=0, size=(CROP_H, CROP_W)):
+    from pnfs.data.batch import PoseBatch
+
+    n = len(image_ids)
+    return PoseBatch(
+        image=torch.randn(n, 3, *size, generator=torch.Generator().manual_seed(seed)),
+        keypoints=torch.zeros(n, 17, 3),
+        affine=torch.tensor(affines, dtype=torch.float32),
+        image_id=torch.tensor(image_ids, dtype=torch.int64),
+        ann_id=torch.tensor(ann_ids, dtype=torch.int64),
+        score=torch.tensor(scores, dtype=torch.float32),
+    )
+
+
+SCALE = [[2.0, 0.0, 10.0], [0.0, 3.0, 20.0]]  # det 6
+SHEAR = [[1.0, 2.0, 5.0], [3.0, 4.0, 7.0]]  # det 4 - 6 = -2
+MIRROR = [[-1.0, 0.0, 100.0], [0.0, 1.0, 0.0]]  # det -1
+
+
+def _on_image(affine) -> np.ndarray:
+    """Each joint's peak (input px 4 * PEAK) through ``affine``, written out: x' = a x + b y + c."""
+    (a, b, c), (d, e, f) = affine
+    x, y = 4 * np.array(PEAK_X, dtype=np.float64), 4 * np.array(PEAK_Y, dtype=np.float64)
+    return np.stack([a * x + b * y + c, d * x + e * y + f], -1)
+
+
+def _demo(*extra: str):
+    return load_config("demo", ["eval.flip_test=false", "train.channels_last=false", *extra])
+
+
+def test_collect_predictions_back_projects_each_kept_sample_in_loader_order(caplog):
+    """Two batches; the sample with box score 0.25 is below eval.det_score_threshold=0.5 and
+    dropped, the one at 0.5 exactly is kept. Keypoints are the peaks through each crop's affine,
+    scores the peak heights, area |det| * 32 * 24 (6 * 768, 2 * 768, 1 * 768)."""
+    from pnfs.evaluate.runner import collect_predictions
+
+    loader = [
+        _batch([7, 7], [71, 72], [0.5, 0.25], [SCALE, SHEAR]),
+        _batch([3], [31], [0.75], [MIRROR], seed=1),
+    ]
+    net = PeakNetwork()
+    cfg = _demo("eval.det_score_threshold=0.5")
+    with caplog.at_level(logging.INFO, logger="pnfs.train"):
+        got = collect_predictions(net, loader, cfg, torch.device("cpu"))
+    assert list(got) == ["keypoints", "scores", "image_id", "ann_id", "box_score", "area"]
+    assert got["image_id"].tolist() == [7, 3] and got["ann_id"].tolist() == [71, 31]
+    assert got["image_id"].dtype == np.int64 and got["ann_id"].dtype == np.int64
+    np.testing.assert_allclose(got["keypoints"], np.stack([_on_image(SCALE), _on_image(MIRROR)]), atol=1e-4)
+    np.testing.assert_allclose(got["scores"], np.array([PEAK_VALUE, PEAK_VALUE]), rtol=1e-6)
+    assert got["box_score"].tolist() == [0.5, 0.75]
+    assert got["area"].dtype == np.float64 and got["area"].tolist() == [6.0 * 768, 1.0 * 768]
+    assert len(net.seen) == 2 and [s["images"].shape[0] for s in net.seen] == [2, 1]  # no flip test
+    torch.testing.assert_close(net.seen[1]["images"], loader[1].image, rtol=0, atol=0)
+    assert not net.seen[0]["channels_last"] and net.seen[0]["autocast"] is False
+    lines = [(r.name, r.getMessage()) for r in caplog.records]
+    assert lines == [("pnfs.train", "inference: float32 on cpu (eval.amp=auto; eval.amp=bf16 for bfloat16)")]
+
+
+def test_collect_predictions_area_is_the_absolute_determinant_times_the_crop():
+    from pnfs.evaluate.runner import collect_predictions
+
+    loader = [_batch([1, 1], [1, 2], [1.0, 1.0], [SHEAR, MIRROR])]
+    got = collect_predictions(PeakNetwork(), loader, _demo(), torch.device("cpu"))
+    assert got["area"].tolist() == [2.0 * 768, 1.0 * 768]  # |4 - 6| and |-1|, times 32 * 24
+
+
+def test_collect_predictions_of_an_empty_loader_are_empty_arrays_of_the_right_kind():
+    from pnfs.evaluate.runner import collect_predictions
+
+    got = collect_predictions(PeakNetwork(16), [], _demo("data.dataset=mpii"), torch.device("cpu"))
+    shapes = {name: (v.shape, v.dtype) for name, v in got.items()}
+    f, i = np.dtype(np.float64), np.dtype(np.int64)
+    assert shapes == {
+        "keypoints": ((0, 16, 2), f), "scores": ((0, 16), f), "image_id": ((0,), i),
+        "ann_id": ((0,), i), "box_score": ((0,), f), "area": ((0,), f),
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_collect_predictions_runs_in_eval_mode_and_restores_the_mode(training):
+    from pnfs.evaluate.runner import collect_predictions
+
+    net = PeakNetwork().train(training)
+    collect_predictions(net, [_batch([1], [1], [1.0], [SCALE])], _demo(), torch.device("cpu"))
+    assert [s["training"] for s in net.seen] == [False] and net.training is training
+
+
+def test_collect_predictions_flip_test_shows_the_mirrored_crops_and_permutes_the_joints():
+    """eval.flip_test: one forward of the crops and their mirror images (pnfs.inference's mirror),
+    and the joints of predict() with the COCO flip permutation; without it the identity
+    permutation would give other joints and scores."""
+    from pnfs.evaluate.runner import collect_predictions
+    from pnfs.inference import mirror_images, predict
+
+    batch = _batch([5, 6], [50, 60], [1.0, 1.0], [SCALE, SHEAR])
+    net = PeakNetwork()
+    got = collect_predictions(net, [batch], _demo("eval.flip_test=true"), torch.device("cpu"))
+    assert len(net.seen) == 1 and net.seen[0]["images"].shape[0] == 4
+    torch.testing.assert_close(net.seen[0]["images"][:2], batch.image, rtol=0, atol=0)
+    torch.testing.assert_close(net.seen[0]["images"][2:], mirror_images(batch.image), rtol=0, atol=0)
+    perm = joint_set("coco").flip_permutation()
+    want = predict(PeakNetwork(), batch.image, batch.affine, flip_permutation=perm)
+    np.testing.assert_array_equal(got["keypoints"], want.keypoints.numpy())
+    np.testing.assert_array_equal(got["scores"], want.scores.numpy())
+    identity = predict(PeakNetwork(), batch.image, batch.affine, flip_permutation=list(range(17)))
+    assert not np.array_equal(got["scores"], identity.scores.numpy())
+
+
+def test_collect_predictions_decodes_with_eval_refine_and_flip_shift():
+    from pnfs.evaluate.runner import collect_predictions
+    from pnfs.inference import predict
+
+    batch = _batch([5], [50], [1.0], [SCALE])
+    perm = joint_set("coco").flip_permutation()
+    net = PeakNetwork(shoulders=True)
+    for refine, shift in (("gaussian", True), ("gaussian", False), ("quarter", True)):
+        cfg = _demo("eval.flip_test=true", f"eval.refine={refine}", f"eval.flip_shift={str(shift).lower()}")
+        got = collect_predictions(net, [batch], cfg, torch.device("cpu"))
+        want = predict(net, batch.image, batch.affine, flip_permutation=perm, flip_shift=shift, refine=refine)
+        np.testing.assert_array_equal(got["keypoints"], want.keypoints.numpy())
+        plain = predict(net, batch.image, batch.affine, flip_permutation=perm)  # quarter, no shift
+        assert not np.array_equal(got["keypoints"], plain.keypoints.numpy()), (refine, shift)
+
+
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_collect_predictions_hands_the_network_channels_last_crops_when_asked(channels_last):
+    from pnfs.evaluate.runner import collect_predictions
+
+    net = PeakNetwork()
+    cfg = _demo(f"train.channels_last={str(channels_last).lower()}")
+    collect_predictions(net, [_batch([1, 2], [1, 2], [1.0, 1.0], [SCALE, SCALE])], cfg, torch.device("cpu"))
+    assert net.seen[0]["channels_last"] is channels_last
+
+
+def test_collect_predictions_runs_under_the_autocast_that_eval_amp_gives(monkeypatch, caplog):
+    """inference_amp is asked with eval.amp and the device; its dtype reaches the forward's
+    autocast and its line the "pnfs.train" logger (stand-in: CPUs without bfloat16 give None)."""
+    import pnfs.evaluate.runner as runner
+
+    asked = []
+
+    def amp(setting, device):
+        asked.append((setting, device))
+        return torch.bfloat16, "the inference line"
+
+    monkeypatch.setattr(runner, "inference_amp", amp)
+    net = PeakNetwork()
+    with caplog.at_level(logging.INFO, logger="pnfs.train"):
+        runner.collect_predictions(net, [_batch([1], [1], [1.0], [SCALE])], _demo("eval.amp=bf16"), "cpu")
+    assert asked == [("bf16", "cpu")] and net.seen[0]["autocast"] == torch.bfloat16
+    assert [(r.name, r.levelname, r.getMessage()) for r in caplog.records] == [
+        ("pnfs.train", "INFO", "the inference line")
+    ]
+
+
+def test_collect_predictions_freezes_a_posenfs_and_leaves_it_as_it_was(monkeypatch):
+    import pnfs.evaluate.runner as runner
+    from pnfs.deploy import freeze
+    from pnfs.model import build_model
+    from pnfs.model.pnfs import PoseNFS
+
+    cfg = _demo("data.input_size=[32,32]")
+    model = build_model(cfg).train()
+    crops = [_batch([1], [1], [1.0], [SCALE], size=(32, 32))]
+    assert isinstance(model, PoseNFS)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    frozen = []
+    monkeypatch.setattr(runner, "freeze", lambda m: frozen.append(m) or freeze(m))
+    got = runner.collect_predictions(model, crops, cfg, torch.device("cpu"))
+    assert frozen == [model] and model.training and np.isfinite(got["keypoints"]).all()
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before) and set(before) == set(after)
+    frozen.clear()
+    runner.collect_predictions(PeakNetwork(), [_batch([1], [1], [1.0], [SCALE])], cfg, torch.device("cpu"))
+    assert frozen == []  # another network is run as it is
+
+
+def test_collect_predictions_draws_the_first_eval_overlays_crops(tmp_path):
+    """eval.overlays=3 over three batches of 2: the first three samples' PNGs, each the crop with
+    the peaks drawn at eval.rescore_threshold (joints 0-7 score under 0.5 and are left out)."""
+    from pnfs.evaluate.runner import collect_predictions
+    from pnfs.keypoints import COCO
+    from pnfs.visualize import denormalize, draw_poses, read_rgb
+
+    loader = [
+        _batch([10 + b, 10 + b], [2 * b, 2 * b + 1], [1.0, 1.0], [SCALE, SCALE], seed=b) for b in range(3)
+    ]
+    cfg = _demo("eval.overlays=3", "eval.rescore_threshold=0.5")
+    collect_predictions(PeakNetwork(), loader, cfg, torch.device("cpu"), tmp_path / "overlays")
+    names = sorted(p.name for p in (tmp_path / "overlays").iterdir())
+    assert names == ["10_0.png", "10_1.png", "11_2.png"]
+    peaks = np.stack([4 * np.array(PEAK_X), 4 * np.array(PEAK_Y)], -1).astype(np.float32)
+    for name, image in (("10_0.png", loader[0].image[0]), ("11_2.png", loader[1].image[0])):
+        want = draw_poses(denormalize(image), peaks, COCO, np.array(PEAK_VALUE, np.float32), 0.5)
+        assert np.array_equal(read_rgb(tmp_path / "overlays" / name), want), name
+    assert not np.array_equal(want, draw_poses(denormalize(image), peaks, COCO, np.array(PEAK_VALUE), 0.2))
+    collect_predictions(PeakNetwork(), loader, cfg, torch.device("cpu"))  # no folder: nothing drawn
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["10_0.png", "10_1.png", "11_2.png", "overlays"]
