@@ -532,3 +532,200 @@ def test_collect_predictions_draws_the_first_eval_overlays_crops(tmp_path):
     assert not np.array_equal(want, draw_poses(denormalize(image), peaks, COCO, np.array(PEAK_VALUE), 0.2))
     collect_predictions(PeakNetwork(), loader, cfg, torch.device("cpu"))  # no folder: nothing drawn
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["10_0.png", "10_1.png", "11_2.png", "overlays"]
+
+
+def _coco_people() -> list[tuple[int, int, list[float]]]:
+    """(ann_id, image_id, box) of three people in two images; boxes 100 x 120 px (large, for COCO)."""
+    return [
+        (11, 1, [10.0, 20.0, 100.0, 120.0]),
+        (12, 1, [300.0, 40.0, 100.0, 120.0]),
+        (21, 2, [50.0, 60.0, 100.0, 120.0]),
+    ]
+
+
+def _joints_in(box, num_joints: int) -> np.ndarray:
+    """[K, 2] joint k at (x0 + 5 + 5k, y0 + 10 + 6k): inside the 100 x 120 box for K <= 17."""
+    k = np.arange(num_joints, dtype=np.float64)
+    return np.stack([box[0] + 5 + 5 * k, box[1] + 10 + 6 * k], -1)
+
+
+def _coco_ground_truth(tmp_path, num_joints: int = 17) -> Path:
+    annotations = []
+    for ann_id, image_id, box in _coco_people():
+        kps = np.concatenate([_joints_in(box, num_joints), np.full((num_joints, 1), 2.0)], 1)
+        annotations.append(
+            {"id": ann_id, "image_id": image_id, "category_id": 1, "bbox": box, "area": box[2] * box[3],
+             "iscrowd": 0, "keypoints": kps.ravel().tolist(), "num_keypoints": num_joints}
+        )  # fmt: skip
+    gt = {
+        "images": [{"id": i, "file_name": f"{i}.jpg", "width": 640, "height": 480} for i in (1, 2)],
+        "annotations": annotations,
+        "categories": [{"id": 1, "name": "person"}],
+    }
+    path = tmp_path / "gt.json"
+    path.write_text(json.dumps(gt))
+    return path
+
+
+def _coco_predictions(num_joints: int = 17, offset: float = 0.0) -> dict[str, np.ndarray]:
+    """The three people's ground-truth joints (``offset`` px to the right), joint scores 1."""
+    people = _coco_people()
+    return {
+        "keypoints": np.stack(
+            [_joints_in(box, num_joints) + np.array([offset, 0.0]) for _, _, box in people]
+        ),
+        "scores": np.ones((3, num_joints)),
+        "image_id": np.array([1, 1, 2], dtype=np.int64),
+        "ann_id": np.array([11, 12, 21], dtype=np.int64),
+        "box_score": np.ones(3),
+        "area": np.full(3, 12000.0),
+    }
+
+
+def test_coco_metrics_of_exact_predictions_is_ap_1_and_prints_the_table(tmp_path, capsys):
+    from pnfs.evaluate.coco import STAT_KEYS, format_table
+    from pnfs.evaluate.runner import coco_metrics
+
+    cfg = _demo(f"data.val_annotations={_coco_ground_truth(tmp_path)}")
+    capsys.readouterr()
+    stats, results = coco_metrics(_coco_predictions(), cfg)
+    assert list(stats) == [*STAT_KEYS, "score"]
+    assert stats["AP"] == 1.0 and stats["score"] == 1.0 and stats["AR"] == 1.0
+    assert capsys.readouterr().out == format_table(stats) + "\n"
+    assert [(r["image_id"], r["score"]) for r in results] == [(1, 1.0), (1, 1.0), (2, 1.0)]
+    assert results[2]["keypoints"][:6] == [55.0, 70.0, 1.0, 60.0, 76.0, 1.0]
+
+
+def test_coco_metrics_rescores_and_suppresses_with_the_eval_thresholds(tmp_path):
+    """Person 11's joints score 0.9 (9 of them) and 0.5 (8): instance score 12.1 / 17 at the
+    default 0.2, 0.9 above eval.rescore_threshold=0.6. A copy of person 11 one px to the right
+    with box score 0.5 overlaps it at OKS ~0.995: above the default 0.9 (suppressed), below
+    eval.oks_nms_threshold=0.999 (kept, scored 0.5 x the same mean)."""
+    from pnfs.evaluate.runner import coco_metrics
+
+    pred = _coco_predictions()
+    pred["scores"][0] = [0.9] * 9 + [0.5] * 8
+    copy = {name: np.concatenate([v, v[:1]]) for name, v in pred.items()}
+    copy["keypoints"][3] += [1.0, 0.0]
+    copy["box_score"][3] = 0.5
+    path = _coco_ground_truth(tmp_path)
+    _, results = coco_metrics(copy, _demo(f"data.val_annotations={path}"))
+    assert [(r["image_id"], round(r["score"], 12)) for r in results] == [
+        (1, 1.0),
+        (1, round(12.1 / 17, 12)),
+        (2, 1.0),
+    ]  # fmt: skip  (best first within an image)
+    assert results[1]["keypoints"][:3] == [15.0, 30.0, 0.9] and results[1]["keypoints"][-3:] == [
+        95.0,
+        126.0,
+        0.5,
+    ]
+    cfg = _demo(f"data.val_annotations={path}", "eval.rescore_threshold=0.6", "eval.oks_nms_threshold=0.999")
+    _, results = coco_metrics(copy, cfg)
+    assert [(r["image_id"], round(r["score"], 12)) for r in results] == [
+        (1, 1.0), (1, 0.9), (1, 0.45), (2, 1.0)
+    ]  # fmt: skip
+
+
+def test_coco_metrics_scores_with_eval_sigmas(tmp_path):
+    """Joints 8 px off: with COCO's sigmas the nose's OKS is exp(-64 / (2 * 0.026)^2 / 12000 / 2),
+    ~0.37, so AP < 1; with eval.sigmas of 0.5 every OKS is exp(-64 / 1 / 24000) > 0.99: AP 1."""
+    from pnfs.evaluate.runner import coco_metrics
+
+    path = _coco_ground_truth(tmp_path)
+    pred = _coco_predictions(offset=8.0)
+    coco, _ = coco_metrics(pred, _demo(f"data.val_annotations={path}"))
+    wide, _ = coco_metrics(pred, _demo(f"data.val_annotations={path}", f"eval.sigmas={[0.5] * 17}"))
+    assert coco["AP"] < 0.9 and wide["AP"] == 1.0 and wide["score"] == 1.0
+
+
+def test_coco_metrics_of_a_joint_set_without_sigmas_is_pck_of_the_box(tmp_path, capsys):
+    """MPII's 16 joints on COCO-format annotations: no OKS sigmas, so PCK@eval.pck_alpha of the box
+    (120 px: radius 24 px at 0.2, 36 px at 0.3). Person 12's first joint is 30 px off: 63 of the
+    64 joints of four predictions at 0.2, all at 0.3. No NMS: an exact copy of person 11 stays, and
+    the instance scores are the mean of the joints above eval.rescore_threshold."""
+    from pnfs.evaluate.runner import coco_metrics
+
+    path = _coco_ground_truth(tmp_path, 16)
+    pred = _coco_predictions(16)
+    pred["keypoints"][1, 0] += [30.0, 0.0]
+    pred["scores"][0] = [0.9] * 8 + [0.3] * 8
+    copy = {name: np.concatenate([v, v[:1]]) for name, v in pred.items()}
+    capsys.readouterr()
+    stats, results = coco_metrics(copy, _demo("data.keypoints=mpii", f"data.val_annotations={path}"))
+    assert stats["PCK"] == 63 / 64 and stats["score"] == stats["PCK"] and stats["alpha"] == 0.2
+    assert "AP" not in stats and stats["PCK/head_top"] == 3 / 4
+    assert capsys.readouterr().out == "mpii has no OKS sigmas: PCK@0.2 of the box = 0.9844\n"
+    assert [(r["image_id"], round(r["score"], 12)) for r in results] == [
+        (1, 0.6),
+        (1, 1.0),
+        (1, 0.6),
+        (2, 1.0),
+    ]
+    cfg = _demo(
+        "data.keypoints=mpii",
+        f"data.val_annotations={path}",
+        "eval.pck_alpha=0.3",
+        "eval.rescore_threshold=0.5",
+    )
+    stats, results = coco_metrics(copy, cfg)
+    assert stats["PCK"] == 1.0 and stats["alpha"] == 0.3
+    assert capsys.readouterr().out == "mpii has no OKS sigmas: PCK@0.3 of the box = 1.0000\n"
+    assert [(r["image_id"], round(r["score"], 12)) for r in results] == [
+        (1, 0.9),
+        (1, 1.0),
+        (1, 0.9),
+        (2, 1.0),
+    ]
+
+
+def test_coco_metrics_of_a_joint_set_without_sigmas_but_eval_sigmas_is_oks_ap(tmp_path):
+    from pnfs.evaluate.runner import coco_metrics
+
+    path = _coco_ground_truth(tmp_path, 16)
+    stats, _ = coco_metrics(
+        _coco_predictions(16),
+        _demo("data.keypoints=mpii", f"data.val_annotations={path}", f"eval.sigmas={[0.1] * 16}"),
+    )
+    assert stats["AP"] == 1.0 and stats["score"] == 1.0 and "PCK" not in stats
+
+
+def test_coco_metrics_of_crowdpose_scores_with_its_areas_and_splits_by_crowd_index(tmp_path, capsys):
+    """CrowdPose (tests/test_crowdpose.py's ground truth, image 3's people 20 px off): the ten stats
+    are COCOeval's against the toolkit's areas (0.53 w h, not the file's w h, which give another
+    AP here), plus AP_easy/medium/hard of crowd_split_stats; the table of the ten is printed."""
+    from pnfs.evaluate.coco import (
+        STAT_KEYS,
+        crowd_split_stats,
+        crowdpose_ground_truth,
+        evaluate_keypoints,
+        format_table,
+    )
+    from pnfs.evaluate.oks import joint_sigmas
+    from pnfs.evaluate.runner import coco_metrics
+    from pnfs.keypoints import CROWDPOSE
+    from tests.test_crowdpose import write_ground_truth_and_results
+
+    gt_path, res_path = write_ground_truth_and_results(tmp_path, shift=20.0)
+    anns = json.loads(gt_path.read_text())["annotations"]
+    res = json.loads(res_path.read_text())
+    pred = {
+        "keypoints": np.array([r["keypoints"] for r in res]).reshape(-1, 14, 3)[..., :2],
+        "scores": np.ones((len(res), 14)),
+        "image_id": np.array([a["image_id"] for a in anns], dtype=np.int64),
+        "ann_id": np.array([a["id"] for a in anns], dtype=np.int64),
+        "box_score": np.ones(len(res)),
+        "area": np.full(len(res), 80000.0),
+    }
+    capsys.readouterr()
+    stats, results = coco_metrics(pred, _demo("data.keypoints=crowdpose", f"data.val_annotations={gt_path}"))
+    sigmas = joint_sigmas(CROWDPOSE)
+    want = evaluate_keypoints(crowdpose_ground_truth(gt_path), results, sigmas=sigmas, verbose=False)
+    assert {k: stats[k] for k in STAT_KEYS} == want
+    assert want["AP"] != evaluate_keypoints(str(gt_path), results, sigmas=sigmas, verbose=False)["AP"]
+    split = crowd_split_stats(gt_path, results, sigmas, verbose=False)
+    assert {k: stats[k] for k in ("AP_easy", "AP_medium", "AP_hard")} == {
+        k: split[k] for k in ("AP_easy", "AP_medium", "AP_hard")
+    }
+    assert split["AP_easy"] == 1.0 and split["AP_hard"] < 1.0 and stats["score"] == stats["AP"]
+    assert capsys.readouterr().out == format_table(want) + "\n"
