@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -729,3 +730,201 @@ def test_coco_metrics_of_crowdpose_scores_with_its_areas_and_splits_by_crowd_ind
     }
     assert split["AP_easy"] == 1.0 and split["AP_hard"] < 1.0 and stats["score"] == stats["AP"]
     assert capsys.readouterr().out == format_table(want) + "\n"
+
+
+HEAD_SIZES = (10.0, 20.0, 30.0)
+
+
+def _mpii_ground_truth(tmp_path) -> tuple[Path, Path]:
+    """valid.json of three persons (raw joint r of person p at MATLAB px (100 p + 10 r + 1,
+    7 r + 21), all visible) and the head sizes 10, 20, 30 px."""
+    entries = [
+        {
+            "image": f"p{p}.jpg",
+            "joints": [[100 * p + 10 * r + 1, 7 * r + 21] for r in range(16)],
+            "joints_vis": [1] * 16,
+        }
+        for p in range(3)
+    ]
+    valid, heads = tmp_path / "valid.json", tmp_path / "heads.json"
+    valid.write_text(json.dumps(entries))
+    heads.write_text(json.dumps([{"image": f"p{p}.jpg", "head_size": s} for p, s in enumerate(HEAD_SIZES)]))
+    return valid, heads
+
+
+def _mpii_truth(p: int) -> np.ndarray:
+    """Person p's joints in our order, 0-based px: ours[i] = raw[MPII_FROM_RAW[i]] - 1."""
+    from pnfs.keypoints import MPII_FROM_RAW
+
+    raw = np.array(MPII_FROM_RAW, dtype=np.float64)
+    return np.stack([100 * p + 10 * raw, 7 * raw + 20], -1)
+
+
+def _mpii_predictions(rows, offsets) -> dict[str, np.ndarray]:
+    """Rows ``rows`` (ann_id = annotation row), each person's truth ``offsets`` px to the right,
+    joint scores 1/3, image ids 40 + row."""
+    n = len(rows)
+    return {
+        "keypoints": np.array([_mpii_truth(r) + np.array([dx, 0.0]) for r, dx in zip(rows, offsets)]).reshape(
+            n, 16, 2
+        ),
+        "scores": np.full((n, 16), 1 / 3),
+        "image_id": np.array([40 + r for r in rows], dtype=np.int64),
+        "ann_id": np.array(rows, dtype=np.int64),
+        "box_score": np.ones(n),
+        "area": np.ones(n),
+    }
+
+
+def _mpii_config(valid: Path, heads: Path, *extra: str):
+    return _demo("data.dataset=mpii", f"data.val_annotations={valid}", f"data.val_head_sizes={heads}", *extra)
+
+
+def test_mpii_metrics_sorts_rows_into_annotation_order_and_warns_of_missing_persons(tmp_path, capsys):
+    """Rows 2 and 0 (in that order), row 1 missing: results come in annotation order with the
+    image names, [x, y, s] rounded to 4 places; the warning names the count; PCKh 100."""
+    from pnfs.evaluate.runner import mpii_metrics
+
+    valid, heads = _mpii_ground_truth(tmp_path)
+    capsys.readouterr()
+    metrics, results = mpii_metrics(_mpii_predictions([2, 0], [1 / 3, 1 / 3]), _mpii_config(valid, heads))
+    out, err = capsys.readouterr()
+    assert err == "warning: 1 of 3 MPII persons have no prediction; scored without them\n"
+    assert out.splitlines()[0] == "PCKh@0.5" and len(out.splitlines()) == 3
+    assert metrics["missing"] == 1 and metrics["PCKh"] == 100.0 and metrics["score"] == 100.0
+    assert metrics["PCKh@0.1"] == 100.0 and metrics["Head"] == 100.0
+    assert [(r["ann_id"], r["image_id"], r["image"]) for r in results] == [
+        (0, 40, "p0.jpg"),
+        (2, 42, "p2.jpg"),
+    ]
+    assert results[0]["keypoints"][0] == [90.3333, 83.0, 0.3333]  # head_top: raw joint 9
+    assert results[1]["keypoints"][15] == [260.3333, 62.0, 0.3333]  # pelvis: raw joint 6
+    assert all(len(r["keypoints"]) == 16 for r in results)
+
+
+def test_mpii_metrics_with_every_person_warns_of_none(tmp_path, capsys):
+    from pnfs.evaluate.runner import mpii_metrics
+
+    valid, heads = _mpii_ground_truth(tmp_path)
+    capsys.readouterr()
+    metrics, results = mpii_metrics(_mpii_predictions([1, 2, 0], [0.0] * 3), _mpii_config(valid, heads))
+    assert capsys.readouterr().err == "" and metrics["missing"] == 0 and len(results) == 3
+    metrics, results = mpii_metrics(_mpii_predictions([], []), _mpii_config(valid, heads))
+    assert metrics["missing"] == 3 and results == []
+    assert capsys.readouterr().err == "warning: 3 of 3 MPII persons have no prediction; scored without them\n"
+
+
+@pytest.mark.parametrize("rows", [[0, 3], [-1, 2], [3]])
+def test_mpii_metrics_refuses_rows_outside_the_annotations(tmp_path, rows):
+    from pnfs.evaluate.runner import mpii_metrics
+
+    valid, heads = _mpii_ground_truth(tmp_path)
+    message = (
+        f"predictions name MPII rows outside 0..2 of {valid}: are the shards from another annotation file?"
+    )
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        mpii_metrics(_mpii_predictions(rows, [0.0] * len(rows)), _mpii_config(valid, heads))
+
+
+def test_mpii_metrics_scores_at_eval_pckh_threshold_and_hrnet_compat(tmp_path, capsys):
+    """Every joint 0.105 head sizes off (1.05, 2.1, 3.15 px): inside PCKh@0.5, outside 0.1, inside
+    HRNet's 0.11; at eval.pckh_threshold=0.1 nothing is correct."""
+    from pnfs.evaluate.runner import mpii_metrics
+
+    valid, heads = _mpii_ground_truth(tmp_path)
+    pred = _mpii_predictions([0, 1, 2], [0.105 * s for s in HEAD_SIZES])
+    capsys.readouterr()
+    plain, _ = mpii_metrics(pred, _mpii_config(valid, heads))
+    assert (plain["PCKh"], plain["PCKh@0.1"]) == (100.0, 0.0)
+    compat, _ = mpii_metrics(pred, _mpii_config(valid, heads, "eval.hrnet_compat=true"))
+    assert (compat["PCKh"], compat["PCKh@0.1"]) == (100.0, 100.0)
+    strict, _ = mpii_metrics(pred, _mpii_config(valid, heads, "eval.pckh_threshold=0.1"))
+    assert strict["PCKh"] == 0.0 and strict["score"] == 0.0
+    tables = capsys.readouterr().out.split("PCKh@")[1:]
+    assert [t.splitlines()[0] for t in tables] == ["0.5", "0.5", "0.1"]
+    assert "Mean@0.1 (at 0.11, HRNet-compat)" in tables[1] and "HRNet" not in tables[0]
+
+
+class _Recorder:
+    """Stand-in for coco_metrics / mpii_metrics: records the predictions it is given."""
+
+    def __init__(self, name: str):
+        self.name, self.calls = name, []
+
+    def __call__(self, pred, cfg):
+        self.calls.append(pred)
+        return {"AP": float("nan"), "score": 0.5, "by": self.name}, [{"image_id": 1, "score": 0.5}]
+
+
+def _patched_metrics(monkeypatch):
+    import pnfs.evaluate.runner as runner
+
+    coco, mpii = _Recorder("coco"), _Recorder("mpii")
+    monkeypatch.setattr(runner, "coco_metrics", coco)
+    monkeypatch.setattr(runner, "mpii_metrics", mpii)
+    return coco, mpii
+
+
+def _three_samples():
+    return [_batch([2, 1], [20, 10], [1.0, 1.0], [SCALE, SCALE]), _batch([1], [11], [1.0], [MIRROR], seed=1)]
+
+
+@pytest.mark.parametrize("dataset", ["coco", "mpii"])
+def test_evaluate_model_dispatches_by_dataset_and_writes_strict_json(monkeypatch, tmp_path, dataset):
+    """The gathered predictions (sorted by image and annotation) go to the dataset's metrics;
+    results.json is their results, metrics.json the metrics with num_samples, NaN as null."""
+    from pnfs.evaluate.runner import evaluate_model
+
+    coco, mpii = _patched_metrics(monkeypatch)
+    cfg = _demo(f"data.dataset={dataset}", "eval.overlays=2")
+    net = PeakNetwork(cfg.num_joints)
+    metrics = evaluate_model(net, _three_samples(), cfg, device="cpu", out_dir=tmp_path / "a" / "b")
+    called, other = (coco, mpii) if dataset == "coco" else (mpii, coco)
+    assert other.calls == [] and len(called.calls) == 1
+    assert called.calls[0]["ann_id"].tolist() == [10, 11, 20]
+    assert metrics["by"] == dataset and metrics["num_samples"] == 3
+    out = tmp_path / "a" / "b"
+    assert (out / "results.json").read_text() == '[{"image_id": 1, "score": 0.5}]'
+    assert (out / "metrics.json").read_text() == (
+        f'{{\n "AP": null,\n "score": 0.5,\n "by": "{dataset}",\n "num_samples": 3\n}}'
+    )
+    assert sorted(p.name for p in (out / "overlays").iterdir()) == ["1_10.png", "2_20.png"]
+
+
+def test_evaluate_model_writes_into_an_existing_folder_and_nothing_without_one(monkeypatch, tmp_path):
+    from pnfs.evaluate.runner import evaluate_model
+
+    _patched_metrics(monkeypatch)
+    cfg = _demo("eval.overlays=0")
+    metrics = evaluate_model(PeakNetwork(), _three_samples(), cfg, device="cpu", out_dir=str(tmp_path))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.json", "results.json"]
+    assert json.loads((tmp_path / "metrics.json").read_text())["num_samples"] == metrics["num_samples"] == 3
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")
+    cfg = _demo("eval.overlays=3")
+    assert evaluate_model(PeakNetwork(), _three_samples(), cfg, device="cpu")["num_samples"] == 3
+    assert list(Path().iterdir()) == [] and len(list(tmp_path.rglob("*"))) == 3  # no out_dir: no file
+
+
+def test_evaluate_model_draws_overlays_on_rank_0_only(monkeypatch, tmp_path):
+    """rank=1 in a world of one (gathering keeps its predictions): results, no overlays."""
+    from pnfs.evaluate.runner import evaluate_model
+
+    _patched_metrics(monkeypatch)
+    metrics = evaluate_model(PeakNetwork(), _three_samples(), _demo(), device="cpu", out_dir=tmp_path, rank=1)
+    assert metrics["num_samples"] == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.json", "results.json"]
+
+
+def test_evaluate_model_returns_nothing_where_gathering_keeps_nothing(monkeypatch, tmp_path):
+    """A rank whose gather_predictions gives None (not rank 0 of a group) returns {} and writes
+    nothing; the world size reaches the gathering."""
+    import pnfs.evaluate.runner as runner
+
+    coco, _ = _patched_metrics(monkeypatch)
+    worlds = []
+    monkeypatch.setattr(runner, "gather_predictions", lambda local, world_size: worlds.append(world_size))
+    got = runner.evaluate_model(
+        PeakNetwork(), _three_samples(), _demo(), device="cpu", out_dir=tmp_path / "out", rank=1, world_size=2
+    )
+    assert got == {} and worlds == [2] and coco.calls == [] and not (tmp_path / "out").exists()
