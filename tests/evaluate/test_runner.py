@@ -349,6 +349,7 @@ def _batch(image_ids, ann_ids, scores, affines, seed=0, size=(CROP_H, CROP_W)):
     )
 
 
+FIELD_NAMES = ("image", "keypoints", "affine", "image_id", "ann_id", "score")  # PoseBatch's
 SCALE = [[2.0, 0.0, 10.0], [0.0, 3.0, 20.0]]  # det 6
 SHEAR = [[1.0, 2.0, 5.0], [3.0, 4.0, 7.0]]  # det 4 - 6 = -2
 MIRROR = [[-1.0, 0.0, 100.0], [0.0, 1.0, 0.0]]  # det -1
@@ -391,6 +392,25 @@ def test_collect_predictions_back_projects_each_kept_sample_in_loader_order(capl
     assert not net.seen[0]["channels_last"] and net.seen[0]["autocast"] is False
     lines = [(r.name, r.getMessage()) for r in caplog.records]
     assert lines == [("pnfs.train", "inference: float32 on cpu (eval.amp=auto; eval.amp=bf16 for bfloat16)")]
+
+
+def test_collect_predictions_moves_each_batch_to_the_device_without_blocking():
+    """Each batch goes to the device asked for, as an asynchronous copy (a CUDA host's pinned
+    batches overlap the copy with compute); recorded by a PoseBatch that notes its moves."""
+    from pnfs.data.batch import PoseBatch
+    from pnfs.evaluate.runner import collect_predictions
+
+    moves = []
+
+    class NotedBatch(PoseBatch):
+        def to(self, device, non_blocking=False):
+            moves.append((device, non_blocking))
+            return super().to(device, non_blocking=non_blocking)
+
+    batch = _batch([1], [1], [1.0], [SCALE])
+    noted = NotedBatch(**{name: getattr(batch, name) for name in FIELD_NAMES})
+    collect_predictions(PeakNetwork(), [noted, noted], _demo(), torch.device("cpu"))
+    assert moves == [(torch.device("cpu"), True)] * 2
 
 
 def test_collect_predictions_area_is_the_absolute_determinant_times_the_crop():
@@ -907,13 +927,16 @@ def test_evaluate_model_writes_into_an_existing_folder_and_nothing_without_one(m
 
 
 def test_evaluate_model_draws_overlays_on_rank_0_only(monkeypatch, tmp_path):
-    """rank=1 in a world of one (gathering keeps its predictions): results, no overlays."""
+    """rank=1 in a world of one (gathering keeps its predictions): results in a new nested
+    folder, no overlays (eval.overlays is 8)."""
     from pnfs.evaluate.runner import evaluate_model
 
     _patched_metrics(monkeypatch)
-    metrics = evaluate_model(PeakNetwork(), _three_samples(), _demo(), device="cpu", out_dir=tmp_path, rank=1)
+    cfg = _demo("eval.overlays=8")
+    out = tmp_path / "new" / "folder"
+    metrics = evaluate_model(PeakNetwork(), _three_samples(), cfg, device="cpu", out_dir=out, rank=1)
     assert metrics["num_samples"] == 3
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.json", "results.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["metrics.json", "results.json"]
 
 
 def test_evaluate_model_returns_nothing_where_gathering_keeps_nothing(monkeypatch, tmp_path):
