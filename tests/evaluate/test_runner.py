@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -651,13 +652,17 @@ def test_coco_metrics_rescores_and_suppresses_with_the_eval_thresholds(tmp_path)
 def test_coco_metrics_scores_with_eval_sigmas(tmp_path):
     """Joints 8 px off: with COCO's sigmas the nose's OKS is exp(-64 / (2 * 0.026)^2 / 12000 / 2),
     ~0.37, so AP < 1; with eval.sigmas of 0.5 every OKS is exp(-64 / 1 / 24000) > 0.99: AP 1."""
+    from pnfs.evaluate.coco import crowdpose_ground_truth, evaluate_keypoints
     from pnfs.evaluate.runner import coco_metrics
 
     path = _coco_ground_truth(tmp_path)
     pred = _coco_predictions(offset=8.0)
-    coco, _ = coco_metrics(pred, _demo(f"data.val_annotations={path}"))
+    coco, results = coco_metrics(pred, _demo(f"data.val_annotations={path}"))
     wide, _ = coco_metrics(pred, _demo(f"data.val_annotations={path}", f"eval.sigmas={[0.5] * 17}"))
     assert coco["AP"] < 0.9 and wide["AP"] == 1.0 and wide["score"] == 1.0
+    # COCO persons are scored at the file's areas (CrowdPose's 0.53 w h would give another AP)
+    assert coco == {**evaluate_keypoints(str(path), results, verbose=False), "score": coco["AP"]}
+    assert coco["AP"] != evaluate_keypoints(crowdpose_ground_truth(str(path)), results, verbose=False)["AP"]
 
 
 def test_coco_metrics_of_a_joint_set_without_sigmas_is_pck_of_the_box(tmp_path, capsys):
@@ -869,10 +874,11 @@ class _Recorder:
     """Stand-in for coco_metrics / mpii_metrics: records the predictions it is given."""
 
     def __init__(self, name: str):
-        self.name, self.calls = name, []
+        self.name, self.calls, self.configs = name, [], []
 
     def __call__(self, pred, cfg):
         self.calls.append(pred)
+        self.configs.append(cfg)
         return {"AP": float("nan"), "score": 0.5, "by": self.name}, [{"image_id": 1, "score": 0.5}]
 
 
@@ -900,7 +906,7 @@ def test_evaluate_model_dispatches_by_dataset_and_writes_strict_json(monkeypatch
     net = PeakNetwork(cfg.num_joints)
     metrics = evaluate_model(net, _three_samples(), cfg, device="cpu", out_dir=tmp_path / "a" / "b")
     called, other = (coco, mpii) if dataset == "coco" else (mpii, coco)
-    assert other.calls == [] and len(called.calls) == 1
+    assert other.calls == [] and len(called.calls) == 1 and called.configs == [cfg]
     assert called.calls[0]["ann_id"].tolist() == [10, 11, 20]
     assert metrics["by"] == dataset and metrics["num_samples"] == 3
     out = tmp_path / "a" / "b"
@@ -912,11 +918,15 @@ def test_evaluate_model_dispatches_by_dataset_and_writes_strict_json(monkeypatch
 
 
 def test_evaluate_model_writes_into_an_existing_folder_and_nothing_without_one(monkeypatch, tmp_path):
+    import pnfs.evaluate.runner as runner
     from pnfs.evaluate.runner import evaluate_model
 
     _patched_metrics(monkeypatch)
+    worlds, gather = [], runner.gather_predictions
+    monkeypatch.setattr(runner, "gather_predictions", lambda local, n: worlds.append(n) or gather(local, n))
     cfg = _demo("eval.overlays=0")
     metrics = evaluate_model(PeakNetwork(), _three_samples(), cfg, device="cpu", out_dir=str(tmp_path))
+    assert worlds == [1]  # one process by default: no collective
     assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.json", "results.json"]
     assert json.loads((tmp_path / "metrics.json").read_text())["num_samples"] == metrics["num_samples"] == 3
     (tmp_path / "cwd").mkdir()
@@ -951,3 +961,35 @@ def test_evaluate_model_returns_nothing_where_gathering_keeps_nothing(monkeypatc
         PeakNetwork(), _three_samples(), _demo(), device="cpu", out_dir=tmp_path / "out", rank=1, world_size=2
     )
     assert got == {} and worlds == [2] and coco.calls == [] and not (tmp_path / "out").exists()
+
+
+class _NotedStream(io.StringIO):
+    """stdout that notes, at each flush, how much had been written."""
+
+    def __init__(self):
+        super().__init__()
+        self.flushed_at: list[int] = []
+
+    def flush(self):
+        self.flushed_at.append(len(self.getvalue()))
+        super().flush()
+
+
+def test_the_metric_tables_are_flushed_as_soon_as_printed(monkeypatch, tmp_path):
+    """A piped log (tee, a scheduler's file) shows the table when it is printed, not at the
+    next buffer flush: stdout is flushed right after the table's last line."""
+    from pnfs.evaluate.runner import coco_metrics, mpii_metrics
+
+    valid, heads = _mpii_ground_truth(tmp_path)
+    runs = (
+        (coco_metrics, _coco_predictions(), _demo(f"data.val_annotations={_coco_ground_truth(tmp_path)}")),
+        (mpii_metrics, _mpii_predictions([0, 1, 2], [0.0] * 3), _mpii_config(valid, heads)),
+    )
+    for metrics, pred, cfg in runs:
+        stream = _NotedStream()
+        monkeypatch.setattr(sys, "stdout", stream)
+        metrics(pred, cfg)
+        monkeypatch.undo()
+        assert stream.getvalue().endswith("\n") and len(stream.getvalue()) in stream.flushed_at, (
+            metrics.__name__
+        )
