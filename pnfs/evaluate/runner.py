@@ -137,7 +137,7 @@ def coco_metrics(pred: dict[str, np.ndarray], cfg: Config) -> tuple[dict, list[d
         print(f"{joints.name} has no OKS sigmas: PCK@{cfg.eval.pck_alpha:g} of the box = {stats['PCK']:.4f}")
         results = coco_results(
             pred["keypoints"], pred["scores"], pred["image_id"], pred["box_score"], pred["area"], None,
-            nms_threshold=None,
+            rescore_threshold=cfg.eval.rescore_threshold, nms_threshold=None,
         )  # fmt: skip
         return {**stats, "score": stats["PCK"]}, results
     sigmas = joint_sigmas(joints, cfg.eval.sigmas)
