@@ -138,7 +138,9 @@ def scan_tar(tar_path: Path) -> list[tuple[str, dict[str, tuple[int, int]]]]:
                 member = next(members)
             except StopIteration:
                 break
-            except tarfile.ReadError:  # "unexpected end of data": the file ends inside a member
+            except tarfile.ReadError as err:
+                if "unexpected end of data" not in str(err):  # only the file ending inside a member
+                    raise
                 break
             if not member.isfile():
                 continue

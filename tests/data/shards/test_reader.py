@@ -294,6 +294,28 @@ def test_without_an_index_the_tar_is_scanned_and_folders_are_skipped(tmp_path):
     assert scan_tar(tmp_path / "cut.tar") == TWO_INDEX
 
 
+def test_a_broken_header_inside_the_tar_is_not_taken_for_a_cut(tmp_path):
+    """Only a file that ends inside a member is scanned up to the cut; a member header that is
+    broken in the middle of the file (the one after a GNU long name, checksum zeroed) stays
+    tarfile's error, so no sample after it is dropped unseen."""
+    import io
+    import tarfile
+
+    from pnfs.data.shards.reader import scan_tar
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT) as tar:
+        for name in ("k0.jpg", "x" * 120 + "/k1.jpg"):
+            info = tarfile.TarInfo(name)
+            info.size = 2
+            tar.addfile(info, io.BytesIO(b"ab"))
+    raw = bytearray(buf.getvalue())
+    raw[2048 + 148 : 2048 + 156] = b"0000000\0"  # k0 at 0/512, the long name at 1024/1536, k1 at 2048
+    (tmp_path / "broken.tar").write_bytes(bytes(raw))
+    with pytest.raises(tarfile.ReadError, match="bad checksum"):
+        scan_tar(tmp_path / "broken.tar")
+
+
 def test_the_written_index_is_dalis_v1_2_text(tmp_path):
     from pnfs.data.shards.reader import write_index
 
