@@ -1,4 +1,5 @@
-"""evaluate_model over real shards: COCO AP and MPII PCKh, single and 2-process gloo runs."""
+"""evaluate_model over real shards: COCO AP and MPII PCKh, single and 2-process gloo runs; then fast
+tests of each runner function over hand-made batches, a stand-in network and hand-made ground truth."""
 
 from __future__ import annotations
 
