@@ -83,8 +83,9 @@ def test_freeze_leaves_the_training_model_alone():
     cfg = load_config("demo", ["data.input_size=[64,64]"])
     model = trained_looking(cfg, torch.randn(1, 3, 64, 64)).train()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    freeze(model)
+    frozen = freeze(model)
     assert model.training
+    assert not any(m.training for m in frozen.modules())  # the copy is in eval mode, all of it
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
 
@@ -600,6 +601,10 @@ def test_a_frozen_cell_equals_its_eval_mode_cell_for_every_neighbour_layout(layo
     assert want.std() > 0.5
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
     assert all(torch.equal(a, b) for a, b in zip(before, cell.state_dict().values()))  # left alone
+    shared = {t.data_ptr() for t in frozen.state_dict().values()} & {
+        t.data_ptr() for t in cell.state_dict().values()
+    }
+    assert not shared  # copies: changing the frozen cell (requires_grad_, .to) leaves the cell alone
     assert count_ops(frozen) == count_ops(cell) == 3 * 5  # 3 edges, 5 ops each (zero never built)
     assert not any(isinstance(m, nn.BatchNorm2d) for m in frozen.modules())
     convs = {"all three": (1, 1), "no finer": (0, 1), "no coarser": (1, 0), "only finer": (1, 0)}
