@@ -755,13 +755,32 @@ class Fixed(nn.Module):
 
 
 def test_output_change_reports_the_largest_and_mean_difference_and_the_moved_argmaxes():
-    # [N=1, K=2, 2, 2], values exact in bfloat16: joint 0's peak moves from (0, 0) to (1, 1),
-    # joint 1's stays at (0, 1); the differences are 0.375, 0.375 and 0.25 in 8 entries
-    a = torch.tensor([[[[0.875, 0.125], [0.25, 0.375]], [[0.125, 0.75], [0.0, 0.25]]]], dtype=torch.bfloat16)
-    b = torch.tensor([[[[0.5, 0.125], [0.25, 0.75]], [[0.125, 0.5], [0.0, 0.25]]]])
+    # [N=1, K=4, 2, 2], values exact in bfloat16: joint 0's peak moves from (0, 0) to (1, 1),
+    # joints 1-3 keep theirs; the differences are 0.375, 0.375 and 0.25 in 16 entries
+    a = torch.tensor(
+        [
+            [
+                [[0.875, 0.125], [0.25, 0.375]],
+                [[0.125, 0.75], [0.0, 0.25]],
+                [[0.5, 0.0], [0.0, 0.0]],
+                [[0.0, 0.0], [0.0, 0.5]],
+            ]
+        ],
+        dtype=torch.bfloat16,
+    )
+    b = torch.tensor(
+        [
+            [
+                [[0.5, 0.125], [0.25, 0.75]],
+                [[0.125, 0.5], [0.0, 0.25]],
+                [[0.5, 0.0], [0.0, 0.0]],
+                [[0.0, 0.0], [0.0, 0.5]],
+            ]
+        ]
+    )
     reference, frozen = Fixed(a).train(), Fixed(b)
     change = output_change(reference, frozen, torch.zeros(1, 3, 4, 4))
-    assert change == {"max_abs": 0.375, "mean_abs": 1.0 / 8, "argmax_moved": 0.5}
+    assert change == {"max_abs": 0.375, "mean_abs": 1.0 / 16, "argmax_moved": 0.25}
     assert reference.modes == [False] and reference.training  # run in eval mode, then put back
     reference.eval()
     output_change(reference, frozen, torch.zeros(1, 3, 4, 4))
