@@ -873,3 +873,12 @@ def test_a_downsample_of_another_layout_is_named(index, message):
     with pytest.raises(TypeError) as err:
         freeze_cell(cell, torch.zeros(3, len(CELL_OPS), dtype=torch.float64))
     assert str(err.value) == "freeze: " + message
+
+
+@pytest.mark.parametrize("setting", ["kernel_size", "stride", "padding", "dilation"])
+def test_a_conv_setting_that_is_not_an_h_w_pair_is_named(setting):
+    conv = nn.Conv2d(2, 3, 3, padding=1)
+    setattr(conv, setting, (1, 1, 1))
+    with pytest.raises(ValueError) as err:
+        fold_conv_bn(conv)
+    assert str(err.value) == f"freeze: a 2-d conv's {setting} is (1, 1, 1), expected (h, w)"
