@@ -384,7 +384,7 @@ def freeze(
     if not 0.0 <= prune_below < 1.0:
         raise ValueError(f"--prune-below {prune_below!r} must be in [0, 1)")
     # freezing walks the parts one at a time: a batched PoseNFS (model.batched_parts) is unbatched first
-    frozen = (model.with_part_layout(False) if isinstance(model, PoseNFS) else copy.deepcopy(model)).eval()
+    frozen = model.with_part_layout(False) if isinstance(model, PoseNFS) else copy.deepcopy(model)
     for part in frozen.part_networks() if isinstance(frozen, PoseNFS) else ():
         # the frozen model swaps in a FrozenFabric (the same forward); only deploy code walks it after
         part.fabric = freeze_fabric(part.fabric, prune_below)  # type: ignore[assignment]
@@ -395,6 +395,7 @@ def freeze(
     if remaining:
         raise TypeError(f"freeze: modules left unfolded: {sorted(set(remaining))}")
     frozen.requires_grad_(False)
+    frozen.eval()  # after folding: the modules built here (folded convs, frozen cells) start in training mode
     if channels_last:
         frozen.to(memory_format=torch.channels_last)
     return frozen

@@ -83,8 +83,9 @@ def test_freeze_leaves_the_training_model_alone():
     cfg = load_config("demo", ["data.input_size=[64,64]"])
     model = trained_looking(cfg, torch.randn(1, 3, 64, 64)).train()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    freeze(model)
+    frozen = freeze(model)
     assert model.training
+    assert not any(m.training for m in frozen.modules())  # the copy is in eval mode, all of it
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
 
@@ -600,6 +601,10 @@ def test_a_frozen_cell_equals_its_eval_mode_cell_for_every_neighbour_layout(layo
     assert want.std() > 0.5
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
     assert all(torch.equal(a, b) for a, b in zip(before, cell.state_dict().values()))  # left alone
+    shared = {t.data_ptr() for t in frozen.state_dict().values()} & {
+        t.data_ptr() for t in cell.state_dict().values()
+    }
+    assert not shared  # copies: changing the frozen cell (requires_grad_, .to) leaves the cell alone
     assert count_ops(frozen) == count_ops(cell) == 3 * 5  # 3 edges, 5 ops each (zero never built)
     assert not any(isinstance(m, nn.BatchNorm2d) for m in frozen.modules())
     convs = {"all three": (1, 1), "no finer": (0, 1), "no coarser": (1, 0), "only finer": (1, 0)}
@@ -750,13 +755,32 @@ class Fixed(nn.Module):
 
 
 def test_output_change_reports_the_largest_and_mean_difference_and_the_moved_argmaxes():
-    # [N=1, K=2, 2, 2], values exact in bfloat16: joint 0's peak moves from (0, 0) to (1, 1),
-    # joint 1's stays at (0, 1); the differences are 0.375, 0.375 and 0.25 in 8 entries
-    a = torch.tensor([[[[0.875, 0.125], [0.25, 0.375]], [[0.125, 0.75], [0.0, 0.25]]]], dtype=torch.bfloat16)
-    b = torch.tensor([[[[0.5, 0.125], [0.25, 0.75]], [[0.125, 0.5], [0.0, 0.25]]]])
+    # [N=1, K=4, 2, 2], values exact in bfloat16: joint 0's peak moves from (0, 0) to (1, 1),
+    # joints 1-3 keep theirs; the differences are 0.375, 0.375 and 0.25 in 16 entries
+    a = torch.tensor(
+        [
+            [
+                [[0.875, 0.125], [0.25, 0.375]],
+                [[0.125, 0.75], [0.0, 0.25]],
+                [[0.5, 0.0], [0.0, 0.0]],
+                [[0.0, 0.0], [0.0, 0.5]],
+            ]
+        ],
+        dtype=torch.bfloat16,
+    )
+    b = torch.tensor(
+        [
+            [
+                [[0.5, 0.125], [0.25, 0.75]],
+                [[0.125, 0.5], [0.0, 0.25]],
+                [[0.5, 0.0], [0.0, 0.0]],
+                [[0.0, 0.0], [0.0, 0.5]],
+            ]
+        ]
+    )
     reference, frozen = Fixed(a).train(), Fixed(b)
     change = output_change(reference, frozen, torch.zeros(1, 3, 4, 4))
-    assert change == {"max_abs": 0.375, "mean_abs": 1.0 / 8, "argmax_moved": 0.5}
+    assert change == {"max_abs": 0.375, "mean_abs": 1.0 / 16, "argmax_moved": 0.25}
     assert reference.modes == [False] and reference.training  # run in eval mode, then put back
     reference.eval()
     output_change(reference, frozen, torch.zeros(1, 3, 4, 4))
@@ -849,3 +873,12 @@ def test_a_downsample_of_another_layout_is_named(index, message):
     with pytest.raises(TypeError) as err:
         freeze_cell(cell, torch.zeros(3, len(CELL_OPS), dtype=torch.float64))
     assert str(err.value) == "freeze: " + message
+
+
+@pytest.mark.parametrize("setting", ["kernel_size", "stride", "padding", "dilation"])
+def test_a_conv_setting_that_is_not_an_h_w_pair_is_named(setting):
+    conv = nn.Conv2d(2, 3, 3, padding=1)
+    setattr(conv, setting, (1, 1, 1))
+    with pytest.raises(ValueError) as err:
+        fold_conv_bn(conv)
+    assert str(err.value) == f"freeze: a 2-d conv's {setting} is (1, 1, 1), expected (h, w)"
