@@ -379,3 +379,118 @@ def test_stale_shards_lists_every_shard_written_from_other_inputs_or_beyond_the_
     (out / "val-000000.tar").unlink()
     assert _stored_digest(out, "val-000000.tar") is None
     assert stale_shards(out, "other-split", digests) == []
+
+
+def test_clip_box_keeps_the_part_inside_the_image_or_none():
+    from pnfs.data.shards.writer import clip_box
+
+    assert clip_box(np.array([-5.0, -6.0, 20.0, 30.0]), 10, 12).tolist() == [0, 0, 10, 12]
+    assert clip_box(np.array([2.0, 3.0, 4.0, 5.0]), 100, 100).tolist() == [2, 3, 4, 5]
+    assert clip_box(np.array([9.5, 11.0, 5.0, 5.0]), 10, 12).tolist() == [9.5, 11, 0.5, 1]
+    assert clip_box(np.array([10.0, 0.0, 5.0, 5.0]), 10, 12) is None  # touches the right edge only
+    assert clip_box(np.array([0.0, 12.0, 5.0, 5.0]), 10, 12) is None
+    assert clip_box(np.array([-5.0, 0.0, 5.0, 5.0]), 10, 12) is None
+    assert clip_box(np.array([0.0, -5.0, 5.0, 5.0]), 10, 12) is None
+
+
+# crop_person with margin 1, max_scale 1, aspect 1: a w x h box's region is the square of side
+# hypot(s, s) (s = max(w, h)) around its centre; pixel j covers [j - 0.5, j + 0.5)
+SQUARE = dict(margin=1.0, max_scale=1.0, aspect_range=(1.0, 1.0))
+
+
+def test_crop_person_cuts_every_pixel_the_region_touches_clipped_to_the_image(tmp_path):
+    from pnfs.data.shards.writer import crop_person
+
+    image = np.random.default_rng(2).integers(0, 255, (128, 96, 3), dtype=np.uint8)
+    opts = _options(tmp_path, **SQUARE)
+    # box (40, 50, 6, 8): centre (43, 54), half 4 * sqrt(2) = 5.657: region 37.34..48.66 x 48.34..59.66
+    crop, to_image = crop_person(image, np.array([40.0, 50.0, 6.0, 8.0]), opts)
+    assert np.array_equal(crop, image[48:61, 37:50]) and crop.flags["C_CONTIGUOUS"]
+    assert to_image.tolist() == [[1, 0, 37], [0, 1, 48]]
+    crop, to_image = crop_person(image, np.array([0.0, 0.0, 6.0, 8.0]), opts)  # top left: -2.66..8.66
+    assert np.array_equal(crop, image[0:11, 0:10]) and to_image.tolist() == [[1, 0, 0], [0, 1, 0]]
+    crop, to_image = crop_person(image, np.array([90.0, 120.0, 6.0, 8.0]), opts)  # bottom right
+    assert np.array_equal(crop, image[118:128, 87:96]) and to_image.tolist() == [[1, 0, 87], [0, 1, 118]]
+    for side in (0, 13):  # no limit, or the crop's own size: kept as it is
+        crop, _ = crop_person(
+            image, np.array([40.0, 50.0, 6.0, 8.0]), _options(tmp_path, max_side=side, **SQUARE)
+        )
+        assert crop.shape == (13, 13, 3)
+
+
+def test_a_crop_over_max_side_is_area_resized_and_its_map_follows_the_pixel_centres(tmp_path):
+    from pnfs.data.shards.writer import crop_person
+
+    image = np.random.default_rng(2).integers(0, 255, (128, 96, 3), dtype=np.uint8)
+    crop, to_image = crop_person(
+        image, np.array([40.0, 50.0, 6.0, 8.0]), _options(tmp_path, max_side=5, **SQUARE)
+    )
+    # 13 x 13 -> 5 x 5: f = 5/13, a resized pixel centre u maps to (u + 0.5) * 13/5 - 0.5
+    assert np.array_equal(crop, cv2.resize(image[48:61, 37:50], (5, 5), interpolation=cv2.INTER_AREA))
+    assert np.allclose(to_image, [[2.6, 0, 37.8], [0, 2.6, 48.8]], rtol=0, atol=1e-12)
+    # 1 wide x 11 high (the box left of the image) -> 1 x 2: a side never rounds to 0
+    crop, to_image = crop_person(
+        image, np.array([-9.0, 0.0, 6.0, 8.0]), _options(tmp_path, max_side=2, **SQUARE)
+    )
+    assert crop.shape == (2, 1, 3)
+    assert np.allclose(to_image, [[1, 0, 0], [0, 5.5, 2.25]], rtol=0, atol=1e-12)
+
+
+def test_person_sample_writes_the_crop_and_the_same_numbers_as_json_and_raw_arrays(tmp_path):
+    import simplejpeg
+
+    from pnfs.data.annotations.records import PersonRecord
+    from pnfs.data.shards.writer import person_sample
+
+    image = np.random.default_rng(3).integers(0, 255, (128, 96, 3), dtype=np.uint8)
+    kp = np.zeros((17, 3))
+    kp[0] = [41.0, 52.0, 2.0]
+    kp[1] = [44.5, 57.25, 1.0]
+    kp[2] = [99.0, 99.0, 0.0]  # unlabelled: zeroed
+    rec = PersonRecord("sub/a.png", 7, 70, np.array([40.0, 50.0, 6.0, 8.0]), kp, 33.5, 0.75)
+    opts = _options(tmp_path, quality=90, **SQUARE)
+    sample, reason = person_sample(image, rec, opts)
+    assert reason is None and sorted(sample) == sorted(
+        ["jpg", "json", "kp.f32", "bbox.f32", "c2i.f32", "score.f32", "ids.i64"]
+    )
+    want_kp = np.zeros((17, 3))
+    want_kp[0] = [41 - 37, 52 - 48, 2]  # the crop starts at (37, 48)
+    want_kp[1] = [44.5 - 37, 57.25 - 48, 1]
+    assert json.loads(sample["json"]) == {
+        "image_id": 7,
+        "ann_id": 70,
+        "bbox": [40.0, 50.0, 6.0, 8.0],
+        "keypoints": want_kp.tolist(),
+        "crop_to_image": [[1.0, 0.0, 37.0], [0.0, 1.0, 48.0]],
+        "score": 0.75,
+        "image_size": [96, 128],
+        "crop_size": [13, 13],
+        "image_file": "sub/a.png",
+        "area": 33.5,
+        "joint_set": "coco17",
+    }
+    assert np.frombuffer(sample["kp.f32"], "<f4").reshape(17, 3).tolist() == want_kp.tolist()
+    assert np.frombuffer(sample["bbox.f32"], "<f4").tolist() == [40, 50, 6, 8]
+    assert np.frombuffer(sample["c2i.f32"], "<f4").tolist() == [1, 0, 37, 0, 1, 48]
+    assert np.frombuffer(sample["score.f32"], "<f4").tolist() == [0.75]
+    assert np.frombuffer(sample["ids.i64"], "<i8").tolist() == [7, 70]
+    assert simplejpeg.decode_jpeg_header(sample["jpg"]) == (13, 13, "YCbCr", "444")
+    crop = image[48:61, 37:50]
+    assert sample["jpg"] == simplejpeg.encode_jpeg(crop, quality=90, colorspace="RGB", colorsubsampling="444")
+    assert rec.keypoints[2].tolist() == [99, 99, 0]  # the record is not changed
+
+
+def test_person_sample_clips_the_box_only_when_asked_and_skips_one_outside(tmp_path):
+    from pnfs.data.annotations.records import PersonRecord
+    from pnfs.data.shards.writer import person_sample
+
+    image = np.zeros((128, 96, 3), np.uint8)
+    kp = np.zeros((17, 3))
+    rec = PersonRecord("a.png", 1, 2, np.array([-2.0, 120.0, 6.0, 12.0]), kp, 1.0)
+    clipped, _ = person_sample(image, rec, _options(tmp_path, **SQUARE))
+    assert json.loads(clipped["json"])["bbox"] == [0.0, 120.0, 4.0, 8.0]
+    kept, _ = person_sample(image, rec, _options(tmp_path, clip_box=False, **SQUARE))
+    assert json.loads(kept["json"])["bbox"] == [-2.0, 120.0, 6.0, 12.0]
+    assert np.frombuffer(kept["bbox.f32"], "<f4").tolist() == [-2, 120, 6, 12]
+    outside = PersonRecord("a.png", 1, 3, np.array([96.0, 10.0, 6.0, 12.0]), kp, 1.0)
+    assert person_sample(image, outside, _options(tmp_path, clip_box=False)) == (None, "box_outside_image")
