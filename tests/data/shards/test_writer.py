@@ -494,3 +494,134 @@ def test_person_sample_clips_the_box_only_when_asked_and_skips_one_outside(tmp_p
     assert np.frombuffer(kept["bbox.f32"], "<f4").tolist() == [-2, 120, 6, 12]
     outside = PersonRecord("a.png", 1, 3, np.array([96.0, 10.0, 6.0, 12.0]), kp, 1.0)
     assert person_sample(image, outside, _options(tmp_path, clip_box=False)) == (None, "box_outside_image")
+
+
+def test_write_shards_entry_sidecars_and_manifest_are_the_inputs(png_folder):
+    import hashlib
+
+    from pnfs.data.annotations.records import SkipReport
+    from pnfs.data.shards.writer import write_shards
+
+    out = png_folder / "out"
+    records = [
+        _record(1),
+        _record(2, bbox=(5.0, 5.0, 20.0, 30.0)),
+        _record(3, image_file="gone.png", image_id=2),
+    ]
+    records.append(_record(4, bbox=(200.0, 10.0, 5.0, 5.0)))  # right of the 96 px image
+    skipped, filtered = SkipReport(), SkipReport()
+    filtered.add("iscrowd", "1_9")
+    opts = _options(out, shard_size=3)
+    entry = write_shards(records, png_folder / "images", opts, skipped, filtered, command=["a", "b"],
+                         annotations_total=10, progress=False)  # fmt: skip
+    sha = {
+        n: hashlib.sha256((out / n).read_bytes()).hexdigest() for n in ("val-000000.tar", "val-000001.tar")
+    }
+    size = {n: (out / n).stat().st_size for n in sha}
+    digests = [s["inputs_sha256"] for s in entry["shards"]]
+    assert entry == {
+        "joint_set": "coco17",
+        "counts": {"annotations": 10, "records": 4, "samples": 2, "skipped": 2, "filtered": 1},
+        "skipped": {
+            "missing_image": {"count": 1, "first_ids": ["2_3"]},
+            "box_outside_image": {"count": 1, "first_ids": ["1_4"]},
+        },
+        "filtered": {"iscrowd": {"count": 1, "first_ids": ["1_9"]}},
+        "shards": [
+            {"file": n, "samples": k, "bytes": size[n], "sha256": sha[n], "inputs_sha256": d, "reused": False}
+            for n, k, d in zip(sha, (2, 0), digests)
+        ],
+        "options": {"shard_size": 3, "max_side": 768, "margin": 1.25, "max_scale": 1.3,
+                    "aspect_range": [0.75, 1.0], "clip_box": True, "quality": 94},
+        "command": "a b",
+    }  # fmt: skip
+    assert skipped.total() == 2  # the caller's report got the shards' skips
+    assert (out / MANIFEST).read_text() == json.dumps(
+        {"format": "pnfs-webdataset-v1", "splits": {"val": entry}}, indent=1
+    )
+    assert (out / "val-000001.idx").read_text() == "v1.2 0\n"  # a shard without samples
+    assert (out / "val-000000.idx").read_text().startswith("v1.2 2\njpg ")
+    assert json.loads((out / PARTS_DIR / "val-000000.tar.json").read_text()) == {
+        "file": "val-000000.tar", "samples": 2, "records": 3, "sha256": sha["val-000000.tar"],
+        "inputs_sha256": digests[0], "bytes": size["val-000000.tar"],
+        "skipped": {"missing_image": {"count": 1, "first_ids": ["2_3"]}},
+    }  # fmt: skip
+    every = sorted(str(p.relative_to(out)) for p in out.rglob("*"))
+    assert every == [".parts", ".parts/val-000000.tar.json", ".parts/val-000001.tar.json", MANIFEST,
+                     "val-000000.idx", "val-000000.tar", "val-000001.idx", "val-000001.tar"]  # fmt: skip
+    # again: every shard reused, the sidecar's numbers; a sidecar without "bytes" takes the file's
+    side = json.loads((out / PARTS_DIR / "val-000001.tar.json").read_text())
+    del side["bytes"]
+    (out / PARTS_DIR / "val-000001.tar.json").write_text(json.dumps(side))
+    again = write_shards(records, png_folder / "images", opts, SkipReport(), SkipReport(), progress=False)
+    assert [(s["reused"], s["bytes"], s["sha256"]) for s in again["shards"]] == [
+        (True, size[n], sha[n]) for n in sha
+    ]
+    assert again["counts"] == {"annotations": 4, "records": 4, "samples": 2, "skipped": 2, "filtered": 0}
+    import sys
+
+    assert again["command"] == " ".join(sys.argv)
+
+
+def test_content_options_and_the_inputs_digest_recipe(png_folder):
+    import hashlib
+
+    from pnfs.data.shards.writer import content_options, inputs_digest
+
+    opts = _options(png_folder / "out", shard_size=7, max_side=100, margin=1.5, max_scale=1.2,
+                    aspect_range=(0.5, 2), clip_box=False, quality=80)  # fmt: skip
+    options = {"split": "val", "joint_set": "coco17", "max_side": 100, "margin": 1.5, "max_scale": 1.2,
+               "aspect_range": [0.5, 2.0], "clip_box": False, "quality": 80}  # fmt: skip
+    assert content_options(opts) == options and isinstance(content_options(opts)["aspect_range"][1], float)
+    records = [_record(1), _record(2, image_file="gone.png", image_id=2), _record(3)]
+    h = hashlib.sha256(json.dumps({"format": 1, **options}, sort_keys=True).encode())
+    png_size = (png_folder / "images" / "a.png").stat().st_size
+    for rec, size in zip(records, (png_size, -1, png_size)):  # a missing image counts as -1 bytes
+        h.update(f"\n{rec.key}\t{rec.image_file}\t{size}\t".encode())
+        h.update(np.asarray(rec.bbox, "<f8").tobytes() + np.asarray(rec.keypoints, "<f8").tobytes())
+        h.update(np.asarray([rec.area, rec.score], "<f8").tobytes())
+    assert inputs_digest(records, png_folder / "images", opts) == h.hexdigest()
+    moved = _options(png_folder / "elsewhere", shard_size=1, max_side=100, margin=1.5, max_scale=1.2,
+                     aspect_range=(0.5, 2), clip_box=False, quality=80)  # fmt: skip
+    assert inputs_digest(records, png_folder / "images", moved) == h.hexdigest()  # out, shard_size: no
+
+
+def test_update_manifest_keeps_other_splits_removes_one_and_replaces_a_broken_file(tmp_path):
+    from pnfs.data.shards.writer import update_manifest
+
+    assert update_manifest(tmp_path, "val", {"n": 1}) == tmp_path / MANIFEST
+    update_manifest(tmp_path, "train", {"n": 2})
+    assert json.loads((tmp_path / MANIFEST).read_text()) == {
+        "format": "pnfs-webdataset-v1", "splits": {"val": {"n": 1}, "train": {"n": 2}}
+    }  # fmt: skip
+    update_manifest(tmp_path, "val", None)
+    update_manifest(tmp_path, "test", None)  # not there: nothing to remove
+    assert json.loads((tmp_path / MANIFEST).read_text())["splits"] == {"train": {"n": 2}}
+    (tmp_path / MANIFEST).write_text("{broken")
+    update_manifest(tmp_path, "val", {"n": 3})
+    assert json.loads((tmp_path / MANIFEST).read_text()) == {
+        "format": "pnfs-webdataset-v1",
+        "splits": {"val": {"n": 3}},
+    }
+    (tmp_path / MANIFEST).write_text('{"format": "x"}')  # no splits yet
+    update_manifest(tmp_path, "val", {"n": 4})
+    assert json.loads((tmp_path / MANIFEST).read_text()) == {"format": "x", "splits": {"val": {"n": 4}}}
+    assert sorted(p.name for p in tmp_path.iterdir()) == [MANIFEST]
+
+
+def test_other_inputs_are_refused_naming_three_shards_and_the_count_of_the_rest(png_folder):
+    from pnfs.data.shards.writer import StaleShardsError
+
+    out = png_folder / "out"
+    _write(png_folder, [_record(i) for i in range(1, 6)], shard_size=1)
+    before = sorted((p.name, p.read_bytes()) for p in out.rglob("*") if p.is_file())
+    with pytest.raises(StaleShardsError) as e:
+        _write(png_folder, [_record(i, bbox=(9.0, 20.0, 30.0, 40.0)) for i in range(1, 6)], shard_size=1)
+    assert str(e.value) == (
+        f"{out} holds 'val' shards written from other annotations, records or options (val-000000.tar, "
+        "val-000001.tar, val-000002.tar and 2 more); pass --overwrite to replace them, or choose another --out"
+    )
+    with pytest.raises(StaleShardsError) as e:
+        _write(png_folder, [_record(1), _record(2)], shard_size=1)
+    assert "options (val-000002.tar, val-000003.tar, val-000004.tar); pass" in str(e.value)
+    assert sorted((p.name, p.read_bytes()) for p in out.rglob("*") if p.is_file()) == before
