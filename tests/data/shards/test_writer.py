@@ -192,10 +192,9 @@ def _write(tmp: Path, records, **kw) -> dict:
 
     overwrite = kw.pop("overwrite", False)
     opts = _options(tmp / "out", **kw)
-    return write_shards(
-        records, tmp / "images", opts, SkipReport(), SkipReport(), command=["cmd", "x"], progress=False,
-        overwrite=overwrite,
-    )  # fmt: skip
+    more = {"overwrite": True} if overwrite else {}  # refusing is the default
+    return write_shards(records, tmp / "images", opts, SkipReport(), SkipReport(), command=["cmd", "x"],
+                        progress=False, **more)  # fmt: skip
 
 
 @pytest.fixture
@@ -625,3 +624,41 @@ def test_other_inputs_are_refused_naming_three_shards_and_the_count_of_the_rest(
         _write(png_folder, [_record(1), _record(2)], shard_size=1)
     assert "options (val-000002.tar, val-000003.tar, val-000004.tar); pass" in str(e.value)
     assert sorted((p.name, p.read_bytes()) for p in out.rglob("*") if p.is_file()) == before
+
+
+def test_shard_members_are_gnu_tar_entries_with_fixed_time_and_mode(png_folder):
+    import tarfile
+
+    _write(png_folder, [_record(1)])
+    tar_path = png_folder / "out" / "val-000000.tar"
+    assert tar_path.read_bytes()[257:265] == b"ustar  \x00"  # GNU magic, whatever Python's default
+    with tarfile.open(tar_path) as tar:
+        members = tar.getmembers()
+    assert [m.name for m in members] == [
+        f"1_1.{ext}" for ext in ("jpg", "json", "kp.f32", "bbox.f32", "c2i.f32", "score.f32", "ids.i64")
+    ]
+    assert {(m.mtime, m.mode, m.type) for m in members} == {(0, 0o444, tarfile.REGTYPE)}
+
+
+def test_a_skipped_image_or_person_does_not_stop_the_shard(png_folder):
+    records = [
+        _record(1, image_file="gone.png", image_id=2),  # its image is missing
+        _record(2, bbox=(200.0, 10.0, 5.0, 5.0)),  # outside a.png
+        _record(3),
+    ]
+    entry = _write(png_folder, records)
+    assert entry["counts"]["samples"] == 1 and _keys_on_disk(png_folder / "out") == ["1_3"]
+    assert entry["skipped"] == {
+        "missing_image": {"count": 1, "first_ids": ["2_1"]},
+        "box_outside_image": {"count": 1, "first_ids": ["1_2"]},
+    }
+
+
+def test_write_shards_shows_a_progress_bar_unless_told_not_to(png_folder, capsys):
+    from pnfs.data.annotations.records import SkipReport
+    from pnfs.data.shards.writer import write_shards
+
+    write_shards(
+        [_record(1)], png_folder / "images", _options(png_folder / "out"), SkipReport(), SkipReport()
+    )
+    assert "shards val" in capsys.readouterr().err
