@@ -623,6 +623,9 @@ def test_other_inputs_are_refused_naming_three_shards_and_the_count_of_the_rest(
     with pytest.raises(StaleShardsError) as e:
         _write(png_folder, [_record(1), _record(2)], shard_size=1)
     assert "options (val-000002.tar, val-000003.tar, val-000004.tar); pass" in str(e.value)
+    with pytest.raises(StaleShardsError) as e:
+        _write(png_folder, [_record(1)], shard_size=1)
+    assert "options (val-000001.tar, val-000002.tar, val-000003.tar and 1 more); pass" in str(e.value)
     assert sorted((p.name, p.read_bytes()) for p in out.rglob("*") if p.is_file()) == before
 
 
@@ -654,11 +657,94 @@ def test_a_skipped_image_or_person_does_not_stop_the_shard(png_folder):
     }
 
 
-def test_write_shards_shows_a_progress_bar_unless_told_not_to(png_folder, capsys):
+def test_write_shards_shows_a_progress_bar_by_person_unless_told_not_to(png_folder, capsys):
     from pnfs.data.annotations.records import SkipReport
     from pnfs.data.shards.writer import write_shards
 
-    write_shards(
-        [_record(1)], png_folder / "images", _options(png_folder / "out"), SkipReport(), SkipReport()
+    records = [_record(1), _record(2), _record(3)]
+    opts = _options(png_folder / "out", shard_size=2)
+    write_shards(records, png_folder / "images", opts, SkipReport(), SkipReport())
+    last = capsys.readouterr().err.replace("\r", "\n").strip().splitlines()[-1]
+    assert last.startswith("shards val: 100%") and " 3/3 [" in last and "person/s]" in last
+    write_shards(records, png_folder / "images", opts, SkipReport(), SkipReport(), progress=False)
+    assert capsys.readouterr() == ("", "")
+
+
+class _StandInPool:
+    """What write_shards asks of ``multiprocessing``: records the start method and the pool
+    size, runs the tasks here and hands the results back in reverse (unordered) order."""
+
+    def __init__(self, calls: list):
+        self.calls = calls
+
+    def __call__(self, method):  # get_context(method)
+        self.calls.append(("context", method))
+        return self
+
+    def Pool(self, processes):  # noqa: N802 (multiprocessing's name)
+        self.calls.append(("processes", processes))
+        return self
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def imap_unordered(self, fn, tasks):
+        tasks = list(tasks)
+        self.calls.append(("tasks", [t[0] for t in tasks]))
+        return reversed([fn(t) for t in tasks])
+
+
+@pytest.mark.parametrize("workers, shards, processes", [(1, 3, None), (2, 1, None), (2, 3, 2), (5, 3, 3)])
+def test_workers_write_shards_in_a_spawned_pool_only_when_both_are_more_than_one(
+    png_folder, monkeypatch, capsys, workers, shards, processes
+):
+    from pnfs.data.annotations.records import SkipReport
+    from pnfs.data.shards import writer
+
+    calls: list = []
+    monkeypatch.setattr(writer, "get_context", _StandInPool(calls))
+    records = [_record(i) for i in range(1, 4)]
+    opts = _options(png_folder / "out", shard_size=3 // shards)
+    entry = writer.write_shards(
+        records, png_folder / "images", opts, SkipReport(), SkipReport(), workers=workers
     )
-    assert "shards val" in capsys.readouterr().err
+    want = (
+        []
+        if processes is None
+        else [("context", "spawn"), ("processes", processes), ("tasks", list(range(shards)))]
+    )
+    assert calls == want
+    assert [s["file"] for s in entry["shards"]] == [f"val-00000{i}.tar" for i in range(shards)]  # sorted back
+    assert entry["counts"]["samples"] == 3 and _keys_on_disk(png_folder / "out") == ["1_1", "1_2", "1_3"]
+    assert " 3/3 [" in capsys.readouterr().err.replace("\r", "\n").strip().splitlines()[-1]
+
+
+def test_the_output_folder_is_made_with_its_parents(png_folder):
+    from pnfs.data.annotations.records import SkipReport
+    from pnfs.data.shards.writer import write_shards
+
+    out = png_folder / "deep" / "er" / "out"
+    write_shards(
+        [_record(1)], png_folder / "images", _options(out), SkipReport(), SkipReport(), progress=False
+    )
+    assert sorted(p.name for p in out.iterdir()) == [PARTS_DIR, MANIFEST, "val-000000.idx", "val-000000.tar"]
+
+
+def test_overwriting_drops_the_splits_manifest_entry_before_deleting_its_shards(png_folder, monkeypatch):
+    from pnfs.data.shards import writer
+
+    out = png_folder / "out"
+    _write(png_folder, [_record(1), _record(2)], shard_size=1)
+    writer.update_manifest(out, "train", {"kept": True})
+
+    def interrupted(task):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(writer, "write_shard", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        _write(png_folder, [_record(1, bbox=(9.0, 20.0, 30.0, 40.0))], shard_size=1, overwrite=True)
+    assert json.loads((out / MANIFEST).read_text())["splits"] == {"train": {"kept": True}}
+    assert sorted(p.name for p in out.glob("val-*")) == []
