@@ -410,6 +410,10 @@ def test_crop_person_cuts_every_pixel_the_region_touches_clipped_to_the_image(tm
     assert np.array_equal(crop, image[0:11, 0:10]) and to_image.tolist() == [[1, 0, 0], [0, 1, 0]]
     crop, to_image = crop_person(image, np.array([90.0, 120.0, 6.0, 8.0]), opts)  # bottom right
     assert np.array_equal(crop, image[118:128, 87:96]) and to_image.tolist() == [[1, 0, 87], [0, 1, 118]]
+    # the aspect range's wide end (2) sets the region: 16 x 8, half hypot / 2 = 8.944: 34.06..51.94 x 45.06..62.94
+    wide = _options(tmp_path, margin=1.0, max_scale=1.0, aspect_range=(1.0, 2.0))
+    crop, to_image = crop_person(image, np.array([40.0, 50.0, 6.0, 8.0]), wide)
+    assert np.array_equal(crop, image[45:64, 34:53]) and to_image.tolist() == [[1, 0, 34], [0, 1, 45]]
     for side in (0, 13):  # no limit, or the crop's own size: kept as it is
         crop, _ = crop_person(
             image, np.array([40.0, 50.0, 6.0, 8.0]), _options(tmp_path, max_side=side, **SQUARE)
@@ -433,6 +437,12 @@ def test_a_crop_over_max_side_is_area_resized_and_its_map_follows_the_pixel_cent
     )
     assert crop.shape == (2, 1, 3)
     assert np.allclose(to_image, [[1, 0, 0], [0, 5.5, 2.25]], rtol=0, atol=1e-12)
+    # 11 wide x 1 high (the box above the image) -> 2 x 1
+    crop, to_image = crop_person(
+        image, np.array([0.0, -9.0, 8.0, 6.0]), _options(tmp_path, max_side=2, **SQUARE)
+    )
+    assert crop.shape == (1, 2, 3)
+    assert np.allclose(to_image, [[5.5, 0, 2.25], [0, 1, 0]], rtol=0, atol=1e-12)
 
 
 def test_person_sample_writes_the_crop_and_the_same_numbers_as_json_and_raw_arrays(tmp_path):
@@ -493,6 +503,10 @@ def test_person_sample_clips_the_box_only_when_asked_and_skips_one_outside(tmp_p
     assert np.frombuffer(kept["bbox.f32"], "<f4").tolist() == [-2, 120, 6, 12]
     outside = PersonRecord("a.png", 1, 3, np.array([96.0, 10.0, 6.0, 12.0]), kp, 1.0)
     assert person_sample(image, outside, _options(tmp_path, clip_box=False)) == (None, "box_outside_image")
+    # a box that reaches into the image, but a region (margin 0.1) that stays right of it: no crop
+    edge = PersonRecord("a.png", 1, 4, np.array([90.0, 10.0, 20.0, 20.0]), kp, 1.0)
+    tiny = _options(tmp_path, clip_box=False, margin=0.1, max_scale=1.0, aspect_range=(1.0, 1.0))
+    assert person_sample(image, edge, tiny) == (None, "box_outside_image")
 
 
 def test_write_shards_entry_sidecars_and_manifest_are_the_inputs(png_folder):
