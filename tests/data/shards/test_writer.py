@@ -192,10 +192,9 @@ def _write(tmp: Path, records, **kw) -> dict:
 
     overwrite = kw.pop("overwrite", False)
     opts = _options(tmp / "out", **kw)
-    return write_shards(
-        records, tmp / "images", opts, SkipReport(), SkipReport(), command=["cmd", "x"], progress=False,
-        overwrite=overwrite,
-    )  # fmt: skip
+    more = {"overwrite": True} if overwrite else {}  # refusing is the default
+    return write_shards(records, tmp / "images", opts, SkipReport(), SkipReport(), command=["cmd", "x"],
+                        progress=False, **more)  # fmt: skip
 
 
 @pytest.fixture
@@ -379,3 +378,387 @@ def test_stale_shards_lists_every_shard_written_from_other_inputs_or_beyond_the_
     (out / "val-000000.tar").unlink()
     assert _stored_digest(out, "val-000000.tar") is None
     assert stale_shards(out, "other-split", digests) == []
+
+
+def test_clip_box_keeps_the_part_inside_the_image_or_none():
+    from pnfs.data.shards.writer import clip_box
+
+    assert clip_box(np.array([-5.0, -6.0, 20.0, 30.0]), 10, 12).tolist() == [0, 0, 10, 12]
+    assert clip_box(np.array([2.0, 3.0, 4.0, 5.0]), 100, 100).tolist() == [2, 3, 4, 5]
+    assert clip_box(np.array([9.5, 11.0, 5.0, 5.0]), 10, 12).tolist() == [9.5, 11, 0.5, 1]
+    assert clip_box(np.array([10.0, 0.0, 5.0, 5.0]), 10, 12) is None  # touches the right edge only
+    assert clip_box(np.array([0.0, 12.0, 5.0, 5.0]), 10, 12) is None
+    assert clip_box(np.array([-5.0, 0.0, 5.0, 5.0]), 10, 12) is None
+    assert clip_box(np.array([0.0, -5.0, 5.0, 5.0]), 10, 12) is None
+
+
+# crop_person with margin 1, max_scale 1, aspect 1: a w x h box's region is the square of side
+# hypot(s, s) (s = max(w, h)) around its centre; pixel j covers [j - 0.5, j + 0.5)
+SQUARE = dict(margin=1.0, max_scale=1.0, aspect_range=(1.0, 1.0))
+
+
+def test_crop_person_cuts_every_pixel_the_region_touches_clipped_to_the_image(tmp_path):
+    from pnfs.data.shards.writer import crop_person
+
+    image = np.random.default_rng(2).integers(0, 255, (128, 96, 3), dtype=np.uint8)
+    opts = _options(tmp_path, **SQUARE)
+    # box (40, 50, 6, 8): centre (43, 54), half 4 * sqrt(2) = 5.657: region 37.34..48.66 x 48.34..59.66
+    crop, to_image = crop_person(image, np.array([40.0, 50.0, 6.0, 8.0]), opts)
+    assert np.array_equal(crop, image[48:61, 37:50]) and crop.flags["C_CONTIGUOUS"]
+    assert to_image.tolist() == [[1, 0, 37], [0, 1, 48]]
+    crop, to_image = crop_person(image, np.array([0.0, 0.0, 6.0, 8.0]), opts)  # top left: -2.66..8.66
+    assert np.array_equal(crop, image[0:11, 0:10]) and to_image.tolist() == [[1, 0, 0], [0, 1, 0]]
+    crop, to_image = crop_person(image, np.array([90.0, 120.0, 6.0, 8.0]), opts)  # bottom right
+    assert np.array_equal(crop, image[118:128, 87:96]) and to_image.tolist() == [[1, 0, 87], [0, 1, 118]]
+    # the aspect range's wide end (2) sets the region: 16 x 8, half hypot / 2 = 8.944: 34.06..51.94 x 45.06..62.94
+    wide = _options(tmp_path, margin=1.0, max_scale=1.0, aspect_range=(1.0, 2.0))
+    crop, to_image = crop_person(image, np.array([40.0, 50.0, 6.0, 8.0]), wide)
+    assert np.array_equal(crop, image[45:64, 34:53]) and to_image.tolist() == [[1, 0, 34], [0, 1, 45]]
+    for side in (0, 13):  # no limit, or the crop's own size: kept as it is
+        crop, _ = crop_person(
+            image, np.array([40.0, 50.0, 6.0, 8.0]), _options(tmp_path, max_side=side, **SQUARE)
+        )
+        assert crop.shape == (13, 13, 3)
+
+
+def test_a_crop_over_max_side_is_area_resized_and_its_map_follows_the_pixel_centres(tmp_path):
+    from pnfs.data.shards.writer import crop_person
+
+    image = np.random.default_rng(2).integers(0, 255, (128, 96, 3), dtype=np.uint8)
+    crop, to_image = crop_person(
+        image, np.array([40.0, 50.0, 6.0, 8.0]), _options(tmp_path, max_side=5, **SQUARE)
+    )
+    # 13 x 13 -> 5 x 5: f = 5/13, a resized pixel centre u maps to (u + 0.5) * 13/5 - 0.5
+    assert np.array_equal(crop, cv2.resize(image[48:61, 37:50], (5, 5), interpolation=cv2.INTER_AREA))
+    assert np.allclose(to_image, [[2.6, 0, 37.8], [0, 2.6, 48.8]], rtol=0, atol=1e-12)
+    # 1 wide x 11 high (the box left of the image) -> 1 x 2: a side never rounds to 0
+    crop, to_image = crop_person(
+        image, np.array([-9.0, 0.0, 6.0, 8.0]), _options(tmp_path, max_side=2, **SQUARE)
+    )
+    assert crop.shape == (2, 1, 3)
+    assert np.allclose(to_image, [[1, 0, 0], [0, 5.5, 2.25]], rtol=0, atol=1e-12)
+    # 11 wide x 1 high (the box above the image) -> 2 x 1
+    crop, to_image = crop_person(
+        image, np.array([0.0, -9.0, 8.0, 6.0]), _options(tmp_path, max_side=2, **SQUARE)
+    )
+    assert crop.shape == (1, 2, 3)
+    assert np.allclose(to_image, [[5.5, 0, 2.25], [0, 1, 0]], rtol=0, atol=1e-12)
+
+
+def test_person_sample_writes_the_crop_and_the_same_numbers_as_json_and_raw_arrays(tmp_path):
+    import simplejpeg
+
+    from pnfs.data.annotations.records import PersonRecord
+    from pnfs.data.shards.writer import person_sample
+
+    image = np.random.default_rng(3).integers(0, 255, (128, 96, 3), dtype=np.uint8)
+    kp = np.zeros((17, 3))
+    kp[0] = [41.0, 52.0, 2.0]
+    kp[1] = [44.5, 57.25, 1.0]
+    kp[2] = [99.0, 99.0, 0.0]  # unlabelled: zeroed
+    rec = PersonRecord("sub/a.png", 7, 70, np.array([40.0, 50.0, 6.0, 8.0]), kp, 33.5, 0.75)
+    opts = _options(tmp_path, quality=90, **SQUARE)
+    sample, reason = person_sample(image, rec, opts)
+    assert reason is None and sorted(sample) == sorted(
+        ["jpg", "json", "kp.f32", "bbox.f32", "c2i.f32", "score.f32", "ids.i64"]
+    )
+    want_kp = np.zeros((17, 3))
+    want_kp[0] = [41 - 37, 52 - 48, 2]  # the crop starts at (37, 48)
+    want_kp[1] = [44.5 - 37, 57.25 - 48, 1]
+    assert json.loads(sample["json"]) == {
+        "image_id": 7,
+        "ann_id": 70,
+        "bbox": [40.0, 50.0, 6.0, 8.0],
+        "keypoints": want_kp.tolist(),
+        "crop_to_image": [[1.0, 0.0, 37.0], [0.0, 1.0, 48.0]],
+        "score": 0.75,
+        "image_size": [96, 128],
+        "crop_size": [13, 13],
+        "image_file": "sub/a.png",
+        "area": 33.5,
+        "joint_set": "coco17",
+    }
+    assert np.frombuffer(sample["kp.f32"], "<f4").reshape(17, 3).tolist() == want_kp.tolist()
+    assert np.frombuffer(sample["bbox.f32"], "<f4").tolist() == [40, 50, 6, 8]
+    assert np.frombuffer(sample["c2i.f32"], "<f4").tolist() == [1, 0, 37, 0, 1, 48]
+    assert np.frombuffer(sample["score.f32"], "<f4").tolist() == [0.75]
+    assert np.frombuffer(sample["ids.i64"], "<i8").tolist() == [7, 70]
+    assert simplejpeg.decode_jpeg_header(sample["jpg"]) == (13, 13, "YCbCr", "444")
+    crop = image[48:61, 37:50]
+    assert sample["jpg"] == simplejpeg.encode_jpeg(crop, quality=90, colorspace="RGB", colorsubsampling="444")
+    assert rec.keypoints[2].tolist() == [99, 99, 0]  # the record is not changed
+
+
+def test_person_sample_clips_the_box_only_when_asked_and_skips_one_outside(tmp_path):
+    from pnfs.data.annotations.records import PersonRecord
+    from pnfs.data.shards.writer import person_sample
+
+    image = np.zeros((128, 96, 3), np.uint8)
+    kp = np.zeros((17, 3))
+    rec = PersonRecord("a.png", 1, 2, np.array([-2.0, 120.0, 6.0, 12.0]), kp, 1.0)
+    clipped, _ = person_sample(image, rec, _options(tmp_path, **SQUARE))
+    assert json.loads(clipped["json"])["bbox"] == [0.0, 120.0, 4.0, 8.0]
+    kept, _ = person_sample(image, rec, _options(tmp_path, clip_box=False, **SQUARE))
+    assert json.loads(kept["json"])["bbox"] == [-2.0, 120.0, 6.0, 12.0]
+    assert np.frombuffer(kept["bbox.f32"], "<f4").tolist() == [-2, 120, 6, 12]
+    outside = PersonRecord("a.png", 1, 3, np.array([96.0, 10.0, 6.0, 12.0]), kp, 1.0)
+    assert person_sample(image, outside, _options(tmp_path, clip_box=False)) == (None, "box_outside_image")
+    # a box that reaches into the image, but a region (margin 0.1) that stays right of it: no crop
+    edge = PersonRecord("a.png", 1, 4, np.array([90.0, 10.0, 20.0, 20.0]), kp, 1.0)
+    tiny = _options(tmp_path, clip_box=False, margin=0.1, max_scale=1.0, aspect_range=(1.0, 1.0))
+    assert person_sample(image, edge, tiny) == (None, "box_outside_image")
+
+
+def test_write_shards_entry_sidecars_and_manifest_are_the_inputs(png_folder):
+    import hashlib
+
+    from pnfs.data.annotations.records import SkipReport
+    from pnfs.data.shards.writer import write_shards
+
+    out = png_folder / "out"
+    records = [
+        _record(1),
+        _record(2, bbox=(5.0, 5.0, 20.0, 30.0)),
+        _record(3, image_file="gone.png", image_id=2),
+    ]
+    records.append(_record(4, bbox=(200.0, 10.0, 5.0, 5.0)))  # right of the 96 px image
+    skipped, filtered = SkipReport(), SkipReport()
+    filtered.add("iscrowd", "1_9")
+    opts = _options(out, shard_size=3)
+    entry = write_shards(records, png_folder / "images", opts, skipped, filtered, command=["a", "b"],
+                         annotations_total=10, progress=False)  # fmt: skip
+    sha = {
+        n: hashlib.sha256((out / n).read_bytes()).hexdigest() for n in ("val-000000.tar", "val-000001.tar")
+    }
+    size = {n: (out / n).stat().st_size for n in sha}
+    digests = [s["inputs_sha256"] for s in entry["shards"]]
+    assert entry == {
+        "joint_set": "coco17",
+        "counts": {"annotations": 10, "records": 4, "samples": 2, "skipped": 2, "filtered": 1},
+        "skipped": {
+            "missing_image": {"count": 1, "first_ids": ["2_3"]},
+            "box_outside_image": {"count": 1, "first_ids": ["1_4"]},
+        },
+        "filtered": {"iscrowd": {"count": 1, "first_ids": ["1_9"]}},
+        "shards": [
+            {"file": n, "samples": k, "bytes": size[n], "sha256": sha[n], "inputs_sha256": d, "reused": False}
+            for n, k, d in zip(sha, (2, 0), digests)
+        ],
+        "options": {"shard_size": 3, "max_side": 768, "margin": 1.25, "max_scale": 1.3,
+                    "aspect_range": [0.75, 1.0], "clip_box": True, "quality": 94},
+        "command": "a b",
+    }  # fmt: skip
+    assert skipped.total() == 2  # the caller's report got the shards' skips
+    assert (out / MANIFEST).read_text() == json.dumps(
+        {"format": "pnfs-webdataset-v1", "splits": {"val": entry}}, indent=1
+    )
+    assert (out / "val-000001.idx").read_text() == "v1.2 0\n"  # a shard without samples
+    assert (out / "val-000000.idx").read_text().startswith("v1.2 2\njpg ")
+    assert json.loads((out / PARTS_DIR / "val-000000.tar.json").read_text()) == {
+        "file": "val-000000.tar", "samples": 2, "records": 3, "sha256": sha["val-000000.tar"],
+        "inputs_sha256": digests[0], "bytes": size["val-000000.tar"],
+        "skipped": {"missing_image": {"count": 1, "first_ids": ["2_3"]}},
+    }  # fmt: skip
+    every = sorted(str(p.relative_to(out)) for p in out.rglob("*"))
+    assert every == [".parts", ".parts/val-000000.tar.json", ".parts/val-000001.tar.json", MANIFEST,
+                     "val-000000.idx", "val-000000.tar", "val-000001.idx", "val-000001.tar"]  # fmt: skip
+    # again: every shard reused, the sidecar's numbers; a sidecar without "bytes" takes the file's
+    side = json.loads((out / PARTS_DIR / "val-000001.tar.json").read_text())
+    del side["bytes"]
+    (out / PARTS_DIR / "val-000001.tar.json").write_text(json.dumps(side))
+    again = write_shards(records, png_folder / "images", opts, SkipReport(), SkipReport(), progress=False)
+    assert [(s["reused"], s["bytes"], s["sha256"]) for s in again["shards"]] == [
+        (True, size[n], sha[n]) for n in sha
+    ]
+    assert again["counts"] == {"annotations": 4, "records": 4, "samples": 2, "skipped": 2, "filtered": 0}
+    import sys
+
+    assert again["command"] == " ".join(sys.argv)
+
+
+def test_content_options_and_the_inputs_digest_recipe(png_folder):
+    import hashlib
+
+    from pnfs.data.shards.writer import content_options, inputs_digest
+
+    opts = _options(png_folder / "out", shard_size=7, max_side=100, margin=1.5, max_scale=1.2,
+                    aspect_range=(0.5, 2), clip_box=False, quality=80)  # fmt: skip
+    options = {"split": "val", "joint_set": "coco17", "max_side": 100, "margin": 1.5, "max_scale": 1.2,
+               "aspect_range": [0.5, 2.0], "clip_box": False, "quality": 80}  # fmt: skip
+    assert content_options(opts) == options and isinstance(content_options(opts)["aspect_range"][1], float)
+    records = [_record(1), _record(2, image_file="gone.png", image_id=2), _record(3)]
+    h = hashlib.sha256(json.dumps({"format": 1, **options}, sort_keys=True).encode())
+    png_size = (png_folder / "images" / "a.png").stat().st_size
+    for rec, size in zip(records, (png_size, -1, png_size)):  # a missing image counts as -1 bytes
+        h.update(f"\n{rec.key}\t{rec.image_file}\t{size}\t".encode())
+        h.update(np.asarray(rec.bbox, "<f8").tobytes() + np.asarray(rec.keypoints, "<f8").tobytes())
+        h.update(np.asarray([rec.area, rec.score], "<f8").tobytes())
+    assert inputs_digest(records, png_folder / "images", opts) == h.hexdigest()
+    moved = _options(png_folder / "elsewhere", shard_size=1, max_side=100, margin=1.5, max_scale=1.2,
+                     aspect_range=(0.5, 2), clip_box=False, quality=80)  # fmt: skip
+    assert inputs_digest(records, png_folder / "images", moved) == h.hexdigest()  # out, shard_size: no
+
+
+def test_update_manifest_keeps_other_splits_removes_one_and_replaces_a_broken_file(tmp_path):
+    from pnfs.data.shards.writer import update_manifest
+
+    assert update_manifest(tmp_path, "val", {"n": 1}) == tmp_path / MANIFEST
+    update_manifest(tmp_path, "train", {"n": 2})
+    assert json.loads((tmp_path / MANIFEST).read_text()) == {
+        "format": "pnfs-webdataset-v1", "splits": {"val": {"n": 1}, "train": {"n": 2}}
+    }  # fmt: skip
+    update_manifest(tmp_path, "val", None)
+    update_manifest(tmp_path, "test", None)  # not there: nothing to remove
+    assert json.loads((tmp_path / MANIFEST).read_text())["splits"] == {"train": {"n": 2}}
+    (tmp_path / MANIFEST).write_text("{broken")
+    update_manifest(tmp_path, "val", {"n": 3})
+    assert json.loads((tmp_path / MANIFEST).read_text()) == {
+        "format": "pnfs-webdataset-v1",
+        "splits": {"val": {"n": 3}},
+    }
+    (tmp_path / MANIFEST).write_text('{"format": "x"}')  # no splits yet
+    update_manifest(tmp_path, "val", {"n": 4})
+    assert json.loads((tmp_path / MANIFEST).read_text()) == {"format": "x", "splits": {"val": {"n": 4}}}
+    assert sorted(p.name for p in tmp_path.iterdir()) == [MANIFEST]
+
+
+def test_other_inputs_are_refused_naming_three_shards_and_the_count_of_the_rest(png_folder):
+    from pnfs.data.shards.writer import StaleShardsError
+
+    out = png_folder / "out"
+    _write(png_folder, [_record(i) for i in range(1, 6)], shard_size=1)
+    before = sorted((p.name, p.read_bytes()) for p in out.rglob("*") if p.is_file())
+    with pytest.raises(StaleShardsError) as e:
+        _write(png_folder, [_record(i, bbox=(9.0, 20.0, 30.0, 40.0)) for i in range(1, 6)], shard_size=1)
+    assert str(e.value) == (
+        f"{out} holds 'val' shards written from other annotations, records or options (val-000000.tar, "
+        "val-000001.tar, val-000002.tar and 2 more); pass --overwrite to replace them, or choose another --out"
+    )
+    with pytest.raises(StaleShardsError) as e:
+        _write(png_folder, [_record(1), _record(2)], shard_size=1)
+    assert "options (val-000002.tar, val-000003.tar, val-000004.tar); pass" in str(e.value)
+    with pytest.raises(StaleShardsError) as e:
+        _write(png_folder, [_record(1)], shard_size=1)
+    assert "options (val-000001.tar, val-000002.tar, val-000003.tar and 1 more); pass" in str(e.value)
+    assert sorted((p.name, p.read_bytes()) for p in out.rglob("*") if p.is_file()) == before
+
+
+def test_shard_members_are_gnu_tar_entries_with_fixed_time_and_mode(png_folder):
+    import tarfile
+
+    _write(png_folder, [_record(1)])
+    tar_path = png_folder / "out" / "val-000000.tar"
+    assert tar_path.read_bytes()[257:265] == b"ustar  \x00"  # GNU magic, whatever Python's default
+    with tarfile.open(tar_path) as tar:
+        members = tar.getmembers()
+    assert [m.name for m in members] == [
+        f"1_1.{ext}" for ext in ("jpg", "json", "kp.f32", "bbox.f32", "c2i.f32", "score.f32", "ids.i64")
+    ]
+    assert {(m.mtime, m.mode, m.type) for m in members} == {(0, 0o444, tarfile.REGTYPE)}
+
+
+def test_a_skipped_image_or_person_does_not_stop_the_shard(png_folder):
+    records = [
+        _record(1, image_file="gone.png", image_id=2),  # its image is missing
+        _record(2, bbox=(200.0, 10.0, 5.0, 5.0)),  # outside a.png
+        _record(3),
+    ]
+    entry = _write(png_folder, records)
+    assert entry["counts"]["samples"] == 1 and _keys_on_disk(png_folder / "out") == ["1_3"]
+    assert entry["skipped"] == {
+        "missing_image": {"count": 1, "first_ids": ["2_1"]},
+        "box_outside_image": {"count": 1, "first_ids": ["1_2"]},
+    }
+
+
+def test_write_shards_shows_a_progress_bar_by_person_unless_told_not_to(png_folder, capsys):
+    from pnfs.data.annotations.records import SkipReport
+    from pnfs.data.shards.writer import write_shards
+
+    records = [_record(1), _record(2), _record(3)]
+    opts = _options(png_folder / "out", shard_size=2)
+    write_shards(records, png_folder / "images", opts, SkipReport(), SkipReport())
+    last = capsys.readouterr().err.replace("\r", "\n").strip().splitlines()[-1]
+    assert last.startswith("shards val: 100%") and " 3/3 [" in last and "person/s]" in last
+    write_shards(records, png_folder / "images", opts, SkipReport(), SkipReport(), progress=False)
+    assert capsys.readouterr() == ("", "")
+
+
+class _StandInPool:
+    """What write_shards asks of ``multiprocessing``: records the start method and the pool
+    size, runs the tasks here and hands the results back in reverse (unordered) order."""
+
+    def __init__(self, calls: list):
+        self.calls = calls
+
+    def __call__(self, method):  # get_context(method)
+        self.calls.append(("context", method))
+        return self
+
+    def Pool(self, processes):  # noqa: N802 (multiprocessing's name)
+        self.calls.append(("processes", processes))
+        return self
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def imap_unordered(self, fn, tasks):
+        tasks = list(tasks)
+        self.calls.append(("tasks", [t[0] for t in tasks]))
+        return reversed([fn(t) for t in tasks])
+
+
+@pytest.mark.parametrize("workers, shards, processes", [(1, 3, None), (2, 1, None), (2, 3, 2), (5, 3, 3)])
+def test_workers_write_shards_in_a_spawned_pool_only_when_both_are_more_than_one(
+    png_folder, monkeypatch, capsys, workers, shards, processes
+):
+    from pnfs.data.annotations.records import SkipReport
+    from pnfs.data.shards import writer
+
+    calls: list = []
+    monkeypatch.setattr(writer, "get_context", _StandInPool(calls))
+    records = [_record(i) for i in range(1, 4)]
+    opts = _options(png_folder / "out", shard_size=3 // shards)
+    entry = writer.write_shards(
+        records, png_folder / "images", opts, SkipReport(), SkipReport(), workers=workers
+    )
+    want = (
+        []
+        if processes is None
+        else [("context", "spawn"), ("processes", processes), ("tasks", list(range(shards)))]
+    )
+    assert calls == want
+    assert [s["file"] for s in entry["shards"]] == [f"val-00000{i}.tar" for i in range(shards)]  # sorted back
+    assert entry["counts"]["samples"] == 3 and _keys_on_disk(png_folder / "out") == ["1_1", "1_2", "1_3"]
+    assert " 3/3 [" in capsys.readouterr().err.replace("\r", "\n").strip().splitlines()[-1]
+
+
+def test_the_output_folder_is_made_with_its_parents(png_folder):
+    from pnfs.data.annotations.records import SkipReport
+    from pnfs.data.shards.writer import write_shards
+
+    out = png_folder / "deep" / "er" / "out"
+    write_shards(
+        [_record(1)], png_folder / "images", _options(out), SkipReport(), SkipReport(), progress=False
+    )
+    assert sorted(p.name for p in out.iterdir()) == [PARTS_DIR, MANIFEST, "val-000000.idx", "val-000000.tar"]
+
+
+def test_overwriting_drops_the_splits_manifest_entry_before_deleting_its_shards(png_folder, monkeypatch):
+    from pnfs.data.shards import writer
+
+    out = png_folder / "out"
+    _write(png_folder, [_record(1), _record(2)], shard_size=1)
+    writer.update_manifest(out, "train", {"kept": True})
+
+    def interrupted(task):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(writer, "write_shard", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        _write(png_folder, [_record(1, bbox=(9.0, 20.0, 30.0, 40.0))], shard_size=1, overwrite=True)
+    assert json.loads((out / MANIFEST).read_text())["splits"] == {"train": {"kept": True}}
+    assert sorted(p.name for p in out.glob("val-*")) == []
