@@ -752,3 +752,23 @@ def test_a_config_beyond_the_shards_coverage_warns_naming_its_key(shards, keys, 
     cfg = load_config(None, [f"data.val_shards={shards}"] + [f"{k}={v}" for k, v in keys.items()])
     with pytest.warns(UserWarning, match=re.escape(named)):
         build_loader(cfg, "val")
+
+
+def test_the_joint_count_is_read_from_the_first_sample_of_the_first_shard_with_samples(shards, tmp_path):
+    """An empty shard is passed over; a shard of one sample is read (its sample 0); only the first
+    shard with samples is read: a later shard of 3 joints is not checked (a loader would refuse
+    its arrays as bad samples, docs/data.md)."""
+    from pnfs.data.loaders.build import _check_joints
+    from tests.data.loaders.test_plan_reader import sample, write_shard
+
+    val = ShardSet.open([str(shards / "val-000000.tar")])
+    one = write_shard(tmp_path / "one.tar", [val.read_present(0, 0, tuple(val.index[0][0][1]))])
+    empty = write_shard(tmp_path / "empty.tar", [])
+    three = write_shard(tmp_path / "three.tar", [sample(0), sample(1)])
+    assert ShardSet.open([one]).counts == [1] and ShardSet.open([empty]).counts == [0]
+    assert _check_joints(ShardSet.open([empty, one, three]), 17, "coco") is None
+    with pytest.raises(ValueError) as e:
+        _check_joints(ShardSet.open([empty, one]), 14, "crowdpose")
+    assert str(e.value) == f"{one}: samples have 17 joints but data.dataset='crowdpose' has 14"
+    with pytest.raises(ValueError, match=r"three\.tar: samples have 3 joints"):
+        _check_joints(ShardSet.open([empty, three, one]), 17, "coco")
