@@ -772,3 +772,10 @@ def test_the_joint_count_is_read_from_the_first_sample_of_the_first_shard_with_s
     assert str(e.value) == f"{one}: samples have 17 joints but data.dataset='crowdpose' has 14"
     with pytest.raises(ValueError, match=r"three\.tar: samples have 3 joints"):
         _check_joints(ShardSet.open([empty, three, one]), 17, "coco")
+
+
+def test_the_defaults_are_rank_0_of_1_epoch_0_from_the_start(shards):
+    cfg = _cfg(shards)
+    explicit = _ids(build_loader(cfg, "train", rank=0, world_size=1, epoch=0, start_sample=0))
+    assert _ids(build_loader(cfg, "train")) == explicit
+    assert explicit != _ids(build_loader(cfg, "train", epoch=1))
