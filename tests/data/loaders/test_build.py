@@ -779,3 +779,22 @@ def test_the_defaults_are_rank_0_of_1_epoch_0_from_the_start(shards):
     explicit = _ids(build_loader(cfg, "train", rank=0, world_size=1, epoch=0, start_sample=0))
     assert _ids(build_loader(cfg, "train")) == explicit
     assert explicit != _ids(build_loader(cfg, "train", epoch=1))
+
+
+def test_data_verify_shards_compares_each_shards_sha256(shards, tmp_path, caplog):
+    """One bit of one keypoint changed, the size kept: only data.verify_shards=true names it."""
+    folder = tmp_path / "val"
+    folder.mkdir()
+    for p in [*shards.glob("val-*"), *shards.glob("*.json")]:
+        (folder / p.name).write_bytes(p.read_bytes())
+    shard = folder / "val-000001.tar"
+    offset, _ = ShardSet.open([str(shard)]).index[0][0][1]["kp.f32"]
+    raw = bytearray(shard.read_bytes())
+    raw[offset] ^= 0x01
+    shard.write_bytes(bytes(raw))
+    for verify in (False, True):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="pnfs.train"):
+            build_loader(_cfg(shards, **{"data.val_shards": folder, "data.verify_shards": verify}), "val")
+        named = [r.getMessage() for r in caplog.records if "sha256 differs" in r.getMessage()]
+        assert len(named) == int(verify) and all("val-000001.tar" in m for m in named)
