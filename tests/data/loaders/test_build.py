@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import math
+import re
 from pathlib import Path
 
 import cv2
@@ -681,8 +682,10 @@ def test_dropped_samples_are_logged_counted_or_raised(shards, tmp_path, caplog):
     report = loader.bad_samples
     assert report.limit == 5 and report.counts == {"truncated_shard": 2}
     assert [(s.reason, s.shard, s.key) for s in report.samples] == [("truncated_shard", cut, k) for k in lost]
-    dropped = [r.getMessage() for r in caplog.records if r.getMessage().startswith("bad sample dropped: ")]
-    assert dropped == [f"bad sample dropped: {s}" for s in report.samples]
+    dropped = [
+        (r.name, r.getMessage()) for r in caplog.records if r.getMessage().startswith("bad sample dropped: ")
+    ]
+    assert dropped == [("pnfs.train", f"bad sample dropped: {s}") for s in report.samples]
     assert len(loader) == 28 // 4
     # the default limit: 0.1% of the 28 samples planned, at least 1; 2 dropped samples pass it
     with pytest.raises(BadSampleError, match=r"2 bad samples, more than data\.max_bad_samples=1"):
@@ -710,7 +713,88 @@ def test_a_shard_that_does_not_match_its_manifest_is_logged(shards, tmp_path, ca
     with caplog.at_level(logging.WARNING, logger="pnfs.train"):
         build_loader(_cfg(shards, **{"data.max_bad_samples": 5}), "train", shards=str(tmp_path / "cut"))
     problems = [r.getMessage() for r in caplog.records if "manifest" in r.getMessage()]
-    assert len(problems) == 1
+    assert len(problems) == 1 and [r.name for r in caplog.records if "manifest" in r.getMessage()] == [
+        "pnfs.train"
+    ]
     assert problems[0].startswith(
         f"shard does not match its manifest: {tmp_path / 'cut' / 'train-000002.tar'}"
     )
+
+
+def test_a_limit_of_zero_bad_samples_is_kept_not_the_default(shards, tmp_path):
+    _truncated_copy(shards, tmp_path / "cut")
+    with pytest.raises(BadSampleError, match=r"1 bad samples, more than data\.max_bad_samples=0"):
+        build_loader(_cfg(shards, **{"data.max_bad_samples": 0}), "train", shards=str(tmp_path / "cut"))
+
+
+def test_urls_are_copied_into_data_cache_dir(shards, tmp_path):
+    """``pipe:`` URLs (read here with cat) are copied once into data.cache_dir; DALI reads them
+    from there too, so with a cache_dir it does not refuse URLs."""
+    urls = f"pipe:cat {shards}/val-{{000000..000002}}.tar"
+    cache = tmp_path / "cache"
+    loader = build_loader(_cfg(shards, **{"data.val_shards": urls, "data.cache_dir": str(cache)}), "val")
+    assert len(sorted(cache.glob("*.tar"))) == 3
+    assert sum(len(b) for b in loader) == 14
+    dali = build_loader(
+        _cfg(shards, loader="dali", **{"data.val_shards": urls, "data.cache_dir": str(cache)}), "val"
+    )
+    assert len(dali) == 4
+
+
+@pytest.mark.parametrize(
+    ("keys", "named"),
+    [
+        ({"data.scale_range": "[0.7,1.6]"}, "data.scale_range=[0.7, 1.6]"),
+        ({"data.input_size": "[64,128]"}, "data.input_size=[64, 128]"),
+    ],
+)
+def test_a_config_beyond_the_shards_coverage_warns_naming_its_key(shards, keys, named):
+    cfg = load_config(None, [f"data.val_shards={shards}"] + [f"{k}={v}" for k, v in keys.items()])
+    with pytest.warns(UserWarning, match=re.escape(named)):
+        build_loader(cfg, "val")
+
+
+def test_the_joint_count_is_read_from_the_first_sample_of_the_first_shard_with_samples(shards, tmp_path):
+    """An empty shard is passed over; a shard of one sample is read (its sample 0); only the first
+    shard with samples is read: a later shard of 3 joints is not checked (a loader would refuse
+    its arrays as bad samples, docs/data.md)."""
+    from pnfs.data.loaders.build import _check_joints
+    from tests.data.loaders.test_plan_reader import sample, write_shard
+
+    val = ShardSet.open([str(shards / "val-000000.tar")])
+    one = write_shard(tmp_path / "one.tar", [val.read_present(0, 0, tuple(val.index[0][0][1]))])
+    empty = write_shard(tmp_path / "empty.tar", [])
+    three = write_shard(tmp_path / "three.tar", [sample(0), sample(1)])
+    assert ShardSet.open([one]).counts == [1] and ShardSet.open([empty]).counts == [0]
+    assert _check_joints(ShardSet.open([empty, one, three]), 17, "coco") is None
+    with pytest.raises(ValueError) as e:
+        _check_joints(ShardSet.open([empty, one]), 14, "crowdpose")
+    assert str(e.value) == f"{one}: samples have 17 joints but data.dataset='crowdpose' has 14"
+    with pytest.raises(ValueError, match=r"three\.tar: samples have 3 joints"):
+        _check_joints(ShardSet.open([empty, three, one]), 17, "coco")
+
+
+def test_the_defaults_are_rank_0_of_1_epoch_0_from_the_start(shards):
+    cfg = _cfg(shards)
+    explicit = _ids(build_loader(cfg, "train", rank=0, world_size=1, epoch=0, start_sample=0))
+    assert _ids(build_loader(cfg, "train")) == explicit
+    assert explicit != _ids(build_loader(cfg, "train", epoch=1))
+
+
+def test_data_verify_shards_compares_each_shards_sha256(shards, tmp_path, caplog):
+    """One bit of one keypoint changed, the size kept: only data.verify_shards=true names it."""
+    folder = tmp_path / "val"
+    folder.mkdir()
+    for p in [*shards.glob("val-*"), *shards.glob("*.json")]:
+        (folder / p.name).write_bytes(p.read_bytes())
+    shard = folder / "val-000001.tar"
+    offset, _ = ShardSet.open([str(shard)]).index[0][0][1]["kp.f32"]
+    raw = bytearray(shard.read_bytes())
+    raw[offset] ^= 0x01
+    shard.write_bytes(bytes(raw))
+    for verify in (False, True):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="pnfs.train"):
+            build_loader(_cfg(shards, **{"data.val_shards": folder, "data.verify_shards": verify}), "val")
+        named = [r.getMessage() for r in caplog.records if "sha256 differs" in r.getMessage()]
+        assert len(named) == int(verify) and all("val-000001.tar" in m for m in named)

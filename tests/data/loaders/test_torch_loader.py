@@ -161,3 +161,25 @@ def test_pose_loader_without_a_report_stops_at_the_first_bad_sample():
     with pytest.raises(BadSampleError, match=r"more than data\.max_bad_samples=0"):
         list(loader)
     assert PoseLoader(_Items([]), num_workers=0, pin_memory=True).loader.pin_memory is True
+
+
+@pytest.mark.parametrize("stretch", [1.0, 0.2])
+def test_decode_for_input_gives_rgb_at_the_rounded_up_size(stretch):
+    """A 61 x 47 crop of one colour: RGB order on the whole and the scaled path; at 1/4 libjpeg
+    gives ceil(61 / 4) x ceil(47 / 4) = 16 x 12 pixels."""
+    data = simplejpeg.encode_jpeg(
+        np.tile(np.uint8([200, 30, 90]), (61, 47, 1)), quality=100, colorsubsampling="444"
+    )
+    image, _ = decode_for_input(data, np.array([[stretch, 0, 0], [0, stretch, 0]]))
+    assert image.shape == ((61, 47, 3) if stretch == 1.0 else (16, 12, 3))
+    assert np.abs(image[5, 5].astype(int) - [200, 30, 90]).max() <= 2
+
+
+def test_a_scaled_decode_of_another_size_is_refused(monkeypatch):
+    """The matrix assumes libjpeg's ceil(size * f): a decoder that gives another size is refused."""
+    data = simplejpeg.encode_jpeg(np.full((64, 48, 3), 90, np.uint8))
+    real = simplejpeg.decode_jpeg
+    monkeypatch.setattr(simplejpeg, "decode_jpeg", lambda *a, **k: real(*a, **k)[:-1])
+    with pytest.raises(ValueError) as e:
+        decode_for_input(data, np.array([[0.3, 0, 0], [0, 0.3, 0]]))
+    assert str(e.value) == "scaled JPEG decode gave (31, 24) for 64x48 at scale 0.5"
