@@ -711,9 +711,11 @@ class _StandInPool:
         return reversed([fn(t) for t in tasks])
 
 
-@pytest.mark.parametrize("workers, shards, processes", [(1, 3, None), (2, 1, None), (2, 3, 2), (5, 3, 3)])
+@pytest.mark.parametrize(
+    "workers, shard_size, processes", [(1, 1, None), (2, 3, None), (2, 1, 2), (5, 1, 3), (3, 2, 2)]
+)
 def test_workers_write_shards_in_a_spawned_pool_only_when_both_are_more_than_one(
-    png_folder, monkeypatch, capsys, workers, shards, processes
+    png_folder, monkeypatch, capsys, workers, shard_size, processes
 ):
     from pnfs.data.annotations.records import SkipReport
     from pnfs.data.shards import writer
@@ -721,10 +723,11 @@ def test_workers_write_shards_in_a_spawned_pool_only_when_both_are_more_than_one
     calls: list = []
     monkeypatch.setattr(writer, "get_context", _StandInPool(calls))
     records = [_record(i) for i in range(1, 4)]
-    opts = _options(png_folder / "out", shard_size=3 // shards)
+    opts = _options(png_folder / "out", shard_size=shard_size)
     entry = writer.write_shards(
         records, png_folder / "images", opts, SkipReport(), SkipReport(), workers=workers
     )
+    shards = -(-3 // shard_size)
     want = (
         []
         if processes is None
