@@ -671,13 +671,17 @@ def test_a_skipped_image_or_person_does_not_stop_the_shard(png_folder):
     }
 
 
-def test_write_shards_shows_a_progress_bar_by_person_unless_told_not_to(png_folder, capsys):
+def test_write_shards_shows_a_progress_bar_by_person_unless_told_not_to(png_folder, monkeypatch, capsys):
     from pnfs.data.annotations.records import SkipReport
+    from pnfs.data.shards import writer
     from pnfs.data.shards.writer import write_shards
 
+    calls: list = []
+    monkeypatch.setattr(writer, "get_context", _StandInPool(calls))
     records = [_record(1), _record(2), _record(3)]
     opts = _options(png_folder / "out", shard_size=2)
     write_shards(records, png_folder / "images", opts, SkipReport(), SkipReport())
+    assert calls == []  # one worker unless asked: no pool
     last = capsys.readouterr().err.replace("\r", "\n").strip().splitlines()[-1]
     assert last.startswith("shards val: 100%") and " 3/3 [" in last and "person/s]" in last
     write_shards(records, png_folder / "images", opts, SkipReport(), SkipReport(), progress=False)
