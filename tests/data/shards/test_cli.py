@@ -218,3 +218,26 @@ def test_the_progress_bar_shows_unless_no_progress_and_workers_reach_the_writer(
     assert run(args, "coco17", _reader([_record(1), _record(2)]), True, []) == 0
     assert calls == [("context", "spawn"), ("processes", 2), ("tasks", [0, 1])]
     assert "shards val: 100%" in capsys.readouterr().err
+
+
+def test_each_option_says_what_it_does_in_help():
+    helps = {a.option_strings[-1]: a.help for a in common_parser("d")._actions}
+    assert helps == {
+        "--help": "show this help message and exit",
+        "--images": "folder holding the images",
+        "--annotations": "annotation json",
+        "--out": "output folder for <split>-%%06d.tar + manifest.json",
+        "--split": "split name (default: train/val from the annotation name)",
+        "--shard-size": "samples per shard (default 512)",
+        "--workers": "processes writing shards in parallel",
+        "--max-side": "longest crop side in px (0: never downscale)",
+        "--margin": "box margin the crops must cover",
+        "--max-scale": "largest augmentation scale to cover",
+        "--aspect-range": "input width/height ratios the crops must cover (default 0.75 1.0: 256x192 .. square)",
+        "--quality": "JPEG quality of the crops (4:4:4 chroma)",
+        "--overwrite": "replace shards of the split in --out that were written from other annotations, records or "
+        "options (without it such a folder is refused, exit 2); shards written from the same inputs are always "
+        "reused, so an interrupted run resumes",
+        "--verify": "re-read every shard after writing",
+        "--no-progress": "no progress bar",
+    }
