@@ -197,3 +197,47 @@ def test_other_inputs_are_refused_then_overwritten_and_verify_fails_on_a_bad_sha
     assert _run(folder, "--margin", "1.5", "--verify") == 1
     out, err = capsys.readouterr()
     assert "verify:" not in out and err.splitlines()[0] == f"verify: {tar}: sha256 differs from the manifest"
+
+
+def test_the_aspect_range_takes_two_values_named_lo_and_hi():
+    usage = " ".join(common_parser("d").format_usage().split())
+    assert "[--aspect-range LO HI]" in usage
+
+
+def test_the_progress_bar_shows_unless_no_progress_and_workers_reach_the_writer(folder, monkeypatch, capsys):
+    from tests.data.shards.test_writer import _StandInPool
+
+    from pnfs.data.shards import writer
+
+    args = common_parser("d").parse_args(
+        ["--images", str(folder / "images"), "--annotations", str(folder / "person_keypoints_val.json"),
+         "--out", str(folder / "out"), "--shard-size", "1", "--workers", "2"]
+    )  # fmt: skip
+    calls: list = []
+    monkeypatch.setattr(writer, "get_context", _StandInPool(calls))
+    assert run(args, "coco17", _reader([_record(1), _record(2)]), True, []) == 0
+    assert calls == [("context", "spawn"), ("processes", 2), ("tasks", [0, 1])]
+    assert "shards val: 100%" in capsys.readouterr().err
+
+
+def test_each_option_says_what_it_does_in_help():
+    helps = {a.option_strings[-1]: a.help for a in common_parser("d")._actions}
+    assert helps == {
+        "--help": "show this help message and exit",
+        "--images": "folder holding the images",
+        "--annotations": "annotation json",
+        "--out": "output folder for <split>-%%06d.tar + manifest.json",
+        "--split": "split name (default: train/val from the annotation name)",
+        "--shard-size": "samples per shard (default 512)",
+        "--workers": "processes writing shards in parallel",
+        "--max-side": "longest crop side in px (0: never downscale)",
+        "--margin": "box margin the crops must cover",
+        "--max-scale": "largest augmentation scale to cover",
+        "--aspect-range": "input width/height ratios the crops must cover (default 0.75 1.0: 256x192 .. square)",
+        "--quality": "JPEG quality of the crops (4:4:4 chroma)",
+        "--overwrite": "replace shards of the split in --out that were written from other annotations, records or "
+        "options (without it such a folder is refused, exit 2); shards written from the same inputs are always "
+        "reused, so an interrupted run resumes",
+        "--verify": "re-read every shard after writing",
+        "--no-progress": "no progress bar",
+    }

@@ -671,13 +671,17 @@ def test_a_skipped_image_or_person_does_not_stop_the_shard(png_folder):
     }
 
 
-def test_write_shards_shows_a_progress_bar_by_person_unless_told_not_to(png_folder, capsys):
+def test_write_shards_shows_a_progress_bar_by_person_unless_told_not_to(png_folder, monkeypatch, capsys):
     from pnfs.data.annotations.records import SkipReport
+    from pnfs.data.shards import writer
     from pnfs.data.shards.writer import write_shards
 
+    calls: list = []
+    monkeypatch.setattr(writer, "get_context", _StandInPool(calls))
     records = [_record(1), _record(2), _record(3)]
     opts = _options(png_folder / "out", shard_size=2)
     write_shards(records, png_folder / "images", opts, SkipReport(), SkipReport())
+    assert calls == []  # one worker unless asked: no pool
     last = capsys.readouterr().err.replace("\r", "\n").strip().splitlines()[-1]
     assert last.startswith("shards val: 100%") and " 3/3 [" in last and "person/s]" in last
     write_shards(records, png_folder / "images", opts, SkipReport(), SkipReport(), progress=False)
@@ -711,9 +715,11 @@ class _StandInPool:
         return reversed([fn(t) for t in tasks])
 
 
-@pytest.mark.parametrize("workers, shards, processes", [(1, 3, None), (2, 1, None), (2, 3, 2), (5, 3, 3)])
+@pytest.mark.parametrize(
+    "workers, shard_size, processes", [(1, 1, None), (2, 3, None), (2, 1, 2), (5, 1, 3), (3, 2, 2)]
+)
 def test_workers_write_shards_in_a_spawned_pool_only_when_both_are_more_than_one(
-    png_folder, monkeypatch, capsys, workers, shards, processes
+    png_folder, monkeypatch, capsys, workers, shard_size, processes
 ):
     from pnfs.data.annotations.records import SkipReport
     from pnfs.data.shards import writer
@@ -721,10 +727,11 @@ def test_workers_write_shards_in_a_spawned_pool_only_when_both_are_more_than_one
     calls: list = []
     monkeypatch.setattr(writer, "get_context", _StandInPool(calls))
     records = [_record(i) for i in range(1, 4)]
-    opts = _options(png_folder / "out", shard_size=3 // shards)
+    opts = _options(png_folder / "out", shard_size=shard_size)
     entry = writer.write_shards(
         records, png_folder / "images", opts, SkipReport(), SkipReport(), workers=workers
     )
+    shards = -(-3 // shard_size)
     want = (
         []
         if processes is None
