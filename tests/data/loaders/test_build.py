@@ -817,3 +817,12 @@ def test_dali_gets_the_rank_the_world_and_a_thread_per_worker(shards):
 def test_the_gpu_loader_gets_data_on_error(shards):
     gpu = build_loader(_cfg(shards, loader="gpu", **{"data.on_error": "raise"}), "val")
     assert gpu.dataset.on_error == "raise"
+
+
+def test_the_torch_loader_pins_its_batches_where_cuda_is(shards, monkeypatch):
+    """Page-locked batches exactly when CUDA is there (the trainer's non-blocking copies); CUDA is
+    stood in for by ``torch.cuda.is_available``: the loader is built, not iterated."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert build_loader(_cfg(shards), "val").loader.pin_memory is True
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert build_loader(_cfg(shards), "val").loader.pin_memory is False
