@@ -19,6 +19,7 @@ from pnfs.data.loaders.gpu_loader import (
     GpuPoseLoader,
     PlanBytes,
     _as_is,
+    _jpeg_header,
     _Normalise,
     decode_batch,
     sampling_theta,
@@ -323,3 +324,10 @@ def test_decode_one_turns_the_decoders_refusal_into_a_bad_jpeg(tmp_path):
     assert crop.shape == (3, 16, 12) and int(crop[0, 8, 6]) == 40
     with pytest.raises(ValueError, match=r"^decode_jpeg, .*Image is incomplete or truncated"):
         loader._decode_one(_noise_jpeg_cut(), np.eye(2, 3))
+
+
+def test_the_workers_check_reads_height_and_width_from_the_header():
+    assert _jpeg_header(sample(1)["jpg"], np.eye(2, 3)) == (16, 12)
+    assert _jpeg_header(_noise_jpeg_cut(), np.eye(2, 3)) == (64, 48)  # the data is not read
+    with pytest.raises(ValueError):
+        _jpeg_header(b"\xff\xd8 no header", np.eye(2, 3))
