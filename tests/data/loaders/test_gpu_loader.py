@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import cv2
 import numpy as np
@@ -331,3 +332,34 @@ def test_the_workers_check_reads_height_and_width_from_the_header():
     assert _jpeg_header(_noise_jpeg_cut(), np.eye(2, 3)) == (64, 48)  # the data is not read
     with pytest.raises(ValueError):
         _jpeg_header(b"\xff\xd8 no header", np.eye(2, 3))
+
+
+class _Counted(_Items):
+    """_Items that count the items read."""
+
+    def __init__(self, n: int):
+        super().__init__(n)
+        self.read = 0
+
+    def __getitem__(self, b: int) -> dict:
+        self.read += 1
+        return super().__getitem__(b)
+
+
+def test_stopping_early_ends_a_producer_waiting_on_the_full_queue():
+    """The producer waits to put a batch into the full queue when the consumer stops: it must
+    see the stop (a put that blocks for good would hang the consumer's close)."""
+    items = _Counted(6)
+    batches = iter(GpuPoseLoader(items, num_workers=0, device="cpu", prefetch=1))
+    next(batches)
+    for _ in range(500):  # the queue holds one batch, the producer has the next one ready
+        if items.read >= 3:
+            break
+        time.sleep(0.01)
+    time.sleep(0.2)
+    assert items.read == 3  # waiting: no further item read
+    closer = threading.Thread(target=batches.close, daemon=True)
+    closer.start()
+    closer.join(10)
+    assert not closer.is_alive(), "the producer did not see the stop"
+    assert not _producers()
