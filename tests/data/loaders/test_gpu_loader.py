@@ -363,3 +363,20 @@ def test_stopping_early_ends_a_producer_waiting_on_the_full_queue():
     closer.join(10)
     assert not closer.is_alive(), "the producer did not see the stop"
     assert not _producers()
+
+
+def test_warp_batch_works_on_the_crops_device():
+    """Crops on another device (``meta`` here, CUDA in training): the padding, the matrices and
+    the output are made there."""
+    crops = [
+        torch.zeros(3, 5, 6, dtype=torch.uint8, device="meta"),
+        torch.zeros(3, 4, 7, dtype=torch.uint8, device="meta"),
+    ]
+    out = warp_batch(crops, np.stack([np.eye(2, 3)] * 2), (8, 6))
+    assert out.device.type == "meta" and out.shape == (2, 3, 8, 6) and out.dtype == torch.float32
+
+
+def test_decode_batch_gives_three_channels_for_a_grey_jpeg():
+    grey = simplejpeg.encode_jpeg(np.full((16, 12, 1), 77, np.uint8), colorspace="GRAY")
+    (crop,) = decode_batch([torch.frombuffer(bytearray(grey), dtype=torch.uint8)], torch.device("cpu"))
+    assert crop.shape == (3, 16, 12) and crop[:, 8, 6].tolist() == [77, 77, 77]
