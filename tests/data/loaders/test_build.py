@@ -798,3 +798,31 @@ def test_data_verify_shards_compares_each_shards_sha256(shards, tmp_path, caplog
             build_loader(_cfg(shards, **{"data.val_shards": folder, "data.verify_shards": verify}), "val")
         named = [r.getMessage() for r in caplog.records if "sha256 differs" in r.getMessage()]
         assert len(named) == int(verify) and all("val-000001.tar" in m for m in named)
+
+
+def test_dali_gets_the_rank_the_world_and_a_thread_per_worker(shards):
+    """Val: rank r of 2 reads the same samples with DALI as with the torch loader; the graph runs
+    on data.num_workers threads, at least one."""
+    from pnfs.data.loaders.dali_loader import dali_available
+
+    if not dali_available()[0]:
+        pytest.skip(dali_available()[1])
+    for rank in range(2):
+        dali = _ids(build_loader(_cfg(shards, loader="dali"), "val", rank=rank, world_size=2))
+        assert dali == _ids(build_loader(_cfg(shards), "val", rank=rank, world_size=2)) and len(dali) == 7
+    assert build_loader(_cfg(shards, loader="dali", workers=0), "val").pipe.num_threads == 1
+    assert build_loader(_cfg(shards, loader="dali", workers=3), "val").pipe.num_threads == 3
+
+
+def test_the_gpu_loader_gets_data_on_error(shards):
+    gpu = build_loader(_cfg(shards, loader="gpu", **{"data.on_error": "raise"}), "val")
+    assert gpu.dataset.on_error == "raise"
+
+
+def test_the_torch_loader_pins_its_batches_where_cuda_is(shards, monkeypatch):
+    """Page-locked batches exactly when CUDA is there (the trainer's non-blocking copies); CUDA is
+    stood in for by ``torch.cuda.is_available``: the loader is built, not iterated."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert build_loader(_cfg(shards), "val").loader.pin_memory is True
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert build_loader(_cfg(shards), "val").loader.pin_memory is False

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import cv2
 import numpy as np
@@ -19,6 +20,7 @@ from pnfs.data.loaders.gpu_loader import (
     GpuPoseLoader,
     PlanBytes,
     _as_is,
+    _jpeg_header,
     _Normalise,
     decode_batch,
     sampling_theta,
@@ -323,3 +325,58 @@ def test_decode_one_turns_the_decoders_refusal_into_a_bad_jpeg(tmp_path):
     assert crop.shape == (3, 16, 12) and int(crop[0, 8, 6]) == 40
     with pytest.raises(ValueError, match=r"^decode_jpeg, .*Image is incomplete or truncated"):
         loader._decode_one(_noise_jpeg_cut(), np.eye(2, 3))
+
+
+def test_the_workers_check_reads_height_and_width_from_the_header():
+    assert _jpeg_header(sample(1)["jpg"], np.eye(2, 3)) == (16, 12)
+    assert _jpeg_header(_noise_jpeg_cut(), np.eye(2, 3)) == (64, 48)  # the data is not read
+    with pytest.raises(ValueError):
+        _jpeg_header(b"\xff\xd8 no header", np.eye(2, 3))
+
+
+class _Counted(_Items):
+    """_Items that count the items read."""
+
+    def __init__(self, n: int):
+        super().__init__(n)
+        self.read = 0
+
+    def __getitem__(self, b: int) -> dict:
+        self.read += 1
+        return super().__getitem__(b)
+
+
+def test_stopping_early_ends_a_producer_waiting_on_the_full_queue():
+    """The producer waits to put a batch into the full queue when the consumer stops: it must
+    see the stop (a put that blocks for good would hang the consumer's close)."""
+    items = _Counted(6)
+    batches = iter(GpuPoseLoader(items, num_workers=0, device="cpu", prefetch=1))
+    next(batches)
+    for _ in range(500):  # the queue holds one batch, the producer has the next one ready
+        if items.read >= 3:
+            break
+        time.sleep(0.01)
+    time.sleep(0.2)
+    assert items.read == 3  # waiting: no further item read
+    closer = threading.Thread(target=batches.close, daemon=True)
+    closer.start()
+    closer.join(10)
+    assert not closer.is_alive(), "the producer did not see the stop"
+    assert not _producers()
+
+
+def test_warp_batch_works_on_the_crops_device():
+    """Crops on another device (``meta`` here, CUDA in training): the padding, the matrices and
+    the output are made there."""
+    crops = [
+        torch.zeros(3, 5, 6, dtype=torch.uint8, device="meta"),
+        torch.zeros(3, 4, 7, dtype=torch.uint8, device="meta"),
+    ]
+    out = warp_batch(crops, np.stack([np.eye(2, 3)] * 2), (8, 6))
+    assert out.device.type == "meta" and out.shape == (2, 3, 8, 6) and out.dtype == torch.float32
+
+
+def test_decode_batch_gives_three_channels_for_a_grey_jpeg():
+    grey = simplejpeg.encode_jpeg(np.full((16, 12, 1), 77, np.uint8), colorspace="GRAY")
+    (crop,) = decode_batch([torch.frombuffer(bytearray(grey), dtype=torch.uint8)], torch.device("cpu"))
+    assert crop.shape == (3, 16, 12) and crop[:, 8, 6].tolist() == [77, 77, 77]

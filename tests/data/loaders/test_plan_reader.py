@@ -295,3 +295,9 @@ def test_worker_init_puts_torch_and_opencv_on_one_thread():
     finally:
         torch.set_num_threads(threads)
         cv2.setNumThreads(cv_threads)
+
+
+def test_plan_dataloader_with_one_worker_sets_it_up_as_with_more():
+    loader = plan_dataloader(torch.utils.data.TensorDataset(torch.arange(3)), 1, False)
+    assert loader.num_workers == 1 and loader.worker_init_fn is worker_init and loader.prefetch_factor == 4
+    assert [int(x[0]) for x in loader] == [0, 1, 2]

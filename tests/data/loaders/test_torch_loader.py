@@ -96,13 +96,16 @@ def test_the_decode_scale_is_the_smallest_that_still_covers_the_input(stretch, s
 
 
 def test_the_stretch_is_the_largest_of_a_turned_and_sheared_matrix():
-    """Rotations by 30 degrees at 0.3 and by 45 at 0.6, and matrices of singular values (0.6,
+    """Rotations by 30 degrees at 0.3 and by 45 at 0.6 and 0.4, and matrices of singular values (0.6,
     0.05) and (0.4, 0.05): the decode scale follows the largest stretch, not a matrix entry."""
     data = simplejpeg.encode_jpeg(np.full((64, 48, 3), 90, np.uint8))
     c, s = np.cos(np.pi / 6) * 0.3, np.sin(np.pi / 6) * 0.3
     assert decode_for_input(data, np.array([[c, -s, 0], [s, c, 0]]))[0].shape == (32, 24, 3)
     turned = np.array([[0.3, 0.3, 0], [-0.3, 0.3, 0]]) * np.sqrt(2)  # 45 degrees at 0.6; entries 0.42
     assert decode_for_input(data, turned)[0].shape == (64, 48, 3)
+    # 45 degrees at 0.4: 1/2 (the determinant counts: with a·d + b·c it would seem 0.57 and be decoded whole)
+    turned = np.array([[0.2, 0.2, 0], [-0.2, 0.2, 0]]) * np.sqrt(2)
+    assert decode_for_input(data, turned)[0].shape == (32, 24, 3)
     flat = np.array([[0.0, 0.6, 0], [0.05, 0.0, 0]])  # singular values 0.6 and 0.05
     assert decode_for_input(data, flat)[0].shape == (64, 48, 3)
     assert decode_for_input(data, np.array([[0.0, 0.4, 0], [0.05, 0.0, 0]]))[0].shape == (32, 24, 3)
