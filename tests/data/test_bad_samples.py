@@ -5,6 +5,7 @@ named and counted, batches refilled so every rank keeps the plan's batch count a
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import struct
 import subprocess
@@ -13,18 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from tests.support.engine import PY, REPO, TINY_OVERRIDES, digests, free_port, tiny_dataset, worker_env
 
 from pnfs.config import load_config
-from pnfs.data.bad_samples import BadSampleError
-from pnfs.data.loaders.build import build_loader, make_epoch_plan
-from pnfs.data.loaders.dali_loader import DaliPoseLoader
-from pnfs.data.plan import train_plan
-from pnfs.data.shards.manifest import check_manifest
-from pnfs.data.shards.reader import ShardSet, expand_shards
-import logging
-import numpy as np
-import pytest
 from pnfs.data.bad_samples import (
     BAD_ARRAYS,
     BAD_JPEG,
@@ -37,6 +28,12 @@ from pnfs.data.bad_samples import (
     default_limit,
     merge_rank_reports,
 )
+from pnfs.data.loaders.build import build_loader, make_epoch_plan
+from pnfs.data.loaders.dali_loader import DaliPoseLoader
+from pnfs.data.plan import train_plan
+from pnfs.data.shards.manifest import check_manifest
+from pnfs.data.shards.reader import ShardSet, expand_shards
+from tests.support.engine import PY, REPO, TINY_OVERRIDES, digests, free_port, tiny_dataset, worker_env
 
 GARBLED = ("train-000001.tar", 2)  # (shard, sample) whose JPEG is overwritten in its middle
 NAN_BOX = ("train-000002.tar", 4)  # whose bbox.f32 holds NaN

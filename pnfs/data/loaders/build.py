@@ -51,7 +51,9 @@ def make_epoch_plan(
     seed (``train_plan`` / ``val_plan`` of :mod:`pnfs.data.plan`); ``counts``: samples per
     shard. Not the run's plan: that is :func:`pnfs.run_plan.make_run_plan`."""
     d = cfg.data
-    aug_args: dict[str, Any] = dict(rotation=d.rotation, scale_range=tuple(d.scale_range), flip_prob=d.flip_prob)
+    aug_args: dict[str, Any] = dict(
+        rotation=d.rotation, scale_range=tuple(d.scale_range), flip_prob=d.flip_prob
+    )
     if split == "train":
         return train_plan(
             counts,

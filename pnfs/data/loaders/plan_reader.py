@@ -20,7 +20,6 @@ import cv2
 import numpy as np
 import torch
 
-from pnfs.data.loaders.assemble import batch_geometry
 from pnfs.data.bad_samples import (
     BAD_ARRAYS,
     BAD_JPEG,
@@ -29,6 +28,7 @@ from pnfs.data.bad_samples import (
     BadSampleError,
     array_problem,
 )
+from pnfs.data.loaders.assemble import batch_geometry
 from pnfs.data.plan import EpochPlan
 from pnfs.data.shards.reader import META_EXTS, SampleMeta, ShardSet, parse_meta
 

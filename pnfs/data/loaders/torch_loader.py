@@ -20,10 +20,10 @@ import numpy as np
 import simplejpeg
 import torch
 
-from pnfs.data.loaders.assemble import normalise_hwc
 from pnfs.data.bad_samples import BadSample, BadSampleReport
 from pnfs.data.batch import PoseBatch
 from pnfs.data.geometry import compose
+from pnfs.data.loaders.assemble import normalise_hwc
 from pnfs.data.loaders.plan_reader import PlanReader, plan_dataloader
 
 
@@ -80,7 +80,9 @@ class PlanBatches(PlanReader):
         got = self.checked(b, decode_for_input)
         meta, decoded = got.meta, got.decoded
         assert decoded is not None  # checked() with a decode fills it
-        pixels = warp_crops([image for image, _ in decoded], np.stack([m for _, m in decoded]), self.input_size)
+        pixels = warp_crops(
+            [image for image, _ in decoded], np.stack([m for _, m in decoded]), self.input_size
+        )
         batch = PoseBatch(
             image=normalise_hwc(pixels),
             keypoints=torch.from_numpy(got.keypoints).float(),

@@ -34,18 +34,18 @@ import os
 import sys
 import tarfile
 from collections.abc import Sequence
-from typing import Any
 from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
 import simplejpeg
 
 from pnfs.data.annotations import records as R
-from pnfs.data.geometry import compose, invert, reachable_region, transform_points
 from pnfs.data.annotations.records import PersonRecord, SkipReport
+from pnfs.data.geometry import compose, invert, reachable_region, transform_points
 from pnfs.data.shards.reader import read_index, write_index
 from pnfs.errors import DataError
 

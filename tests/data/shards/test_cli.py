@@ -10,10 +10,10 @@ from __future__ import annotations
 import json
 
 import pytest
-from tests.data.shards.test_writer import _record
 
 from pnfs.data.shards.cli import EXIT_BAD_INPUT, common_parser, fail, infer_split, run
 from pnfs.data.shards.writer import MANIFEST
+from tests.data.shards.test_writer import _record
 
 
 @pytest.fixture
@@ -59,9 +59,9 @@ def test_the_options_and_their_defaults():
         "overwrite": False, "verify": False, "no_progress": False,
     }  # fmt: skip
     args = common_parser("d").parse_args(
-        ["--images", "i", "--annotations", "a", "--out", "o", "--split", "s", "--shard-size", "3", "--workers", "2",
-         "--max-side", "0", "--margin", "1.5", "--max-scale", "2", "--aspect-range", "0.5", "2", "--quality", "80",
-         "--overwrite", "--verify", "--no-progress"]
+        ["--images", "i", "--annotations", "a", "--out", "o", "--split", "s", "--shard-size", "3",
+         "--workers", "2", "--max-side", "0", "--margin", "1.5", "--max-scale", "2", "--aspect-range",
+         "0.5", "2", "--quality", "80", "--overwrite", "--verify", "--no-progress"]
     )  # fmt: skip
     assert vars(args) == {
         "images": "i", "annotations": "a", "out": "o", "split": "s", "shard_size": 3, "workers": 2,
@@ -83,7 +83,8 @@ def test_the_three_paths_are_required(capsys):
 @pytest.mark.parametrize(
     "name, split",
     [("person_keypoints_train2017.json", "train"), ("person_keypoints_val2017.json", "val"),
-     ("VALID.json", "val"), ("TrainVal.json", "train"), ("test.json", "data"), ("/d/train/val/ann.json", "data"),
+     ("VALID.json", "val"), ("TrainVal.json", "train"), ("test.json", "data"),
+    ("/d/train/val/ann.json", "data"),
      ("/d/x/MPII_Train.json", "train")],
 )  # fmt: skip
 def test_the_split_comes_from_the_annotation_file_name(name, split):
@@ -205,9 +206,8 @@ def test_the_aspect_range_takes_two_values_named_lo_and_hi():
 
 
 def test_the_progress_bar_shows_unless_no_progress_and_workers_reach_the_writer(folder, monkeypatch, capsys):
-    from tests.data.shards.test_writer import _StandInPool
-
     from pnfs.data.shards import writer
+    from tests.data.shards.test_writer import _StandInPool
 
     args = common_parser("d").parse_args(
         ["--images", str(folder / "images"), "--annotations", str(folder / "person_keypoints_val.json"),
@@ -233,11 +233,12 @@ def test_each_option_says_what_it_does_in_help():
         "--max-side": "longest crop side in px (0: never downscale)",
         "--margin": "box margin the crops must cover",
         "--max-scale": "largest augmentation scale to cover",
-        "--aspect-range": "input width/height ratios the crops must cover (default 0.75 1.0: 256x192 .. square)",
+        "--aspect-range": "input width/height ratios the crops must cover "
+        "(default 0.75 1.0: 256x192 .. square)",
         "--quality": "JPEG quality of the crops (4:4:4 chroma)",
-        "--overwrite": "replace shards of the split in --out that were written from other annotations, records or "
-        "options (without it such a folder is refused, exit 2); shards written from the same inputs are always "
-        "reused, so an interrupted run resumes",
+        "--overwrite": "replace shards of the split in --out that were written from other annotations, "
+        "records or options (without it such a folder is refused, exit 2); shards written from the same "
+        "inputs are always reused, so an interrupted run resumes",
         "--verify": "re-read every shard after writing",
         "--no-progress": "no progress bar",
     }

@@ -14,10 +14,10 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-from tests.data_prep.test_shard_coco import _person, shard_coco
 
 from pnfs.data.shards.reader import ShardSet
 from pnfs.data.shards.writer import MANIFEST, PARTS_DIR, sha256_file
+from tests.data_prep.test_shard_coco import _person, shard_coco
 
 
 @pytest.fixture
@@ -410,7 +410,8 @@ def test_crop_person_cuts_every_pixel_the_region_touches_clipped_to_the_image(tm
     assert np.array_equal(crop, image[0:11, 0:10]) and to_image.tolist() == [[1, 0, 0], [0, 1, 0]]
     crop, to_image = crop_person(image, np.array([90.0, 120.0, 6.0, 8.0]), opts)  # bottom right
     assert np.array_equal(crop, image[118:128, 87:96]) and to_image.tolist() == [[1, 0, 87], [0, 1, 118]]
-    # the aspect range's wide end (2) sets the region: 16 x 8, half hypot / 2 = 8.944: 34.06..51.94 x 45.06..62.94
+    # the aspect range's wide end (2) sets the region: 16 x 8, half hypot / 2 = 8.944:
+    # 34.06..51.94 x 45.06..62.94
     wide = _options(tmp_path, margin=1.0, max_scale=1.0, aspect_range=(1.0, 2.0))
     crop, to_image = crop_person(image, np.array([40.0, 50.0, 6.0, 8.0]), wide)
     assert np.array_equal(crop, image[45:64, 34:53]) and to_image.tolist() == [[1, 0, 34], [0, 1, 45]]
@@ -632,7 +633,8 @@ def test_other_inputs_are_refused_naming_three_shards_and_the_count_of_the_rest(
         _write(png_folder, [_record(i, bbox=(9.0, 20.0, 30.0, 40.0)) for i in range(1, 6)], shard_size=1)
     assert str(e.value) == (
         f"{out} holds 'val' shards written from other annotations, records or options (val-000000.tar, "
-        "val-000001.tar, val-000002.tar and 2 more); pass --overwrite to replace them, or choose another --out"
+        "val-000001.tar, val-000002.tar and 2 more); pass --overwrite to replace them, "
+        "or choose another --out"
     )
     with pytest.raises(StaleShardsError) as e:
         _write(png_folder, [_record(1), _record(2)], shard_size=1)
@@ -699,7 +701,7 @@ class _StandInPool:
         self.calls.append(("context", method))
         return self
 
-    def Pool(self, processes):  # noqa: N802 (multiprocessing's name)
+    def Pool(self, processes):
         self.calls.append(("processes", processes))
         return self
 
