@@ -1,7 +1,8 @@
 """``dali_loader.py`` on hand-made shards (the CPU graph; no GPU needed): ``dali_available``'s
 answer both ways, the refusal without DALI, ``_AugFeed``'s rows and its identity default, which
 shards and ``.idx`` files the graph reads (empty shards left out, one-sample shards kept), the
-rank's part of them, the reader seed drawn from (seed, epoch), an empty plan, and the message a
+rank's part of them, the reader seed drawn from (seed, epoch), the device the batches and the graph
+go to (a CUDA one only built, never run), an empty plan, and the message a
 failure inside the graph becomes.
 
 The shards are tars written with ``test_plan_reader.py``'s helpers (sample ``s``: image id
@@ -162,6 +163,31 @@ def test_a_cpu_device_with_an_index_runs_the_cpu_graph(tmp_path, monkeypatch):
     assert calls[0][4] is None  # device_id: only a CUDA device picks a GPU
     batch = next(iter(loader))
     assert batch.image.device.type == "cpu" and batch.image_id.tolist() == [100, 101]
+
+
+@needs_dali
+def test_a_cuda_device_puts_the_graph_on_that_gpu(tmp_path):
+    """(Only built, not run: there need be no GPU.)"""
+    loader = _loader(_shards(tmp_path, [1]), _plan([1]), batch_size=1, device="cuda:1")
+    assert loader.device == torch.device("cuda", 1) and loader.pipe.device_id == 1
+
+
+@needs_dali
+@pytest.mark.parametrize("device", [None, "cuda"])
+def test_without_an_index_the_batches_go_to_the_current_cuda_device(tmp_path, monkeypatch, device):
+    """``None`` is CUDA where there is one, and a CUDA device without an index is torch's
+    current one (here a pretended GPU 1; the graph is only built, not run)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    loader = _loader(_shards(tmp_path, [1]), _plan([1]), batch_size=1, device=device)
+    assert loader.device == torch.device("cuda", 1) and loader.pipe.device_id == 1
+
+
+@needs_dali
+def test_without_cuda_the_batches_and_the_graph_stay_on_the_cpu(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    loader = _loader(_shards(tmp_path, [1]), _plan([1]), batch_size=1, device=None)
+    assert loader.device == torch.device("cpu") and loader.pipe.device_id is None
 
 
 @needs_dali
