@@ -20,22 +20,13 @@ from pnfs.evaluate.coco import box_pck
 from pnfs.keypoints import COCO, CROWDPOSE, MPII, KeypointSetError, load_keypoint_set
 from pnfs.model import build_model
 from pnfs.parts import part_grouping, part_names
+from tests.support.engine import TINY_OVERRIDES
 from tests.support.pose_oracle import PerfectNetwork
 
-TINY = [  # a tiny model on 64x64 crops, one CPU process, one epoch, no evaluation while training
-    "data.dataset=coco",
-    "data.input_size=[64,64]",
-    "data.num_workers=0",
-    "model.backbone.name=fabric",
-    "model.backbone.fabric_channels=2",
-    "model.backbone.fabric_layers=3",
-    "model.channels=2",
-    "model.vector_dim=2",
-    "train.batch_size=4",
+TINY = [  # the engine tests' tiny model on 64x64 crops, one CPU process, one epoch
+    *TINY_OVERRIDES,
     "train.epochs=1",
-    "train.eval_every=0",
     "train.device=cpu",
-    "eval.batch_size=8",
     "eval.overlays=2",
 ]
 
