@@ -132,23 +132,18 @@ def scan_tar(tar_path: Path) -> list[tuple[str, dict[str, tuple[int, int]]]]:
     does for a shard with an index."""
     out: list[tuple[str, dict[str, tuple[int, int]]]] = []
     with tarfile.open(tar_path) as tar:
-        members = iter(tar)
-        while True:
-            try:
-                member = next(members)
-            except StopIteration:
-                break
-            except tarfile.ReadError as err:
-                if "unexpected end of data" not in str(err):  # only the file ending inside a member
-                    raise
-                break
-            if not member.isfile():
-                continue
-            dot = member.name.find(".", member.name.rfind("/") + 1)
-            key, ext = member.name[:dot], member.name[dot + 1 :]
-            if not out or out[-1][0] != key:
-                out.append((key, {}))
-            out[-1][1][ext] = (member.offset_data, member.size)
+        try:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                dot = member.name.find(".", member.name.rfind("/") + 1)
+                key, ext = member.name[:dot], member.name[dot + 1 :]
+                if not out or out[-1][0] != key:
+                    out.append((key, {}))
+                out[-1][1][ext] = (member.offset_data, member.size)
+        except tarfile.ReadError as err:
+            if "unexpected end of data" not in str(err):  # only the file ending inside a member
+                raise
     return out
 
 
