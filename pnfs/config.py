@@ -97,7 +97,7 @@ class TrainConfig:
     lr_milestones: list[int] = field(default_factory=lambda: [90, 120, 150])
     lr_factor: float = 0.25
     weight_decay: float = 0.0
-    grad_clip: float = 0.0  # max global grad norm; 0 disables
+    grad_clip: float = 0.0  # max global norm of the weight Adam's gradients (darts1's arch: none); 0: off
     amp: Literal["auto", "bf16", "none"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
     channels_last: bool = True
     compile: bool = False

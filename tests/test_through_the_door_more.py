@@ -186,6 +186,15 @@ def test_arch_lr_and_weight_decay_drive_the_darts1_architecture_step(tmp_path_fa
     assert runs[1e3].abs().mean() < 0.5 * runs[0.0].abs().mean()
 
 
+def test_grad_clip_leaves_the_darts1_architecture_step_unclipped(tmp_path_factory, tmp_path):
+    """train.grad_clip bounds the weights' gradient only: darts1's Adam_arch step is not clipped,
+    as in DARTS's official code, which the paper's darts1 follows. With a bound of 1e-9 the first
+    architecture step still moves alpha/beta by about search.arch_lr (clipped, at most lr / 10)."""
+    darts = ("search.strategy=darts1", "search.arch_split=[1,1]", "search.arch_lr=0.02")
+    ck = trained(tmp_path_factory, tmp_path / "clip", *darts, "train.grad_clip=1e-9")
+    assert arch_values(ck).abs().max() == pytest.approx(0.02, rel=1e-3)
+
+
 def test_arch_split_decides_which_shards_train_the_architecture(tmp_path_factory, tmp_path):
     """search.arch_split=[w,a] over the 6 training shards: shard i trains the architecture when
     i mod (w + a) >= w, as the run's log says: [2,1] holds 2 shards out, [1,2] holds 4."""

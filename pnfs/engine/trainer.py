@@ -62,9 +62,9 @@ class Trainer(Run):
         self.arch = None
         if self.optimizers.arch is not None:
             bare = self.engine.module if self.use_deepspeed else model
-            self.arch = StepParts(
-                bare, bare, self.optimizers.arch, self.arch_params, setup, self.record, cfg.train.grad_clip
-            )
+            # max_norm 0: train.grad_clip bounds the weights only; DARTS's architecture step is
+            # not clipped (docs/training.md, "Search strategies")
+            self.arch = StepParts(bare, bare, self.optimizers.arch, self.arch_params, setup, self.record, 0.0)
         self.weight_step, self.arch_step = self._step_functions()
 
     def _step_functions(self) -> tuple[Callable[[Any], None], Callable[[Any], None] | None]:
