@@ -298,6 +298,17 @@ def test_bad_truncated_jpeg(tiny_coco):
     _expect_skipped(_run(tmp, images, data)[1], "truncated_jpeg", "2_102")
 
 
+def test_bad_corrupt_jpeg(tiny_coco):
+    """Whole file, damaged scan: libjpeg stops at a marker inside the entropy-coded data and
+    would fill the rest of the image with grey ("premature end of data segment")."""
+    tmp, images, data = tiny_coco
+    damaged = bytearray((images / "good.jpg").read_bytes())
+    damaged[len(damaged) // 2 : len(damaged) // 2 + 2] = b"\xff\xd0"
+    (images / "damaged.jpg").write_bytes(bytes(damaged))
+    _add_image(data, 2, "damaged.jpg")
+    _expect_skipped(_run(tmp, images, data)[1], "corrupt_jpeg", "2_102")
+
+
 def test_bad_box_outside_image(tiny_coco):
     tmp, images, data = tiny_coco
     p = _person(ann_id=11, bbox=(500.0, 500.0, 40.0, 40.0))

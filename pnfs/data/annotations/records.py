@@ -71,7 +71,8 @@ class SkipReport:
 # Reasons a sample is skipped as bad input (manifest "skipped"); one test each.
 MISSING_IMAGE = "missing_image"
 UNREADABLE_IMAGE = "unreadable_image"
-TRUNCATED_JPEG = "truncated_jpeg"
+TRUNCATED_JPEG = "truncated_jpeg"  # the file ends inside the image (libjpeg: premature end of JPEG file)
+CORRUPT_JPEG = "corrupt_jpeg"  # damaged scan data (libjpeg: premature end of data segment)
 BOX_OUTSIDE_IMAGE = "box_outside_image"
 ZERO_AREA_BOX = "zero_area_box"
 BAD_COORDINATES = "bad_coordinates"  # NaN / inf / negative

@@ -93,8 +93,11 @@ def decode_image(path: Path) -> np.ndarray:
         try:
             return simplejpeg.decode_jpeg(data, colorspace="RGB", strict=True)
         except ValueError as e:
-            if "premature end" in str(e).lower():
+            message = str(e).lower()
+            if "premature end of jpeg file" in message:
                 raise ImageError(R.TRUNCATED_JPEG, f"{path}: {e}") from None
+            if "premature end of data segment" in message:  # the rest of the image would be grey
+                raise ImageError(R.CORRUPT_JPEG, f"{path}: {e}") from None
             try:  # benign libjpeg warnings (extraneous bytes, ...) do not make a bad image
                 return simplejpeg.decode_jpeg(data, colorspace="RGB", strict=False)
             except ValueError as e2:

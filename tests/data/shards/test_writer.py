@@ -305,6 +305,13 @@ def test_decode_image_reads_rgb_and_names_each_bad_file_by_reason(tmp_path):
         "truncated_jpeg",
         f"{tmp_path / 'cut.jpg'}: Premature end of JPEG file",
     )
+    damaged = bytearray(noisy)
+    damaged[len(noisy) // 2 : len(noisy) // 2 + 2] = b"\xff\xd0"  # a marker inside the scan
+    (tmp_path / "damaged.jpg").write_bytes(bytes(damaged))
+    assert _image_error(tmp_path / "damaged.jpg") == (
+        "corrupt_jpeg",
+        f"{tmp_path / 'damaged.jpg'}: Corrupt JPEG data: premature end of data segment",
+    )
     (tmp_path / "junk.png").write_bytes(b"this is not an image")
     assert _image_error(tmp_path / "junk.png") == (
         "unreadable_image",
