@@ -15,8 +15,10 @@ Steps (``--step``, each case in its own process, so its peak memory and compile 
 
 Cases: baseline and lean with ``PNFS_KERNELS=torch`` (PyTorch references), lean with ``auto``
 (Triton on CUDA; on CPU ``auto`` is the references again), and, unless ``--no-compile``, the
-model under ``torch.compile`` for both steps; last, baseline and lean (torch, eager) once more in
-one process with their blocks interleaved, the ratio least moved by a changing load.
+model under ``torch.compile`` for both steps as ``train.compile`` runs it (``compile_forward``: its
+fabric cells, ``reduce-overhead`` on CUDA; ``lean-compiled-model``: the whole model); last,
+baseline and lean (torch, eager) once more in one process with their blocks interleaved, the
+ratio least moved by a changing load.
 On the CPU a last child times, by process CPU time, the pieces in which the two steps differ
 (loss forward+backward from the vectors, the Adam update, the gradient norm, the two host syncs,
 and the update and norm over flat buffers; ``measure_parts``): what the lean step can save there at most.
@@ -71,6 +73,7 @@ CASES = (
     Case("baseline-compiled", "baseline", "torch", compiled=True),
     Case("lean-compiled", "lean", "torch", compiled=True),
     Case("lean-auto-compiled", "lean", "auto", compiled=True),
+    Case("lean-compiled-model", "lean", "torch", compiled=True, overrides=("train.compile_scope=model",)),
     Case("lean-graphed", "lean", "torch", graphed=True),
     Case("lean-auto-graphed", "lean", "auto", graphed=True),
     Case("lean-per-part", "lean", "torch", overrides=("model.batched_parts=false",)),
@@ -153,6 +156,7 @@ def build_case(
     log read and a device sync). ``probe()`` is a forward and backward of the case's loss on the
     batch with no update: (loss, gradient norm) in float64, the same numbers on every path."""
     from pnfs.config import load_config
+    from pnfs.engine.compilation import compile_forward
     from pnfs.engine.guard import NonFiniteGuard, StepRecord
     from pnfs.engine.runtime import amp_dtype
     from pnfs.engine.step import StepParts, weight_step
@@ -171,7 +175,7 @@ def build_case(
     lean = step == "lean"
     opt = build_optimizers(model, cfg, fused_weights=lean, flat=lean and cfg.train.flat_params).weights
     params = [p for g in opt.param_groups for p in g["params"]]
-    forward = torch.compile(model) if compiled else model
+    forward = compile_forward(model, model, cfg.train.compile_scope, device)[0] if compiled else model
     dtype = amp_dtype(cfg, device)
     record = StepRecord(NonFiniteGuard(cfg.train.max_bad_steps), device)
     setup = loss_setup(model, cfg.data.sigma, device, dtype, cfg.train.channels_last)

@@ -100,7 +100,8 @@ class TrainConfig:
     grad_clip: float = 0.0  # max global norm of the weight Adam's gradients (darts1's arch: none); 0: off
     amp: Literal["auto", "bf16", "none"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
     channels_last: bool = True
-    compile: bool = False
+    compile: bool = False  # the training forward through torch.compile (docs/design.md §8)
+    compile_scope: Literal["cells", "model"] = "cells"  # cells: each fabric cell (regional); model: whole
     cuda_graph: bool = False  # replay the whole step from one CUDA graph (CUDA only; docs/design.md §8)
     flat_params: bool = True  # params and grads as views of flat buffers, Adam over them (docs/design.md §7)
     seed: int = 0

@@ -130,12 +130,16 @@ def test_deterministic_turns_on_torchs_deterministic_algorithms(tmp_path_factory
         torch.use_deterministic_algorithms(before, warn_only=True)
 
 
-@pytest.mark.slow  # Dynamo traces the forward and backward: about 30 s on one core
+@pytest.mark.slow  # Dynamo traces the forward and backward: about 30 s on one core per run
 def test_compile_runs_the_step_through_dynamo_to_the_same_weights(tmp_path_factory, tmp_path, monkeypatch):
-    """train.compile=true: the run hands its forward model to torch.compile, Dynamo traces it, and
-    one step ends where the eager run ends. (Dynamo only: torch.compile is given the "eager"
-    backend here, as Inductor's C++ build per graph would take minutes on the CPU.)"""
+    """train.compile=true: the run hands its forward to torch.compile, Dynamo traces it, and one
+    step ends where the eager run ends. train.compile_scope: ``cells`` (the default) compiles each
+    fabric cell (one torch.compile call per cell), ``model`` the whole forward model (one call).
+    (Dynamo only: torch.compile is given the "eager" backend here, as Inductor's C++ build per
+    graph would take minutes on the CPU.)"""
     from torch._dynamo.utils import counters
+
+    from pnfs.engine.compilation import fabric_cells
 
     real = torch.compile
     calls = []
@@ -149,10 +153,16 @@ def test_compile_runs_the_step_through_dynamo_to_the_same_weights(tmp_path_facto
     counters.clear()
     eager = weights(trained(tmp_path_factory, tmp_path / "eager", "train.compile=false"))
     assert not calls
-    compiled = weights(trained(tmp_path_factory, tmp_path / "compiled", "train.compile=true"))
-    assert calls == [{"mode": None}] and counters["stats"]["unique_graphs"] >= 1
-    for k in eager:
-        torch.testing.assert_close(compiled[k], eager[k], rtol=1e-4, atol=1e-5, msg=k)
+    cells = len(fabric_cells(build_model(tiny_cfg(tmp_path_factory))))
+    for scope, compiled_calls in (("cells", cells), ("model", 1)):
+        calls.clear()
+        compiled = weights(
+            trained(tmp_path_factory, tmp_path / scope, "train.compile=true", f"train.compile_scope={scope}")
+        )
+        assert calls == [{"mode": None}] * compiled_calls and counters["stats"]["unique_graphs"] >= 1
+        for k in eager:
+            torch.testing.assert_close(compiled[k], eager[k], rtol=1e-4, atol=1e-5, msg=k)
+    assert cells > 1
 
 
 # --------------------------------------------------------------------------- search.* keys

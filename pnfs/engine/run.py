@@ -16,6 +16,7 @@ from torch import nn
 from pnfs.config import Config, ConfigError, config_to_dict, dump_config
 from pnfs.engine import checkpoint as ckpt
 from pnfs.engine.architecture import architecture_entropies, export_architecture
+from pnfs.engine.compilation import compile_forward
 from pnfs.engine.distributed import DistContext, wrap_ddp
 from pnfs.engine.flat import FlatAdam
 from pnfs.engine.guard import NonFiniteGuard
@@ -58,6 +59,7 @@ class Run:
         self.guard = NonFiniteGuard(cfg.train.max_bad_steps)
         self.use_deepspeed = deepspeed_config is not None
         check_cuda_graph(cfg, ctx.device, self.use_deepspeed)
+        check_compile(cfg, self.use_deepspeed)
         set_determinism(cfg)
 
         # identical initial weights on every rank: the model is drawn from train.seed
@@ -100,10 +102,11 @@ class Run:
             ckpt.load_buffers(model, checkpoint["rank_buffers"][ctx.rank])
         if isinstance(self.optimizers.weights, FlatAdam):  # loading and wrapping kept the views
             self.optimizers.weights.flat.check_views()
-        if cfg.train.compile:  # CUDA graphs of the forward and backward on a GPU (docs/design.md §8)
-            mode = "reduce-overhead" if ctx.device.type == "cuda" else None
-            # on a Module torch.compile returns an OptimizedModule (a Module); its stub says Callable
-            self.forward_model = torch.compile(self.forward_model, mode=mode)  # type: ignore[assignment]
+        if cfg.train.compile:  # cell by cell or whole; CUDA graphs on a GPU (docs/design.md §8)
+            self.forward_model, compiled = compile_forward(
+                self.forward_model, model, cfg.train.compile_scope, ctx.device
+            )
+            self.log.info(f"train.compile: {compiled}")
         self.log.info(describe_optimizers(model, cfg, self._weight_optimizer_parameters()))
         self.train_shards, self.arch_shards = self._training_shards()
         self.scalars = Scalars(self.out_dir / "tensorboard", enabled=ctx.is_main)
@@ -320,3 +323,10 @@ def check_cuda_graph(cfg: Config, device: torch.device, use_deepspeed: bool) -> 
         raise ConfigError(
             "train.cuda_graph: true is not available with --deepspeed (DeepSpeed owns the step)"
         )
+
+
+def check_compile(cfg: Config, use_deepspeed: bool) -> None:
+    """ConfigError naming ``train.compile`` under DeepSpeed: its engine runs the forward and the
+    backward of the step itself, so a compiled forward model would never be called."""
+    if cfg.train.compile and use_deepspeed:
+        raise ConfigError("train.compile: true is not available with --deepspeed (DeepSpeed owns the step)")

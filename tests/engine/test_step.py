@@ -39,6 +39,9 @@ TINY = [
 ]
 
 
+CPU = torch.device("cpu")
+
+
 def tiny(*overrides: str):
     cfg = load_config(None, [*TINY, *overrides])
     torch.manual_seed(0)
@@ -87,11 +90,11 @@ def test_fused_loss_equals_the_score_path(parts, d):
         assert (g - w).norm() <= 1e-6 * w.norm() + 1e-12
 
 
-def step_parts(cfg, model, max_bad_steps: int = 3, forward=None) -> StepParts:
+def step_parts(cfg, model, max_bad_steps: int = 3, forward=None, device=CPU) -> StepParts:
     opt = build_optimizers(model, cfg, fused_weights=True).weights
     params = [p for g in opt.param_groups for p in g["params"]]
-    setup = loss_setup(model, cfg.data.sigma, torch.device("cpu"), None, False)
-    record = StepRecord(NonFiniteGuard(max_bad_steps), torch.device("cpu"))
+    setup = loss_setup(model, cfg.data.sigma, device, None, False)
+    record = StepRecord(NonFiniteGuard(max_bad_steps), device)
     return StepParts(forward or model, model, opt, params, setup, record, cfg.train.grad_clip)
 
 
