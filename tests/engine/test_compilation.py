@@ -4,7 +4,7 @@ eager.
 
 On the CPU ``torch.compile`` is given the ``aot_eager`` backend (Dynamo and AOTAutograd trace the
 forward and derive the backward; Inductor's C++ build would take a minute); the real compilation
-with ``reduce-overhead`` is the ``gpu`` test below.
+with ``reduce-overhead`` is the ``gpu`` test below (also ``slow``).
 """
 
 from __future__ import annotations
@@ -172,6 +172,8 @@ def test_compile_is_refused_with_deepspeed_and_the_scope_is_checked():
 
 
 @pytest.mark.gpu
+@pytest.mark.slow  # Inductor builds ~10 cell graphs: longer than bench/gpu_acceptance.sh's test box;
+# there its train_step stage compares the compiled path's loss and gradient norm with eager's
 def test_compiled_cells_on_cuda_train_to_where_the_eager_model_trains():
     """Inductor with reduce-overhead (CUDA graphs of each compiled cell), fp32: eight steps end
     with the eager model's losses within 1e-4 relative and weights within 1e-3 of their norm."""
