@@ -67,7 +67,7 @@ class CompiledCells(nn.Module):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         for cell, compiled in zip(self._cells, self._compiled):
-            cell.forward = compiled  # type: ignore[method-assign]
+            cell.forward = compiled
         try:
             return self.inner(*args, **kwargs)
         finally:
