@@ -250,7 +250,7 @@ def test_dry_run_lists_every_stage_with_its_command_and_writes_nothing(tmp_path)
     lines = {line.split()[1]: line for line in proc.stdout.splitlines() if line.startswith("[dry-run]")}
     assert list(lines) == STAGES
     assert "bench/kernels.py --device cuda --no-compiled" in lines["kernels"]
-    assert "--cases lean\\,lean-graphed\\,lean-per-part\\,lean-auto" in lines["train_step"]
+    assert "--cases lean\\,lean-graphed\\,lean-compiled\\,lean-per-part" in lines["train_step"]
     assert "torch.distributed.run --standalone --nproc_per_node=2" in lines["ddp_nccl"]
     assert "--deepspeed launch/deepspeed_zero1.json" in lines["deepspeed_zero1"]
     assert not any(tmp_path.iterdir())
