@@ -43,7 +43,7 @@ def parts(cfg, model, flat: bool, forward=None, max_bad_steps: int = 3) -> tuple
     arch = None
     if opts.arch is not None:
         arch_params = [p for p in model.arch_parameters() if p.requires_grad]
-        arch = StepParts(model, model, opts.arch, arch_params, setup, record, cfg.train.grad_clip)
+        arch = StepParts(model, model, opts.arch, arch_params, setup, record, 0.0)  # not clipped, as DARTS
     return weights, arch
 
 
