@@ -42,6 +42,17 @@ def fabric_cells(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if isinstance(m, CELL_TYPES)]
 
 
+def allow_graphs(config: Any, count: int) -> None:
+    """Let Dynamo keep at least ``count`` graphs of one function (``config``: ``torch._dynamo.config``).
+
+    Dynamo keeps at most ``recompile_limit`` (default 8; ``cache_size_limit`` in older torch)
+    graphs of one function, and every distinct cell (its parameters' shapes, its inputs) may
+    need one: past the limit the remaining cells would silently run eagerly. Only raises it.
+    """
+    limit = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+    setattr(config, limit, max(getattr(config, limit), count))
+
+
 class CompiledCells(nn.Module):
     """``forward_model`` (the model, or its DDP wrapper) with each cell's ``forward`` compiled for
     the length of one call.
@@ -57,12 +68,7 @@ class CompiledCells(nn.Module):
             raise ValueError("CompiledCells: the model has no fabric cells; compile the whole model")
         self.inner = forward_model
         self._cells = cells  # a plain list: the cells stay registered under the model only
-        # Dynamo keeps at most `recompile_limit` (default 8) graphs of one function, and every
-        # distinct cell (its parameters' shapes, its inputs) may need one: past the limit the
-        # remaining cells would silently run eagerly
-        config = torch._dynamo.config
-        limit = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
-        setattr(config, limit, max(getattr(config, limit), len(cells)))
+        allow_graphs(torch._dynamo.config, len(cells))
         self._compiled: list[Callable[..., Any]] = [torch.compile(cell.forward, mode=mode) for cell in cells]
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:

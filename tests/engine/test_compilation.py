@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import copy
 from functools import partial
+from types import SimpleNamespace
 
 import pytest
 import torch
 from torch._dynamo.utils import counters
 
 from pnfs.config import ConfigError, load_config
-from pnfs.engine.compilation import CompiledCells, compile_forward, compile_mode, fabric_cells
+from pnfs.engine.compilation import CompiledCells, allow_graphs, compile_forward, compile_mode, fabric_cells
 from pnfs.engine.run import check_compile
 from pnfs.engine.step import weight_step
 from pnfs.loss import batch_loss
@@ -146,7 +147,8 @@ def test_scope_model_and_models_without_cells_compile_whole(recorded_compile):
     baseline = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3))
     got, said = compile_forward(baseline, baseline, "cells", CPU)
     assert recorded_compile == [(baseline, None)] and said == "the whole model, mode None"
-    with pytest.raises(ValueError, match="no fabric cells"):
+    no_cells = r"^CompiledCells: the model has no fabric cells; compile the whole model$"
+    with pytest.raises(ValueError, match=no_cells):
         CompiledCells(baseline, [], mode=None)
 
 
@@ -158,6 +160,21 @@ def test_on_cuda_the_mode_is_reduce_overhead(recorded_compile):
     _, model = tiny("model.num_parts=3")
     compile_forward(model, model, "cells", torch.device("cuda", 0))
     assert {mode for _, mode in recorded_compile} == {"reduce-overhead"}
+    recorded_compile.clear()
+    compile_forward(model, model, "model", torch.device("cuda", 0))
+    assert recorded_compile == [(model, "reduce-overhead")]
+
+
+def test_the_recompile_limit_is_raised_to_the_number_of_cells_never_lowered():
+    """On torch's ``recompile_limit``, or ``cache_size_limit`` where an older torch has only that."""
+    new = SimpleNamespace(recompile_limit=8, cache_size_limit=8)
+    allow_graphs(new, 27)
+    assert (new.recompile_limit, new.cache_size_limit) == (27, 8)
+    allow_graphs(new, 5)
+    assert new.recompile_limit == 27
+    old = SimpleNamespace(cache_size_limit=8)
+    allow_graphs(old, 11)
+    assert vars(old) == {"cache_size_limit": 11}
 
 
 def test_compile_is_refused_with_deepspeed_and_the_scope_is_checked():
