@@ -11,9 +11,10 @@ for the whole network (``train.compile_scope: model``), with the same step time 
 (docs/design.md §8 gives the command).
 
 The model itself is never changed: :class:`CompiledCells` puts the compiled forwards on the
-cells only while its own forward runs. Outside it -- evaluation, checkpoints, ``deepcopy``,
-freezing and export -- the cells are the eager modules they were (a cell compiled in place with
-``nn.Module.compile`` would hand its compiled code, bound to itself, to every deep copy).
+cells only while its own forward runs. Outside it -- evaluation, checkpoints, deep copies,
+freezing and export -- the cells are the eager modules they were, as with the ``model`` scope,
+where only the forward model is compiled. (Cells compiled in place with ``nn.Module.compile``
+would also compile evaluation, in another mode and batch size: more graphs, longer start-up.)
 """
 
 from __future__ import annotations
