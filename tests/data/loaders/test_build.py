@@ -624,26 +624,20 @@ def test_batch_size_and_augmentation_default_by_split(shards):
     assert not torch.allclose(train, torch.cat([b.affine for b in build_loader(cfg, "train", augment=False)]))
 
 
+def _dataset_settings(loader) -> tuple:
+    """(input size, margin, flip permutation, bad-sample policy) of a loader's data set."""
+    ds = loader.dataset
+    return ds.input_size, ds.margin, ds.flip_perm, ds.on_error
+
+
 def test_the_loaders_get_the_configs_geometry_workers_and_policy(shards):
     cfg = _cfg(shards, workers=2, size=(128, 96), **{"data.margin": 1.5, "data.on_error": "raise"})
     torch_loader = build_loader(cfg, "val")
-    ds = torch_loader.dataset
-    assert (ds.input_size, ds.margin, ds.flip_perm, ds.on_error) == (
-        (128, 96),
-        1.5,
-        COCO.flip_permutation(),
-        "raise",
-    )
+    assert _dataset_settings(torch_loader) == ((128, 96), 1.5, COCO.flip_permutation(), "raise")
     assert torch_loader.num_workers == 2 and torch_loader.loader.num_workers == 2
     assert torch_loader.loader.pin_memory is torch.cuda.is_available()
     gpu = build_loader(_cfg(shards, loader="gpu", workers=2, size=(128, 96), **{"data.margin": 1.5}), "val")
-    ds = gpu.dataset
-    assert (ds.input_size, ds.margin, ds.flip_perm, ds.on_error) == (
-        (128, 96),
-        1.5,
-        COCO.flip_permutation(),
-        "skip",
-    )
+    assert _dataset_settings(gpu) == ((128, 96), 1.5, COCO.flip_permutation(), "skip")
     assert gpu.loader.num_workers == 2
     assert type(gpu).__name__ == "GpuPoseLoader" and type(torch_loader).__name__ == "PoseLoader"
 
