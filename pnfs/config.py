@@ -30,6 +30,7 @@ ModelName = Literal["pnfs", "simplebaseline_resnet50", "hrnet_w32"]
 BASELINE_BACKBONES: dict[str, str] = {"simplebaseline_resnet50": "resnet50", "hrnet_w32": "hrnet_w32"}
 DatasetName = Literal["coco", "mpii"]
 StrategyName = Literal["sync", "random", "darts1"]
+CompileScope = Literal["cells", "model"]  # train.compile_scope (pnfs.engine.compilation)
 
 SUBNETWORK_OPS: list[OpName] = ["zero", "skip_connect", "sep_conv_3x3", "dil_conv_3x3"]
 ALL_OPS: list[str] = list(get_args(OpName))
@@ -101,7 +102,7 @@ class TrainConfig:
     amp: Literal["auto", "bf16", "none"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
     channels_last: bool = True
     compile: bool = False  # the training forward through torch.compile (docs/design.md §8)
-    compile_scope: Literal["cells", "model"] = "cells"  # cells: each fabric cell (regional); model: whole
+    compile_scope: CompileScope = "cells"  # cells: each fabric cell (regional); model: whole
     cuda_graph: bool = False  # replay the whole step from one CUDA graph (CUDA only; docs/design.md §8)
     flat_params: bool = True  # params and grads as views of flat buffers, Adam over them (docs/design.md §7)
     seed: int = 0

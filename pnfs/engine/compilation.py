@@ -6,9 +6,9 @@ A PNFS supernet is a fabric of cells that share one structure, so the default
 ``Cell.forward`` (or ``BatchedCell.forward``) once per distinct cell shape and structure and
 reuses that code for every cell like it, as parameters are graph inputs. The stem, the adapters
 and the heads stay eager. On the project's CPU the first forward+backward of
-``mpii_mobilenetv2_p3_256`` (18 cells, 3 distinct graphs) compiled in 52 s this way against 145 s
-for the whole network (``train.compile_scope: model``), with the same step time after it
-(docs/design.md §8 gives the command).
+``mpii_mobilenetv2_p3_256`` (18 cells, 3 distinct graphs) compiled in 44 s this way against 178 s
+for the whole network (``train.compile_scope: model``), whose step was then 10 % faster there
+(docs/design.md §8 gives the command and the numbers).
 
 The model itself is never changed: :class:`CompiledCells` puts the compiled forwards on the
 cells only while its own forward runs. Outside it -- evaluation, checkpoints, deep copies,
@@ -20,15 +20,15 @@ would also compile evaluation, in another mode and batch size: more graphs, long
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import nn
 
+from pnfs.config import CompileScope
 from pnfs.model.batched import BatchedCell
 from pnfs.model.cell import Cell
 
-CompileScope = Literal["cells", "model"]
 CELL_TYPES = (Cell, BatchedCell)
 
 
